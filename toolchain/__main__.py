@@ -1,0 +1,3 @@
+from hirelc.cli import main
+
+main()

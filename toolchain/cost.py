@@ -1,0 +1,87 @@
+"""Storage cost of a policy, from LayerSpecs alone (no model needed): what the search budgets and the
+lowering report states.
+
+effective storage ratio = 32 * N_fp32 / sum_l(bits_l * kept_params_l + scale/zero-point bits_l)
+
+A layer's kept weight count is its parameter count times its own output keep ratio times the keep ratio of
+the prune group feeding its input (``LayerSpec.input_group``); depthwise convs follow their group's keep on
+both sides. Biases are counted as 32-bit floats. Float layers cost 32 bits a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme
+from hirelc.topology import LayerSpec
+
+SCALE_BITS = 32  # fp32 scales (ONNX DequantizeLinear x_scale)
+
+
+def group_keeps(specs: list[LayerSpec], layers: dict[str, LayerPolicy]) -> dict[int, float]:
+    """Keep ratio per prune group, taken from the group's prunable leader."""
+    keeps: dict[int, float] = {}
+    for s in specs:
+        if s.prunable and s.prune_group >= 0:
+            keeps[s.prune_group] = float(layers[s.name].keep_ratio)
+    return keeps
+
+
+def kept_shape(spec: LayerSpec, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> tuple[int, int]:
+    """(out_features, in_features) of the layer after physical pruning."""
+    k_out = keeps.get(spec.prune_group, 1.0) if spec.prune_group >= 0 else 1.0
+    if spec.kind == "attn_qkv" and spec.num_heads:
+        heads = max(1, round(k_out * spec.num_heads))
+        out = spec.out_features * heads // spec.num_heads
+    else:
+        out = max(1, round(k_out * spec.out_features)) if k_out < 1.0 else spec.out_features
+    if spec.kind == "dwconv":
+        return out, spec.in_features
+    k_in = keeps.get(spec.input_group, 1.0) if spec.input_group >= 0 else 1.0
+    inn = max(1, round(k_in * spec.in_features)) if k_in < 1.0 else spec.in_features
+    return out, inn
+
+
+def layer_storage_bits(spec: LayerSpec, lp: LayerPolicy, out: int, inn: int) -> tuple[int, int]:
+    """(storage bits of weights + qparams + bias, fp32 weight+bias count) for one lowered layer."""
+    ksize = math.prod(spec.kernel) if spec.kernel else 1
+    n_w = out * inn * ksize
+    has_bias = spec.params > spec.out_features * spec.in_features * ksize
+    n_b = out if has_bias else 0
+    if lp.bits is None:
+        return 32 * (n_w + n_b), n_w + n_b
+    g = lp.granularity
+    if isinstance(g, PerTensor):
+        n_scales = 1
+    elif isinstance(g, PerChannel):
+        n_scales = out
+    elif isinstance(g, PerGroup):
+        n_scales = out * max(1, inn // g.group_size) * ksize
+    else:  # pragma: no cover
+        raise TypeError(g)
+    zp_bits = lp.bits if lp.scheme == Scheme.ASYMMETRIC else 0
+    return lp.bits * n_w + n_scales * (SCALE_BITS + zp_bits) + 32 * n_b, n_w + n_b
+
+
+def policy_storage(specs: list[LayerSpec], layers: dict[str, LayerPolicy]) -> dict:
+    """Totals for a resolved policy: fp32 params, kept params, storage bits, effective ratio and bits/param."""
+    keeps = group_keeps(specs, layers)
+    fp32_params = sum(s.params for s in specs)
+    bits = 0
+    kept = 0
+    for s in specs:
+        out, inn = kept_shape(s, layers, keeps)
+        b, n = layer_storage_bits(s, layers[s.name], out, inn)
+        bits += b
+        kept += n
+    return {
+        "fp32_params": fp32_params,
+        "kept_params": kept,
+        "storage_bits": bits,
+        "effective_ratio": 32 * fp32_params / max(bits, 1),
+        "effective_bits_per_param": bits / max(kept, 1),
+    }
+
+
+def effective_ratio(specs: list[LayerSpec], layers: dict[str, LayerPolicy]) -> float:
+    return policy_storage(specs, layers)["effective_ratio"]

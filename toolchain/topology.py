@@ -1,0 +1,262 @@
+"""The layer abstraction that decouples the search from the network.
+
+This is the only module that walks a model's module tree. It produces, for any model:
+
+* a :class:`LayerSpec` for every ``Conv2d`` / ``Linear`` (name, kind, shapes, params, MACs at the input size);
+* their grouping into **blocks**. Generic rule, no model-specific tables: a layer belongs to its nearest
+  ancestor whose name ends in an integer index (an element of a ``Sequential``/``ModuleList``, which is how
+  timm stores ResNet BasicBlock/Bottleneck, MobileNet InvertedResidual and ViT Block); a layer with no such
+  ancestor belongs to its top-level child (``conv1``, ``patch_embed``, ``head`` ...);
+* the **coupled pruning groups** from torch-pruning's dependency graph: layers whose output channels must be
+  removed together (residual adds, depthwise convs following their expansion). A group is prunable from the
+  search's point of view when all its layers sit in one block and none feeds the classifier's output;
+  attention ``qkv`` layers are pruned by whole heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hirelc.errors import HirelcError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the search sees of one compressible layer (no nn.Module inside)."""
+
+    name: str
+    kind: str  # "conv", "dwconv", "pwconv", "linear", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "classifier"
+    in_features: int  # input channels (per group for grouped convs: weight.shape[1])
+    out_features: int
+    kernel: tuple[int, ...]
+    params: int  # weight + bias elements
+    macs: int  # multiply-accumulates for one input at the reference input size
+    block: str
+    prune_group: int  # -1 when the layer's outputs are not prunable on their own
+    prunable: bool = False  # the search may choose keep_ratio < 1 for this layer
+    input_group: int = -1  # prune group whose keep ratio shrinks this layer's input channels (-1: none)
+    num_heads: int = 0  # attention heads for attn_qkv (pruned by whole heads)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kernel"] = list(self.kernel)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSpec":
+        return cls(**{**d, "kernel": tuple(d["kernel"])})
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Layers, blocks and prune groups of one model at one input size."""
+
+    layers: tuple[LayerSpec, ...]
+    input_shape: tuple[int, ...]  # (1, C, H, W) used for MACs and the dependency graph
+    classifier: str  # qualified name of the output layer (never pruned at its output)
+
+    @property
+    def blocks(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for s in self.layers:
+            out.setdefault(s.block, []).append(s.name)
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.layers]
+
+    def spec(self, name: str) -> LayerSpec:
+        for s in self.layers:
+            if s.name == name:
+                return s
+        raise HirelcError(f"unknown layer {name!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "input_shape": list(self.input_shape),
+            "classifier": self.classifier,
+            "layers": [s.to_dict() for s in self.layers],
+        }
+
+
+def block_of(name: str) -> str:
+    """The block a layer belongs to (see the module docstring for the rule)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return parts[0]
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    return isinstance(getattr(mod, "num_heads", None), int) and isinstance(getattr(mod, "qkv", None), nn.Linear)
+
+
+def _kind(name: str, mod: nn.Module, parent: nn.Module | None, classifier: str) -> str:
+    if name == classifier:
+        return "classifier"
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+            return "dwconv"
+        return "pwconv" if tuple(mod.kernel_size) == (1, 1) else "conv"
+    leaf = name.rsplit(".", 1)[-1]
+    if parent is not None and _is_attention(parent):
+        if mod is parent.qkv:
+            return "attn_qkv"
+        return "attn_proj" if leaf == "proj" else "linear"
+    if leaf in ("fc1", "fc2") and ".mlp." in f".{name}":
+        return f"mlp_{leaf}"
+    return "linear"
+
+
+def _compressible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Output shape of every conv/linear at ``input_shape``, and their execution order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    order: list[str] = []
+    hooks = []
+    for n, m in _compressible(model):
+        def hook(_m, _inp, out, n=n):
+            if n not in shapes:
+                order.append(n)
+            shapes[n] = tuple(out.shape)
+
+        hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    except Exception as e:  # a model that cannot run at this size is a user problem (wrong img size)
+        raise HirelcError(f"the model does not run on inputs of shape {tuple(input_shape)}: {e}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes, order
+
+
+def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
+    """torch-pruning's dependency graph of ``model`` (built on a zero input of ``input_shape``)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(input_shape))
+    model.train(was_training)
+    return dg
+
+
+def out_pruning_fn(mod: nn.Module):
+    import torch_pruning as tp
+
+    return tp.prune_conv_out_channels if isinstance(mod, nn.Conv2d) else tp.prune_linear_out_channels
+
+
+def coupled_members(dg, mod: nn.Module, names: dict[nn.Module, str]) -> tuple[set[str], set[str]]:
+    """Conv/linear layers whose outputs (resp. inputs) are pruned together with ``mod``'s outputs."""
+    group = dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=[0])
+    outs, ins = set(), set()
+    for dep, _ in group:
+        tm = dep.target.module
+        if isinstance(tm, (nn.Conv2d, nn.Linear)) and tm in names:
+            handler = getattr(dep.handler, "__name__", str(dep.handler))
+            (outs if "out_channels" in handler else ins).add(names[tm])
+    outs.add(names[mod])
+    return outs, ins
+
+
+def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
+    """LayerSpecs, blocks and coupled prune groups of ``model`` for inputs of ``input_shape`` (1, C, H, W)."""
+    input_shape = tuple(int(v) for v in input_shape)
+    shapes, order = _shape_of(model, input_shape)
+    mods = dict(_compressible(model))
+    if not order:
+        raise HirelcError("the model has no Conv2d or Linear layer to compress")
+    classifier = order[-1]
+    names = {m: n for n, m in mods.items()}
+    dg = dependency_graph(model, input_shape)
+
+    # Coupled groups over output channels; a group is prunable when its layers share one block and none is
+    # the classifier. Its leader (first non-depthwise member in execution order) carries the keep ratio.
+    group_of: dict[str, int] = {}
+    groups: list[tuple[list[str], set[str]]] = []
+    for n in order:
+        if n in group_of:
+            continue
+        outs, ins = coupled_members(dg, mods[n], names)
+        members = [m for m in order if m in outs]
+        for m in members:
+            group_of[m] = len(groups)
+        groups.append((members, ins))
+
+    prunable_leader: dict[int, str] = {}
+    input_group: dict[str, int] = {}
+    for gid, (members, ins) in enumerate(groups):
+        blocks = {block_of(m) for m in members}
+        if classifier in members or len(blocks) != 1:
+            continue
+        leader = next((m for m in members if not _is_depthwise(mods[m])), None)
+        if leader is None:
+            continue
+        prunable_leader[gid] = leader
+        for m in ins:
+            input_group.setdefault(m, gid)
+
+    specs = []
+    for n in order:
+        m = mods[n]
+        parent = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else None
+        kind = _kind(n, m, parent, classifier)
+        out_shape = shapes[n]
+        if isinstance(m, nn.Conv2d):
+            kernel = tuple(int(k) for k in m.kernel_size)
+            in_f, out_f = m.in_channels // m.groups, m.out_channels
+            macs = int(torch.tensor(out_shape).prod()) * in_f * kernel[0] * kernel[1]
+        else:
+            kernel = ()
+            in_f, out_f = m.in_features, m.out_features
+            macs = int(torch.tensor(out_shape[:-1]).prod()) * in_f * out_f
+        gid = group_of[n]
+        specs.append(
+            LayerSpec(
+                name=n,
+                kind=kind,
+                in_features=int(in_f),
+                out_features=int(out_f),
+                kernel=kernel,
+                params=sum(p.numel() for p in m.parameters(recurse=False)),
+                macs=int(macs),
+                block=block_of(n),
+                prune_group=gid if gid in prunable_leader else -1,
+                prunable=prunable_leader.get(gid) == n,
+                num_heads=int(parent.num_heads) if kind == "attn_qkv" else 0,
+                input_group=input_group.get(n, -1),
+            )
+        )
+    return Topology(layers=tuple(specs), input_shape=input_shape, classifier=classifier)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def topology_summary(topo: Topology) -> dict:
+    return {
+        "layers": len(topo.layers),
+        "blocks": len(topo.blocks),
+        "prunable_layers": sum(s.prunable for s in topo.layers),
+        "params": sum(s.params for s in topo.layers),
+        "macs": sum(s.macs for s in topo.layers),
+    }
