@@ -229,6 +229,8 @@ def _to_tensor(x: np.ndarray, img_size: int, chans: int, where: str) -> torch.Te
     scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
     for i in range(0, len(x), CHUNK):
         t = torch.from_numpy(np.ascontiguousarray(x[i : i + CHUNK])).float() * scale
+        if chans < t.shape[1]:  # both steps are linear: reduce channels before resizing, expand after
+            t = _adapt_channels(t, chans, where)
         if t.shape[-2:] != (img_size, img_size):
             t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
         out[i : i + CHUNK] = _adapt_channels(t, chans, where)

@@ -171,17 +171,22 @@ class Policy:
     name: str = "custom"
 
     def for_layer(self, layer_name: str) -> LayerPolicy:
-        chosen = self.default
+        return self._match(layer_name)[0]
+
+    def _match(self, layer_name: str) -> tuple[LayerPolicy, bool]:
+        chosen, matched = self.default, False
         for pattern, lp in self.rules:
             if fnmatch.fnmatchcase(layer_name, pattern):
-                chosen = lp
-        return chosen
+                chosen, matched = lp, True
+        return chosen, matched
 
-    def resolve(self, specs: list["LayerSpec"], strict: bool = True) -> dict[str, LayerPolicy]:
-        """One LayerPolicy per layer. Exact-name rules must name real layers; impossible combinations raise.
+    def resolve(self, specs: list["LayerSpec"]) -> dict[str, LayerPolicy]:
+        """One LayerPolicy per layer, validated against the layers.
 
-        With ``strict=False`` a layer whose pruning is impossible keeps all its channels instead of raising,
-        which is what presets want (the classifier is never pruned).
+        Rules are strict: an exact-name rule must name a real layer, and a rule that asks for something the
+        layer cannot do (prune a non-prunable layer, a group size that does not divide its input dim, per-group
+        on a depthwise conv) raises, naming the layer. The default is a blanket: where it cannot apply, the
+        layer keeps all its channels and falls back to per-channel scales.
         """
         names = {s.name for s in specs}
         for pattern, _ in self.rules:
@@ -189,8 +194,8 @@ class Policy:
                 raise HirelcError(f"policy names unknown layer {pattern!r}")
         out: dict[str, LayerPolicy] = {}
         for s in specs:
-            lp = self.for_layer(s.name)
-            if not strict:
+            lp, matched = self._match(s.name)
+            if not matched:
                 if lp.keep_ratio < 1.0 and not s.prunable:
                     lp = LayerPolicy(lp.bits, 1.0, lp.scheme, lp.granularity)
                 if isinstance(lp.granularity, PerGroup) and check_layer(s, lp):

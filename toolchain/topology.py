@@ -151,7 +151,7 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
 
     was_training = model.training
     model.eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(input_shape))
     model.train(was_training)

@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+
 from hirelc.data import IDX_FILES, SYSTEM_FASHION_MNIST_DIR, read_idx
 
 SEED = 20240601

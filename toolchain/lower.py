@@ -1,0 +1,329 @@
+"""Lowering: turn a policy into a physically smaller, integer-quantized, fine-tuned PyTorch model.
+
+Steps, each a function of its own so the search can reuse them on candidates:
+
+1. :func:`prune` removes output channels / attention heads / MLP units of every prunable group per its keep
+   ratio (importance-ranked; coupled layers follow through torch-pruning's dependency graph; ViT attention
+   ``num_heads``/``attn_dim`` updated);
+2. :func:`fold_batchnorm` folds each BatchNorm that directly follows a conv into the conv, so the exported
+   graph has ``DequantizeLinear -> Conv`` with nothing in between and ONNX Runtime can fuse integer convs;
+3. :func:`swap_quantized` replaces each quantized layer with a :class:`~hirelc.qmodules.QConv2d` /
+   :class:`~hirelc.qmodules.QLinear`;
+4. :func:`calibrate` fixes the input-activation ranges on training batches (min-max or percentile);
+5. quantization-aware fine-tuning (straight-through estimator), then :meth:`freeze` keeps integers only.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hirelc import kernels as K
+from hirelc import runs
+from hirelc.cost import group_keeps, kept_shape, policy_storage
+from hirelc.errors import HirelcError
+from hirelc.policy import LayerPolicy, PerGroup, Policy
+from hirelc.qmodules import ActQuant, QConv2d, QLinear, quant_layers
+from hirelc.topology import Topology, build_topology, dependency_graph, out_pruning_fn
+from hirelc.train import TrainConfig, evaluate, fit
+
+LOWERED_FORMAT = "hirelc-lowered"
+LOWERED_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LowerConfig:
+    epochs: float = 1.0  # QAT epochs over the training split (fractions allowed)
+    lr: float = 5e-4
+    batch_size: int = 128
+    calib_batches: int = 8  # training batches used to calibrate activation ranges
+    act_quant: bool = True  # Q/DQ on the inputs of quantized layers (False: weight-only)
+    act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
+    percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
+    importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
+    max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
+    seed: int = 0
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def validate_layers(topo: Topology, layers: dict[str, LayerPolicy]) -> None:
+    """Reject policies whose per-group sizes stop dividing a layer's input dim once its inputs are pruned."""
+    keeps = group_keeps(list(topo.layers), layers)
+    for s in topo.layers:
+        lp = layers[s.name]
+        if lp.quantized and isinstance(lp.granularity, PerGroup):
+            _, inn = kept_shape(s, layers, keeps)
+            if inn % lp.granularity.group_size:
+                raise HirelcError(
+                    f"layer {s.name!r}: group size {lp.granularity.group_size} does not divide its input dim "
+                    f"{inn} after pruning"
+                )
+
+
+def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
+          fisher: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Physically remove channels/heads in place; returns the number of channels removed per group leader."""
+    dg = dependency_graph(model, topo.input_shape)
+    removed: dict[str, int] = {}
+    for spec in topo.layers:
+        keep = layers[spec.name].keep_ratio
+        if not spec.prunable or keep >= 1.0:
+            continue
+        mod = model.get_submodule(spec.name)
+        w = mod.weight.detach()  # (O, I, ...)
+        f = fisher.get(spec.name) if fisher else None
+        if spec.kind == "attn_qkv" and spec.num_heads:
+            heads = spec.num_heads
+            n_keep = max(1, round(keep * heads))
+            if n_keep >= heads:
+                continue
+            kept = set(K.topk_keep(K.head_importance(w, heads, f), n_keep))
+            drop_heads = [h for h in range(heads) if h not in kept]
+            idxs = K.head_channel_indices(drop_heads, heads, w.shape[0] // 3)
+        else:
+            n_out = w.shape[0]
+            n_keep = max(1, round(keep * n_out))
+            if n_keep >= n_out:
+                continue
+            scores = K.fisher_channel_importance(w, f) if f is not None else K.channel_importance(w)
+            kept = set(K.topk_keep(scores, n_keep))
+            idxs = [i for i in range(n_out) if i not in kept]
+        group = dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=idxs)
+        group.prune()
+        if spec.kind == "attn_qkv":
+            attn = model.get_submodule(spec.name.rpartition(".")[0])
+            attn.num_heads = n_keep
+            if hasattr(attn, "attn_dim"):
+                attn.attn_dim = n_keep * attn.head_dim
+        removed[spec.name] = len(idxs)
+    return removed
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Fold every BatchNorm2d that directly consumes a Conv2d's output into that conv; returns folded convs.
+
+    Pairs are found by running the model once and matching tensor identity (conv output is the BN input),
+    which works for any architecture. A BN with an activation attached (timm's BatchNormAct2d) keeps its
+    activation.
+    """
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+    named = dict(model.named_modules())
+    for n, m in named.items():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda _m, _i, out, n=n: produced.__setitem__(id(out), n)))
+        elif isinstance(m, nn.BatchNorm2d):
+            def pre(_m, inp, n=n):
+                src = produced.get(id(inp[0]))
+                if src is not None:
+                    pairs.append((src, n))
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    model.eval()
+    model(torch.zeros(input_shape))
+    for h in hooks:
+        h.remove()
+    consumers: dict[str, int] = {}
+    for c, _ in pairs:
+        consumers[c] = consumers.get(c, 0) + 1
+    folded = []
+    for conv_name, bn_name in pairs:
+        if consumers[conv_name] != 1:
+            continue
+        conv, bn = named[conv_name], named[bn_name]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt() if bn.affine else (bn.running_var + bn.eps).rsqrt()
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter(bias * scale + shift)
+        tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+        _set_module(model, bn_name, nn.Sequential(*tail) if tail else nn.Identity())
+        folded.append(conv_name)
+    return folded
+
+
+def swap_quantized(model: nn.Module, layers: dict[str, LayerPolicy], act_signed: bool = False,
+                   percentile: float | None = None) -> list[str]:
+    """Replace each quantized Conv2d/Linear by its integer-weight module; returns the swapped names."""
+    swapped = []
+    for name, lp in layers.items():
+        if not lp.quantized:
+            continue
+        mod = model.get_submodule(name)
+        q = QConv2d(mod, lp) if isinstance(mod, nn.Conv2d) else QLinear(mod, lp)
+        q.act = ActQuant(signed=act_signed, percentile=percentile)
+        _set_module(model, name, q)
+        swapped.append(name)
+    return swapped
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> int:
+    """Observe input ranges of every activation quantizer over ``batches``; returns the batches used."""
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    for a in acts:
+        a.observing = True
+    model.eval()
+    n = 0
+    for x in batches:
+        model(x)
+        n += 1
+    for a in acts:
+        a.finish_calibration()
+    return n
+
+
+def freeze(model: nn.Module) -> None:
+    for q in quant_layers(model).values():
+        q.freeze()
+
+
+def storage_report(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]) -> dict:
+    """Effective storage of the lowered model, counted from the tensors it really holds."""
+    fp32 = sum(s.params for s in topo.layers)
+    qls = quant_layers(model)
+    bits = 0
+    kept = 0
+    for s in topo.layers:
+        m = model.get_submodule(s.name)
+        if s.name in qls:
+            bits += qls[s.name].storage_bits()
+            kept += qls[s.name].qweight.numel() + (qls[s.name].bias.numel() if qls[s.name].bias is not None else 0)
+        else:
+            n = sum(p.numel() for p in m.parameters(recurse=False))
+            bits += 32 * n
+            kept += n
+    predicted = policy_storage(list(topo.layers), layers)
+    return {
+        "compressible_params_before": fp32,
+        "compressible_params_after": kept,
+        "storage_bits": bits,
+        "effective_ratio": 32 * fp32 / max(bits, 1),
+        "effective_bits_per_param": bits / max(kept, 1),
+        "predicted_effective_ratio": predicted["effective_ratio"],
+    }
+
+
+def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], bundle, cfg: LowerConfig,
+                progress: bool = True, fisher: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+    """Apply ``layers`` to a copy of ``model``: prune, fold BN, quantize, calibrate, fine-tune, freeze."""
+    validate_layers(topo, layers)
+    t0 = time.time()
+    m = copy.deepcopy(model).eval()
+    params_before = sum(p.numel() for p in m.parameters())
+    removed = prune(m, topo, layers, fisher)
+    folded = fold_batchnorm(m, topo.input_shape)
+    swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile)
+    calib = 0
+    if cfg.act_quant and swapped:
+        loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        calib = calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
+    qat = {"steps": 0, "wall_s": 0.0, "loss": None}
+    if cfg.epochs > 0 or (cfg.max_steps or 0) > 0:
+        loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        steps = int(round(cfg.epochs * len(loader)))
+        if cfg.max_steps is not None:
+            steps = min(steps, cfg.max_steps) if steps else cfg.max_steps
+        tcfg = TrainConfig(epochs=max(1, int(-(-steps // len(loader)))), batch_size=cfg.batch_size, lr=cfg.lr,
+                           weight_decay=0.0, label_smoothing=0.0, warmup_frac=0.02, seed=cfg.seed, max_steps=steps)
+        qat = fit(m, loader, tcfg, desc="QAT fine-tune", progress=progress)
+    freeze(m)
+    m.eval()
+    info = {
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in m.parameters()) + sum(q.qweight.numel() for q in quant_layers(m).values()),
+        "removed_channels": removed,
+        "folded_batchnorm": len(folded),
+        "quantized_layers": len(swapped),
+        "float_layers": len(topo.layers) - len(swapped),
+        "calibration_batches": calib,
+        "qat_steps": qat["steps"],
+        "qat_wall_s": round(qat["wall_s"], 2),
+        "lower_wall_s": round(time.time() - t0, 2),
+        **storage_report(m, topo, layers),
+    }
+    return m, info
+
+
+def save_lowered(path: str | Path, model: nn.Module, model_cfg, policy: Policy, layers: dict[str, LayerPolicy],
+                 topo: Topology, lower_cfg: LowerConfig) -> None:
+    """Save the whole lowered module (its shapes differ from the timm architecture after pruning)."""
+    runs.atomic_torch_save(
+        {
+            "format": LOWERED_FORMAT,
+            "version": LOWERED_VERSION,
+            "model": model,
+            "model_config": model_cfg.to_dict(),
+            "policy": policy.to_dict(),
+            "layers": {k: v.to_dict() for k, v in layers.items()},
+            "topology": topo.to_dict(),
+            "lower_config": asdict(lower_cfg),
+        },
+        path,
+    )
+
+
+def load_lowered(path: str | Path) -> dict:
+    """Read a lowered-model file; corrupt or foreign files are a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise HirelcError(f"lowered model not found: {p} (run `hirelc lower` first)")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise HirelcError(f"lowered model {p} is corrupt: {type(e).__name__}: {e}") from None
+    if not isinstance(blob, dict) or blob.get("format") != LOWERED_FORMAT:
+        raise HirelcError(f"{p} is not a hirelc lowered model")
+    if blob.get("version") != LOWERED_VERSION:
+        raise HirelcError(f"{p}: unsupported lowered-model version {blob.get('version')!r}")
+    blob["model"].eval()
+    return blob
+
+
+def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, progress: bool = True) -> dict:
+    """The `hirelc lower` stage: baseline of ``run_dir`` + ``policy`` -> lowered.pt + lower_report.json."""
+    from hirelc.train import load_baseline
+
+    rd = Path(run_dir)
+    model, mcfg, meta = load_baseline(rd)
+    if meta.get("data", {}).get("fingerprint") != bundle.fingerprint:
+        raise HirelcError(
+            f"the data given ({bundle.name}, fingerprint {bundle.fingerprint}) is not the data the baseline in "
+            f"{rd} was trained on ({meta.get('data', {}).get('fingerprint')})"
+        )
+    topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
+    layers = policy.resolve(list(topo.layers))
+    lowered, info = lower_model(model, topo, layers, bundle, cfg, progress=progress)
+    val = evaluate(lowered, bundle.loader("val", 256))
+    test = evaluate(lowered, bundle.loader("test", 256))
+    report = {
+        "model": mcfg.to_dict(),
+        "data": bundle.describe(),
+        "policy": policy.to_dict(),
+        "lower_config": asdict(cfg),
+        "accuracy": {
+            "baseline_val": meta["val_acc"],
+            "baseline_test": meta["test_acc"],
+            "lowered_val": val,
+            "lowered_test": test,
+            "test_drop": meta["test_acc"] - test,
+        },
+        **info,
+        "layers": {k: v.to_dict() for k, v in layers.items()},
+    }
+    save_lowered(rd / runs.LOWERED_MODEL, lowered, mcfg, policy, layers, topo, cfg)
+    policy.save(rd / runs.POLICY)
+    runs.atomic_write_json(rd / runs.LOWER_REPORT, report)
+    return report

@@ -1,0 +1,156 @@
+"""Surrogate of real accuracy: an MLP over policy features, used only to shape RL rewards and pick candidates.
+
+Architecture as the reference: hidden [64, 32], ReLU, dropout 0.3, output ``sigmoid * 100`` (accuracy, %).
+Uncertainty comes from a small **bootstrap ensemble** (each member trained on a resample of the real results,
+early-stopped on its out-of-bag points); ``std`` is the spread of the members' predictions. Unlike MC dropout
+this is deterministic at prediction time, so a resumed search makes exactly the same choices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from hirelc.cost import policy_storage
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme
+from hirelc.topology import LayerSpec
+
+Layers = dict[str, LayerPolicy]
+N_LAYER_FEATURES = 8
+N_GLOBAL_FEATURES = 5
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan for fewer than 2 points or a constant input."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
+
+
+def policy_features(specs: list[LayerSpec], layers: Layers, sensitivity: Mapping[str, float]) -> np.ndarray:
+    """Fixed-length feature vector of a whole-model policy: per-layer features in model order + global ones.
+
+    Per layer: bits/8, keep, asymmetric, per-tensor / per-channel / per-group one-hot, and Fisher-weighted
+    bit and channel reductions ``s*(1 - bits/8)``, ``s*(1 - keep)``. Global: 4/effective ratio (1 at int8),
+    params-weighted mean bits/8 and keep, Fisher-weighted mean bit and channel reductions.
+    """
+    total = sum(s.params for s in specs)
+    s_tot = sum(float(sensitivity.get(s.name, 0.0)) for s in specs) or 1.0
+    rows, glob = [], np.zeros(N_GLOBAL_FEATURES - 1)
+    for s in specs:
+        lp, sens = layers[s.name], float(sensitivity.get(s.name, 0.0))
+        b = (lp.bits or 32) / 8
+        g = lp.granularity
+        rows.append([
+            min(b, 4.0), lp.keep_ratio, float(lp.scheme == Scheme.ASYMMETRIC),
+            float(isinstance(g, PerTensor)), float(isinstance(g, PerChannel)), float(isinstance(g, PerGroup)),
+            sens * max(0.0, 1 - b), sens * (1 - lp.keep_ratio),
+        ])
+        share = s.params / total
+        glob += [share * min(b, 4.0), share * lp.keep_ratio, sens / s_tot * max(0.0, 1 - b),
+                 sens / s_tot * (1 - lp.keep_ratio)]
+    ratio = policy_storage(specs, layers)["effective_ratio"]
+    return np.concatenate([np.asarray(rows).ravel(), [4.0 / ratio], glob]).astype(np.float32)
+
+
+def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for h in hidden:
+        mods += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(dropout)]
+        n_in = h
+    return nn.Sequential(*mods, nn.Linear(n_in, 1))  # logit of accuracy / 100
+
+
+class Surrogate:
+    """Bootstrap ensemble of small MLPs mapping policy features to accuracy (%)."""
+
+    def __init__(
+        self, specs: list[LayerSpec], sensitivity: Mapping[str, float], members: int = 5, seed: int = 0,
+        hidden: tuple[int, ...] = (64, 32), dropout: float = 0.3, max_epochs: int = 400, patience: int = 40,
+    ):
+        self.specs, self.sensitivity = specs, dict(sensitivity)
+        self.members, self.seed, self.hidden, self.dropout = members, seed, hidden, dropout
+        self.max_epochs, self.patience = max_epochs, patience
+        self.n_features = len(specs) * N_LAYER_FEATURES + N_GLOBAL_FEATURES
+        self.nets: list[nn.Sequential] = []
+        self.mu = np.zeros(self.n_features, np.float32)
+        self.sd = np.ones(self.n_features, np.float32)
+        self.n_train = 0
+
+    def features(self, policies: Sequence[Layers]) -> torch.Tensor:
+        x = np.stack([policy_features(self.specs, p, self.sensitivity) for p in policies])  # (N, F)
+        return torch.from_numpy((x - self.mu) / self.sd)
+
+    def fit(self, policies: Sequence[Layers], accuracy: Sequence[float]) -> None:
+        """Train every member from scratch (seeded) on a bootstrap resample; early stop on out-of-bag MSE."""
+        raw = np.stack([policy_features(self.specs, p, self.sensitivity) for p in policies])  # (N, F)
+        self.mu, self.sd = raw.mean(0), np.maximum(raw.std(0), 0.1).astype(np.float32)
+        x = torch.from_numpy((raw - self.mu) / self.sd)  # (N, F)
+        y = torch.tensor(np.asarray(accuracy, np.float32) / 100).clamp(1e-3, 1 - 1e-3)  # (N,)
+        n = len(y)
+        rng = np.random.default_rng([self.seed, n])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        self.nets = []
+        for _ in range(self.members):
+            idx = rng.integers(0, n, n)
+            oob = np.setdiff1d(np.arange(n), idx)
+            val = oob if oob.size else idx
+            net = self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(val), gen)
+            self.nets.append(net)
+        self.n_train = n
+
+    def _train_one(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, gen: torch.Generator
+    ) -> nn.Sequential:
+        net = _mlp(self.n_features, self.hidden, self.dropout)
+        with torch.no_grad():  # deterministic init from our own generator, output bias at the mean accuracy
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1])) if p.dim() > 1 else 0)
+            net[-1].bias.fill_(float(torch.logit(y[idx].mean())))
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+        best, best_state, bad = float("inf"), None, 0
+        for _ in range(self.max_epochs):
+            net.train()
+            mask = (torch.rand(x.shape[0], self.hidden[0], generator=gen) > self.dropout).float()
+            del mask  # dropout below draws from the global RNG; seed it per step for determinism
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+            loss = (torch.sigmoid(net(x[idx]).squeeze(-1)) - y[idx]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            net.eval()
+            with torch.no_grad():
+                v = float((torch.sigmoid(net(x[val]).squeeze(-1)) - y[val]).pow(2).mean())
+            if v < best - 1e-7:
+                best, best_state, bad = v, {k: t.clone() for k, t in net.state_dict().items()}, 0
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        return net.eval()
+
+    @torch.no_grad()
+    def predict(self, policies: Sequence[Layers]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (across members) of predicted accuracy in %, one per policy."""
+        x = self.features(policies)  # (N, F)
+        preds = torch.stack([torch.sigmoid(net(x).squeeze(-1)) * 100 for net in self.nets])  # (M, N)
+        return preds.mean(0).numpy().astype(float), preds.std(0, unbiased=False).numpy().astype(float)
+
+    def state_dict(self) -> dict:
+        return {"nets": [n.state_dict() for n in self.nets], "mu": self.mu, "sd": self.sd, "n_train": self.n_train}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nets = []
+        for sd in state["nets"]:
+            net = _mlp(self.n_features, self.hidden, self.dropout)
+            net.load_state_dict(sd)
+            self.nets.append(net.eval())
+        self.mu, self.sd, self.n_train = state["mu"], state["sd"], state["n_train"]

@@ -1,0 +1,184 @@
+"""Training and evaluation loops: the fp32 baseline and quantization-aware fine-tuning share them."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hirelc import runs
+from hirelc.errors import HirelcError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3  # AdamW peak; cosine decay to 1% with one warm-up epoch fraction
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_frac: float = 0.05
+    augment: bool = True  # random 4-px shifts + horizontal flips, done in torch
+    seed: int = 0
+    max_steps: int | None = None  # cap on optimizer steps (tests, quick evaluations)
+
+
+def set_threads() -> None:
+    """Use every core for intra-op work (the machine is small; oversubscription only hurts)."""
+    import os
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:  # (B, C, H, W)
+    b, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    x = xp[:, :, dy : dy + h, dx : dx + w]
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip.reshape(b, 1, 1, 1), x.flip(3), x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def fit(model: nn.Module, loader, cfg: TrainConfig, desc: str = "train", progress: bool = True,
+        params: list[nn.Parameter] | None = None) -> dict:
+    """Train with AdamW + warm-up/cosine schedule; returns loss and wall-time figures."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(loader)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    if steps == 0:
+        return {"steps": 0, "loss": float("nan"), "wall_s": 0.0}
+    warm = max(1, int(cfg.warmup_frac * steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    t0 = time.time()
+    step, ema = 0, None
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step", leave=False)
+    model.train()
+    while step < steps:
+        for x, y in loader:
+            if cfg.augment:
+                x = _augment(x, gen)
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if step >= steps:
+                break
+    bar.close()
+    model.eval()
+    return {"steps": step, "loss": ema, "wall_s": time.time() - t0}
+
+
+def train_baseline(run_dir: str | Path, model_cfg, bundle, cfg: TrainConfig, progress: bool = True,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Train (or reuse) the fp32 baseline of a run directory; returns its metadata.
+
+    A second call with the same model, data fingerprint and training config reuses the checkpoint.
+    ``checkpoint`` loads given weights instead of training (``epochs`` is then ignored).
+    """
+    from hirelc.models import build_model, load_checkpoint
+
+    rd = Path(run_dir)
+    meta_path, ckpt_path = rd / runs.BASELINE_META, rd / runs.BASELINE_CKPT
+    key = {
+        "model": model_cfg.to_dict(),
+        "data_fingerprint": bundle.fingerprint,
+        "train": asdict(cfg),
+        "init_checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    if meta_path.exists() and ckpt_path.exists():
+        meta = runs.read_json(meta_path, "baseline metadata")
+        if meta.get("key") == key:
+            meta["reused"] = True
+            return meta
+        if meta.get("key", {}).get("data_fingerprint") != bundle.fingerprint or meta.get("key", {}).get(
+            "model"
+        ) != model_cfg.to_dict():
+            raise HirelcError(
+                f"{rd} already holds a baseline for another model or dataset; use a new --run-dir"
+            )
+    set_threads()
+    model = build_model(model_cfg)
+    t0 = time.time()
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+        stats = {"steps": 0, "loss": None, "wall_s": 0.0}
+    else:
+        stats = fit(model, bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed), cfg,
+                    desc="baseline", progress=progress)
+    val = evaluate(model, bundle.loader("val", 256))
+    test = evaluate(model, bundle.loader("test", 256))
+    meta = {
+        "key": key,
+        "model": model_cfg.to_dict(),
+        "data": bundle.describe(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "val_acc": val,
+        "test_acc": test,
+        "train_wall_s": round(stats["wall_s"], 2),
+        "total_wall_s": round(time.time() - t0, 2),
+        "final_loss": stats["loss"],
+        "reused": False,
+    }
+    runs.atomic_torch_save(model.state_dict(), ckpt_path)
+    runs.atomic_write_json(meta_path, meta)
+    return meta
+
+
+def load_baseline(run_dir: str | Path):
+    """(model, ModelConfig, metadata) of a run directory's trained baseline."""
+    from hirelc.models import ModelConfig, build_model, load_checkpoint
+
+    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT)
+    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
+    try:
+        mcfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError) as e:
+        raise HirelcError(f"{rd / runs.BASELINE_META} is corrupt: {e}") from None
+    model = build_model(mcfg)
+    load_checkpoint(model, rd / runs.BASELINE_CKPT)
+    model.eval()
+    return model, mcfg, meta
