@@ -1,2 +1,203 @@
-def main():
-    pass
+"""The ``hirelc`` command line: thin Typer commands that parse options into configs and call one library
+function each. User mistakes print one ``hirelc: error: ...`` line and exit with code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hirelc.errors import HirelcError
+
+app = typer.Typer(
+    help="hirelc: HiReLC search for joint structured pruning + mixed-precision quantization of timm models, "
+    "lowered to physically smaller integer models, exported as QDQ ONNX and verified on ONNX Runtime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+baseline_app = typer.Typer(help="Artifacts a user would otherwise ship, for side-by-side comparison.",
+                           no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+RunDir = typer.Option(..., "--run-dir", "-r", help="Run directory: every stage reads and writes its files here.")
+DataOpt = typer.Option("fashion-mnist", "--data", "-d",
+                       help="fashion-mnist | fashion-mnist-mini | digits | ImageFolder dir | .npz file.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Directory with the Fashion-MNIST IDX files (else "
+                          "$HIRELC_FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, then the embedded subset).")
+ImgOpt = typer.Option(32, "--img-size", help="Input resolution the data is resized to.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for splits, initialisation and training.")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Turn HirelcError into one line on stderr and exit code 2."""
+    try:
+        yield
+    except HirelcError as e:
+        typer.echo(f"hirelc: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("hirelc: interrupted (finished stages are kept; rerun with --resume)", err=True)
+        raise typer.Exit(130) from None
+
+
+def _echo_json(d: dict, keys: list[str]) -> None:
+    typer.echo(json.dumps({k: d[k] for k in keys if k in d}, indent=2, default=str))
+
+
+@app.command()
+def train(
+    model: str = typer.Option("resnet18", "--model", "-m", help="Any timm model name (built with pretrained=False)."),
+    data: str = DataOpt,
+    run_dir: Path = RunDir,
+    epochs: int = typer.Option(3, help="Training epochs for the fp32 baseline."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (cosine schedule)."),
+    img_size: int = ImgOpt,
+    patch_size: Optional[int] = typer.Option(None, help="ViT patch size (default img_size // 4)."),
+    in_chans: Optional[int] = typer.Option(None, help="Model input channels (default: the data's)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Load this state_dict (.pt/.safetensors) instead of training."),
+    data_dir: Optional[str] = DataDirOpt,
+    seed: int = SeedOpt,
+    max_train: Optional[int] = typer.Option(None, help="Cap the training split (stratified)."),
+):
+    """Train the fp32 baseline (or load --checkpoint); a second identical call reuses it."""
+    from hirelc.pipeline import DataOptions, train_stage
+    from hirelc.train import TrainConfig
+
+    with _user_errors():
+        opts = DataOptions(spec=data, data_dir=data_dir, img_size=img_size, seed=seed, max_train=max_train)
+        meta = train_stage(run_dir, model, opts, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+                           patch_size=patch_size, in_chans=in_chans, checkpoint=str(checkpoint) if checkpoint else None)
+        typer.echo(f"data: {meta['data']['source']}")
+        _echo_json(meta, ["val_acc", "test_acc", "params", "train_wall_s", "reused"])
+
+
+@app.command()
+def lower(
+    run_dir: Path = RunDir,
+    policy: str = typer.Option("policy.json", "--policy", "-p",
+                               help="Preset (int8, w6, w4, w4-prune50, w8-prune30, w4-group32, fp32) or policy "
+                               "JSON; a relative name is looked up in the run directory first."),
+    epochs: float = typer.Option(1.0, help="Quantization-aware fine-tuning epochs (fractions allowed)."),
+    lr: float = typer.Option(5e-4, help="Fine-tuning learning rate."),
+    weight_only: bool = typer.Option(False, "--weight-only", help="No activation quantization."),
+    act_int8: bool = typer.Option(False, "--act-int8", help="Signed int8 activations instead of uint8."),
+    percentile: Optional[float] = typer.Option(None, help="Activation calibration percentile (default min-max)."),
+    max_steps: Optional[int] = typer.Option(None, help="Cap fine-tuning steps."),
+):
+    """Prune physically, swap in integer-weight layers, fine-tune (QAT) and save lowered.pt + lower_report.json."""
+    from hirelc.lower import LowerConfig
+    from hirelc.pipeline import lower_stage
+    from hirelc.policy import PRESETS
+
+    with _user_errors():
+        spec = policy
+        if spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
+            spec = str(run_dir / spec)
+        cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
+                          percentile=percentile, max_steps=max_steps)
+        rep = lower_stage(run_dir, spec, cfg)
+        typer.echo(json.dumps({
+            "accuracy": rep["accuracy"], "params_before": rep["params_before"], "params_after": rep["params_after"],
+            "effective_ratio": round(rep["effective_ratio"], 2), "qat_wall_s": rep["qat_wall_s"]}, indent=2))
+
+
+@app.command()
+def export(
+    run_dir: Path = RunDir,
+    fp32: bool = typer.Option(False, "--fp32", help="Export the float baseline as fp32.onnx instead."),
+    weight_only: bool = typer.Option(False, "--weight-only", help="Drop activation Q/DQ from the export."),
+):
+    """Export model.onnx (opset 21): integer weight initializers -> DequantizeLinear, Q/DQ activations."""
+    from hirelc.pipeline import export_stage
+
+    with _user_errors():
+        info = export_stage(run_dir, fp32=fp32, weight_only=weight_only)
+        typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@baseline_app.command("ort-int8")
+def baseline_ort_int8(run_dir: Path = RunDir,
+                      calib_samples: int = typer.Option(256, help="Training images used for calibration.")):
+    """ONNX Runtime's own quantize_static (QDQ, per-channel, uint8 activations) of fp32.onnx -> ort_int8.onnx."""
+    from hirelc.pipeline import ort_int8_stage
+
+    with _user_errors():
+        info = ort_int8_stage(run_dir, calib_samples)
+        typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@app.command()
+def verify(
+    run_dir: Path = RunDir,
+    max_drop: Optional[float] = typer.Option(None, help="Gate: max top-1 points below fp32 on ORT."),
+    min_size_ratio: Optional[float] = typer.Option(None, help="Gate: min fp32 bytes / hirelc bytes."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Gate: max hirelc batch-1 median latency (ms)."),
+    runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
+):
+    """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), bytes; write report.json/.md.
+
+    Exit 1 with a one-line reason when a gate bound is missed; exit 2 for bad input.
+    """
+    from hirelc.export import VerifyConfig, check_gate, format_table
+    from hirelc.pipeline import verify_stage
+
+    with _user_errors():
+        cfg = VerifyConfig(max_drop=max_drop, min_size_ratio=min_size_ratio, max_latency_ms=max_latency_ms,
+                           runs=runs_)
+        report = verify_stage(run_dir, cfg)
+        typer.echo(format_table(report))
+        failures = check_gate(report, cfg)
+    if failures:
+        typer.echo(f"hirelc: gate failed: {failures[0]}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Option("resnet18", "--model", "-m", help="timm model name."),
+    img_size: int = ImgOpt,
+    in_chans: int = typer.Option(1, help="Input channels."),
+    num_classes: int = typer.Option(10, help="Classes."),
+    patch_size: Optional[int] = typer.Option(None, help="ViT patch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the LayerSpecs as JSON."),
+):
+    """Show the layers, blocks and prune groups the search sees for a model."""
+    from hirelc.models import build_model, model_config
+    from hirelc.topology import build_topology, topology_summary
+
+    with _user_errors():
+        cfg = model_config(model, num_classes, in_chans, img_size, patch_size)
+        topo = build_topology(build_model(cfg), (1, in_chans, img_size, img_size))
+        if as_json:
+            typer.echo(json.dumps(topo.to_dict(), indent=2))
+            return
+        typer.echo(f"{'layer':<34} {'kind':<10} {'in':>5} {'out':>5} {'params':>9} {'MACs':>11} {'block':<12} group")
+        for s in topo.layers:
+            g = f"{s.prune_group}{'*' if s.prunable else ''}" if s.prune_group >= 0 else "-"
+            typer.echo(f"{s.name:<34} {s.kind:<10} {s.in_features:>5} {s.out_features:>5} {s.params:>9} "
+                       f"{s.macs:>11} {s.block:<12} {g}")
+        typer.echo(json.dumps(topology_summary(topo)))
+
+
+@app.command()
+def presets():
+    """List the named policy presets."""
+    from hirelc.policy import PRESETS
+
+    for name, p in PRESETS.items():
+        typer.echo(f"{name:<12} {json.dumps(p.default.to_dict())}")
+
+
+def main() -> None:
+    try:
+        app()
+    except HirelcError as e:  # raised outside a command body (should not happen, but never show a traceback)
+        typer.echo(f"hirelc: error: {e}", err=True)
+        sys.exit(2)

@@ -8,7 +8,6 @@ this is deterministic at prediction time, so a resumed search makes exactly the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -88,38 +87,34 @@ class Surrogate:
         return torch.from_numpy((x - self.mu) / self.sd)
 
     def fit(self, policies: Sequence[Layers], accuracy: Sequence[float]) -> None:
-        """Train every member from scratch (seeded) on a bootstrap resample; early stop on out-of-bag MSE."""
+        """Train every member from scratch on a bootstrap resample; early stop on its out-of-bag MSE.
+
+        Seeded by ``(seed, number of points)`` inside a forked RNG, so refitting on the same data gives the same
+        weights and the caller's global RNG state is untouched.
+        """
         raw = np.stack([policy_features(self.specs, p, self.sensitivity) for p in policies])  # (N, F)
         self.mu, self.sd = raw.mean(0), np.maximum(raw.std(0), 0.1).astype(np.float32)
         x = torch.from_numpy((raw - self.mu) / self.sd)  # (N, F)
         y = torch.tensor(np.asarray(accuracy, np.float32) / 100).clamp(1e-3, 1 - 1e-3)  # (N,)
         n = len(y)
         rng = np.random.default_rng([self.seed, n])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         self.nets = []
-        for _ in range(self.members):
-            idx = rng.integers(0, n, n)
-            oob = np.setdiff1d(np.arange(n), idx)
-            val = oob if oob.size else idx
-            net = self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(val), gen)
-            self.nets.append(net)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**31)))
+            for _ in range(self.members):
+                idx = rng.integers(0, n, n)
+                oob = np.setdiff1d(np.arange(n), idx)
+                self.nets.append(self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(oob if oob.size else idx)))
         self.n_train = n
 
-    def _train_one(
-        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, gen: torch.Generator
-    ) -> nn.Sequential:
+    def _train_one(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> nn.Sequential:
         net = _mlp(self.n_features, self.hidden, self.dropout)
-        with torch.no_grad():  # deterministic init from our own generator, output bias at the mean accuracy
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1])) if p.dim() > 1 else 0)
+        with torch.no_grad():  # start at the mean accuracy so early epochs fit the differences, not the offset
             net[-1].bias.fill_(float(torch.logit(y[idx].mean())))
         opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
         best, best_state, bad = float("inf"), None, 0
-        for _ in range(self.max_epochs):
+        for _ in range(self.max_epochs):  # full batch: at most a few hundred points
             net.train()
-            mask = (torch.rand(x.shape[0], self.hidden[0], generator=gen) > self.dropout).float()
-            del mask  # dropout below draws from the global RNG; seed it per step for determinism
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
             loss = (torch.sigmoid(net(x[idx]).squeeze(-1)) - y[idx]).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -127,7 +122,7 @@ class Surrogate:
             net.eval()
             with torch.no_grad():
                 v = float((torch.sigmoid(net(x[val]).squeeze(-1)) - y[val]).pow(2).mean())
-            if v < best - 1e-7:
+            if v < best - 1e-9:
                 best, best_state, bad = v, {k: t.clone() for k, t in net.state_dict().items()}, 0
             else:
                 bad += 1
