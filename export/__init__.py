@@ -1,0 +1,46 @@
+"""Deployment: ONNX export with integer initializers and QDQ nodes, ONNX Runtime sessions, verification.
+
+``onnxruntime`` is imported lazily inside the functions that need it.
+"""
+
+from hirelc.export.onnx_export import (
+    export_fp32,
+    export_lowered,
+    lowered_graph,
+    map_weight_dequantizers,
+    strip_activation_qdq,
+    unfused_layers,
+)
+from hirelc.export.ort_baseline import ort_int8_baseline
+from hirelc.export.runtime import (
+    available_providers,
+    benchmark_interleaved,
+    fused_op_counts,
+    make_session,
+    optimized_ops,
+    ort_accuracy,
+    ort_predict,
+)
+from hirelc.export.verify import VerifyConfig, check_gate, format_markdown, format_table, verify_run
+
+__all__ = [
+    "VerifyConfig",
+    "available_providers",
+    "benchmark_interleaved",
+    "check_gate",
+    "export_fp32",
+    "export_lowered",
+    "format_markdown",
+    "format_table",
+    "fused_op_counts",
+    "lowered_graph",
+    "make_session",
+    "map_weight_dequantizers",
+    "optimized_ops",
+    "ort_accuracy",
+    "ort_int8_baseline",
+    "ort_predict",
+    "strip_activation_qdq",
+    "unfused_layers",
+    "verify_run",
+]

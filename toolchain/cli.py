@@ -160,6 +160,68 @@ def verify(
 
 
 @app.command()
+def search(
+    run_dir: Path = RunDir,
+    target_ratio: Optional[float] = typer.Option(8.0, help="Effective storage ratio the policy must reach."),
+    preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Budget on the exported ONNX file (MB, 1e6 bytes)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Budget on ONNX Runtime batch-8 latency (ms), "
+                                                   "predicted from a per-layer table measured once per model."),
+    seed: int = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
+):
+    """Run the HiReLC search (Fisher sensitivity, hierarchical ensemble agents, surrogate active learning).
+
+    Writes policy.json, search.jsonl (one line per real evaluation), search.json and PNG plots.
+    """
+    from hirelc.pipeline import search_stage
+
+    with _user_errors():
+        s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
+                         max_latency_ms=max_latency_ms, seed=seed, resume=resume)
+        _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_latency_ms_b8", "n_real_evals",
+                       "wall_s", "surrogate_spearman"])
+
+
+@app.command()
+def compress(
+    run_dir: Path = typer.Option(Path("hirelc-run"), "--run-dir", "-r", help="Run directory for every stage."),
+    model: str = typer.Option("resnet18", "--model", "-m", help="timm model name."),
+    data: str = typer.Option("fashion-mnist-mini", "--data", "-d", help="Dataset spec (see `hirelc train --help`)."),
+    data_dir: Optional[str] = DataDirOpt,
+    img_size: int = ImgOpt,
+    epochs: int = typer.Option(8, help="Baseline training epochs."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Use this preset/policy file instead of "
+                                         "searching."),
+    target_ratio: float = typer.Option(8.0, help="Search budget: effective storage ratio."),
+    preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Search budget: ONNX file size (MB)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Search budget: ORT batch-8 latency (ms)."),
+    qat_epochs: float = typer.Option(2.0, help="Fine-tuning epochs of the final policy."),
+    runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact in verify."),
+    seed: int = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Skip the stages whose outputs exist."),
+):
+    """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
+
+    With no arguments: resnet18 on the embedded Fashion-MNIST subset into ./hirelc-run.
+    """
+    from hirelc.export import format_table
+    from hirelc.pipeline import CompressConfig, DataOptions
+    from hirelc.pipeline import compress as run_compress
+
+    with _user_errors():
+        cfg = CompressConfig(run_dir=str(run_dir), model=model, data=DataOptions(spec=data, data_dir=data_dir,
+                             img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
+                             target_ratio=target_ratio, search_preset=preset, max_size_mb=max_size_mb,
+                             max_latency_ms=max_latency_ms, qat_epochs=qat_epochs, verify_runs=runs_,
+                             resume=resume, seed=seed)
+        report = run_compress(cfg, echo=typer.echo)
+        typer.echo(format_table(report))
+        typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")
+
+
+@app.command()
 def inspect(
     model: str = typer.Option("resnet18", "--model", "-m", help="timm model name."),
     img_size: int = ImgOpt,

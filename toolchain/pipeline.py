@@ -37,7 +37,9 @@ def run_bundle(run_dir: str | Path):
     cfg = runs.read_json(rd / runs.CONFIG, "run config")
     try:
         opts = DataOptions(**cfg["data"])
-        in_chans = int(cfg["model"]["in_chans"])
+        # the in_chans the data was *requested* with at train time (None = the data's own) is part of the
+        # data fingerprint, so reload with exactly that, not the model's resolved channel count
+        in_chans = cfg["in_chans"] if "in_chans" in cfg else int(cfg["model"]["in_chans"])
     except (KeyError, TypeError) as e:
         raise HirelcError(f"{rd / runs.CONFIG} is corrupt: {e}") from None
     return load_bundle(opts, in_chans)
@@ -60,7 +62,7 @@ def train_stage(run_dir: str | Path, model: str, data: DataOptions, train_cfg, *
             raise HirelcError(f"{rd} already holds a run for other model/data options; use a new --run-dir")
     rd.mkdir(parents=True, exist_ok=True)
     meta = train_baseline(rd, mcfg, bundle, train_cfg, progress=progress, checkpoint=checkpoint)
-    runs.atomic_write_json(rd / runs.CONFIG, {"model": mcfg.to_dict(), "data": asdict(data)})
+    runs.atomic_write_json(rd / runs.CONFIG, {"model": mcfg.to_dict(), "data": asdict(data), "in_chans": in_chans})
     return meta
 
 
@@ -108,18 +110,6 @@ def verify_stage(run_dir: str | Path, verify_cfg) -> dict:
     return verify_run(rd, run_bundle(rd), verify_cfg)
 
 
-@dataclass(frozen=True)
-class CompressOptions:
-    model: str = "resnet18"
-    data: DataOptions = field(default_factory=lambda: DataOptions(spec="fashion-mnist-mini"))
-    policy: str | None = None  # preset/file; None = run the HiReLC search
-    target_ratio: float = 8.0
-    search_preset: str = "quick"
-    max_size_mb: float | None = None
-    max_latency_ms: float | None = None
-    resume: bool = False
-
-
 STAGES = ("train", "policy", "lower", "export", "fp32", "ort-int8", "verify")
 
 
@@ -133,3 +123,146 @@ def stage_done(rd: Path, stage: str) -> bool:
         "ort-int8": (rd / runs.ORT_INT8_ONNX).exists(),
         "verify": (rd / runs.REPORT_JSON).exists(),
     }[stage]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """The main job in one run directory. Defaults: resnet18 on the embedded Fashion-MNIST subset."""
+
+    run_dir: str = "hirelc-run"
+    model: str = "resnet18"
+    data: DataOptions = field(default_factory=lambda: DataOptions(spec="fashion-mnist-mini"))
+    train_epochs: int = 8
+    policy: str | None = None  # preset or policy JSON; None = run the HiReLC search
+    target_ratio: float = 8.0
+    search_preset: str = "quick"
+    max_size_mb: float | None = None
+    max_latency_ms: float | None = None
+    qat_epochs: float = 2.0
+    verify_runs: int = 50
+    resume: bool = False
+    seed: int = 0
+
+
+def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
+    """train -> policy (search or preset) -> lower + QAT -> export -> fp32 export -> ort-int8 -> verify.
+
+    With ``resume`` finished stages (their output files exist) are skipped; without it the run directory
+    must be new or empty, so an earlier result is never overwritten.
+    """
+    from hirelc.export import VerifyConfig
+    from hirelc.lower import LowerConfig
+    from hirelc.train import TrainConfig
+
+    rd = Path(cfg.run_dir)
+    if rd.exists() and any(rd.iterdir()) and not cfg.resume:
+        raise HirelcError(f"{rd} is not empty: pass --resume to continue it, or choose a new --run-dir")
+    todo = [s for s in STAGES if not (cfg.resume and stage_done(rd, s))]
+    for i, stage in enumerate(STAGES, 1):
+        if stage not in todo:
+            echo(f"[{i}/{len(STAGES)}] {stage}: done already, skipped")
+            continue
+        echo(f"[{i}/{len(STAGES)}] {stage}")
+        if stage == "train":
+            meta = train_stage(rd, cfg.model, cfg.data, TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed),
+                               progress=progress)
+            echo(f"      data: {meta['data']['source']}; baseline test accuracy {meta['test_acc']:.2f} %")
+        elif stage == "policy":
+            if cfg.policy:
+                from hirelc.policy import get_policy
+
+                get_policy(cfg.policy).save(rd / runs.POLICY)
+                echo(f"      policy: {cfg.policy}")
+            else:
+                res = search_stage(rd, target_ratio=cfg.target_ratio, preset=cfg.search_preset,
+                                   max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
+                                   resume=cfg.resume, progress=progress)
+                echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
+                     f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
+        elif stage == "lower":
+            rep = lower_stage(rd, str(rd / runs.POLICY), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed),
+                              progress=progress)
+            echo(f"      lowered: test accuracy {rep['accuracy']['lowered_test']:.2f} %, effective ratio "
+                 f"{rep['effective_ratio']:.1f}x")
+        elif stage == "export":
+            export_stage(rd)
+        elif stage == "fp32":
+            export_stage(rd, fp32=True)
+        elif stage == "ort-int8":
+            ort_int8_stage(rd)
+        elif stage == "verify":
+            verify_stage(rd, VerifyConfig(runs=cfg.verify_runs))
+    return runs.read_json(rd / runs.REPORT_JSON, "report")
+
+
+def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
+                 max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
+                 resume: bool = False, progress: bool = True, fisher_samples: int = 50,
+                 overrides: dict | None = None) -> dict:
+    """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json."""
+    import dataclasses
+
+    import torch
+
+    from hirelc.evaluate import Predictors, RealEvaluator
+    from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
+    from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline, set_threads
+
+    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
+    if preset not in PRESETS:
+        raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
+    if target_ratio is None and max_size_mb is None and max_latency_ms is None:
+        raise HirelcError("give a budget: --target-ratio, --max-size-mb or --max-latency-ms")
+    set_threads()
+    config = dataclasses.replace(PRESETS[preset], seed=seed, **(overrides or {}))
+    budget = Budget(target_ratio=target_ratio,
+                    max_size_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
+                    max_latency_ms=max_latency_ms)
+    model, mcfg, meta = load_baseline(rd)
+    topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
+    specs = list(topo.layers)
+    predictors = Predictors(model, topo)  # an impossible budget fails here, before any training
+    if budget.max_latency_ms is not None:
+        from hirelc.latency import load_or_measure
+
+        predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
+    check_budget_feasible(specs, config, budget, predictors.predict_bytes, predictors.predict_latency_ms)
+
+    bundle = run_bundle(rd)
+    evaluator = RealEvaluator(model, topo, bundle, predictors, seed=seed)
+    sens_path = rd / runs.SENSITIVITY
+    if sens_path.exists():
+        sens = runs.read_json(sens_path, "sensitivity")
+    else:
+        torch.manual_seed(seed)
+        loader = bundle.loader("train", 16, shuffle=True, seed=seed)
+        sens = fisher_sensitivity(model, loader, topo.names, {s.name: s.block for s in specs}, n_samples=fisher_samples)
+        runs.atomic_write_json(sens_path, sens)
+    result = run_search(specs, sens, evaluator, config, budget, run_dir=rd, resume=resume, progress=progress)
+    policy = result.policy()
+    policy.save(rd / runs.POLICY)
+    plot_policy_heatmap(specs, result.layers, rd / "policy_heatmap.png")
+    plot_progress(result.history, rd / "search_progress.png")
+    plot_pareto(result.history, rd / "search_pareto.png")
+    pairs = [(h["predicted_acc"], h["real_acc"]) for h in result.history if h.get("predicted_acc") is not None]
+    if len(pairs) >= 2:
+        plot_surrogate([p for p, _ in pairs], [r for _, r in pairs], rd / "surrogate.png")
+    summary = {
+        "preset": preset,
+        "config": dataclasses.asdict(config),
+        "budget": dataclasses.asdict(budget),
+        "baseline_val_subset_acc": evaluator.baseline_accuracy,
+        "best_acc": result.accuracy,
+        "effective_ratio": result.effective_ratio,
+        "predicted_bytes": evaluator.predict_bytes(result.layers),
+        "predicted_latency_ms_b8": evaluator.predict_latency_ms(result.layers),
+        "n_real_evals": result.n_real_evals,
+        "wall_s": result.wall_s,
+        "mean_eval_s": (sum(evaluator.eval_seconds) / len(evaluator.eval_seconds)) if evaluator.eval_seconds else None,
+        "surrogate_spearman": result.surrogate_spearman,
+        "allocation": result.allocation,
+    }
+    runs.atomic_write_json(rd / "search.json", summary)
+    return summary

@@ -225,6 +225,9 @@ class Policy:
             raise HirelcError("policy: expected a JSON object")
         if d.get("version") != POLICY_VERSION:
             raise HirelcError(f"policy: unsupported version {d.get('version')!r} (expected {POLICY_VERSION})")
+        unknown = set(d) - {"version", "name", "default", "rules"}
+        if unknown:  # e.g. a misspelt "rules" would otherwise silently drop every rule
+            raise HirelcError(f"policy: unknown field(s) {sorted(unknown)}")
         default = LayerPolicy.from_dict(d.get("default", {}), "policy default")
         rules = []
         for i, r in enumerate(d.get("rules", [])):

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from hirelc.cost import effective_ratio
 from hirelc.policy import LayerPolicy, PerGroup, PerTensor, Scheme
 from hirelc.topology import LayerSpec
-
-torch.set_num_threads(1)
 
 
 def _spec(name, kind, cin, cout, k, block, group=-1, prunable=False, input_group=-1, heads=0) -> LayerSpec:

@@ -53,7 +53,7 @@ class SearchConfig:
     real_evals_per_cycle: int = 4  # half (rounded up) most promising, the rest most uncertain
     warmup_real_evals: int = 8  # random valid policies (one of them the uniform policy meeting the budget)
     min_surrogate_points: int = 6  # below this many real results the logit-MSE proxy shapes rewards
-    bit_levels: tuple[int, ...] = (4, 5, 6, 8)
+    bit_levels: tuple[int, ...] = (4, 5, 6, 8)  # offered weight widths (any order; must include 8)
     max_prune: float = 0.6  # smallest keep ratio offered is 1 - max_prune
     keep_steps: int = 7  # keep levels: linspace(1, 1 - max_prune, keep_steps)
     group_sizes: tuple[int, ...] = (32, 64)  # per-group granularities offered (ONNX block sizes)

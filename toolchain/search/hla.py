@@ -59,6 +59,10 @@ class BlockAllocation:
         return {"level": round(self.level, 6), "level_index": self.level_index, "strategy": self.strategy.value,
                 "min_bits": self.min_bits}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockAllocation":
+        return cls(float(d["level"]), int(d["level_index"]), Strategy(d["strategy"]), int(d["min_bits"]))
+
 
 Allocation = dict[str, BlockAllocation]
 

@@ -258,6 +258,11 @@ def predicted_bytes(specs: list[LayerSpec], layers: Layers, predict: Callable[[L
     return float(b) if b is not None else policy_storage(specs, layers)["storage_bits"] / 8
 
 
+def _bits(spec: LayerSpec, lp: LayerPolicy, layers: Layers, keeps: dict[int, float]) -> int:
+    """Storage bits of one layer under ``lp`` with the prune-group keeps ``keeps``."""
+    return layer_storage_bits(spec, lp, *kept_shape(spec, layers, keeps))[0]
+
+
 def tighten(
     specs: list[LayerSpec], layers: Layers, constraints: ConstraintsArg, sensitivity: Mapping[str, float],
     done: Callable[[Layers], bool], max_steps: int = 10_000,
@@ -270,16 +275,12 @@ def tighten(
     """
     leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
     coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
-
-    def bits_of(t: LayerSpec, lay: Layers, keeps: dict[int, float]) -> int:
-        return layer_storage_bits(t, lay[t.name], *kept_shape(t, lay, keeps))[0]
-
     cur = dict(layers)
     for _ in range(max_steps):
         if done(cur):
             break
         keeps = group_keeps(specs, cur)
-        best: tuple[float, Layers] | None = None
+        best: tuple[float, LayerSpec, LayerPolicy] | None = None
         for s in specs:
             c = _for(s, constraints)
             idx, masks = encode(s, cur[s.name], c), valid_mask(s, c)
@@ -292,16 +293,18 @@ def tighten(
                     continue
                 step = idx.copy()
                 step[axis] = nxt.max() if axis == 3 else nxt.min()
-                trial = share_group_keeps(specs, {**cur, s.name: decode(s, step, c)})
-                touched = coupled[s.prune_group] if axis == 1 else [s]
-                tk = group_keeps(specs, trial) if axis == 1 else keeps
-                saved = sum(bits_of(t, cur, keeps) - bits_of(t, trial, tk) for t in touched)
+                lp = decode(s, step, c)
+                if axis == 1:
+                    touched, tk = coupled[s.prune_group], {**keeps, s.prune_group: lp.keep_ratio}
+                    saved = sum(_bits(t, cur[t.name], cur, keeps) - _bits(t, cur[t.name], cur, tk) for t in touched)
+                else:
+                    touched, saved = [s], _bits(s, cur[s.name], cur, keeps) - _bits(s, lp, cur, keeps)
                 if saved <= 0:
                     continue
                 score = (sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6) / saved
                 if best is None or score < best[0]:
-                    best = (score, trial)
+                    best = (score, s, lp)
         if best is None:
             break
-        cur = best[1]
+        cur = share_group_keeps(specs, {**cur, best[1].name: best[2]})
     return cur

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from hirelc.cost import policy_storage
@@ -24,12 +23,20 @@ N_LAYER_FEATURES = 8
 N_GLOBAL_FEATURES = 5
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, tied values sharing their average rank."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=r) / counts)[inv]
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); nan for fewer than 2 points or a constant input."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
+    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
 def policy_features(specs: list[LayerSpec], layers: Layers, sensitivity: Mapping[str, float]) -> np.ndarray:
@@ -104,7 +111,8 @@ class Surrogate:
             for _ in range(self.members):
                 idx = rng.integers(0, n, n)
                 oob = np.setdiff1d(np.arange(n), idx)
-                self.nets.append(self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(oob if oob.size else idx)))
+                val = oob if oob.size else idx  # tiny samples can have no out-of-bag point
+                self.nets.append(self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(val)))
         self.n_train = n
 
     def _train_one(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> nn.Sequential:
@@ -140,7 +148,8 @@ class Surrogate:
         return preds.mean(0).numpy().astype(float), preds.std(0, unbiased=False).numpy().astype(float)
 
     def state_dict(self) -> dict:
-        return {"nets": [n.state_dict() for n in self.nets], "mu": self.mu, "sd": self.sd, "n_train": self.n_train}
+        return {"nets": [n.state_dict() for n in self.nets], "mu": torch.from_numpy(np.asarray(self.mu)),
+                "sd": torch.from_numpy(np.asarray(self.sd)), "n_train": self.n_train}
 
     def load_state_dict(self, state: dict) -> None:
         self.nets = []
@@ -148,4 +157,4 @@ class Surrogate:
             net = _mlp(self.n_features, self.hidden, self.dropout)
             net.load_state_dict(sd)
             self.nets.append(net.eval())
-        self.mu, self.sd, self.n_train = state["mu"], state["sd"], state["n_train"]
+        self.mu, self.sd, self.n_train = state["mu"].numpy(), state["sd"].numpy(), state["n_train"]

@@ -1,0 +1,143 @@
+"""ONNX Runtime sessions, predictions, fused-op counts and interleaved latency measurements.
+
+``onnxruntime`` is imported inside the functions so that importing :mod:`hirelc.export` stays cheap.
+Accelerated providers are never a silent fallback: asking for one that this onnxruntime build lacks is an
+error, and :func:`available_providers` reports what exists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from hirelc.errors import HirelcError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# Ops counted by fused_op_counts: integer kernels ORT fused, what is left of QDQ, and float compute.
+FUSED_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
+             "DynamicQuantizeMatMul", "MatMulNBits", "ConvInteger", "QLinearAdd")
+QDQ_OPS = ("DequantizeLinear", "QuantizeLinear")
+FLOAT_OPS = ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")
+
+
+def available_providers() -> dict[str, bool]:
+    """Execution provider name -> whether this onnxruntime build has it."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return {name: name in have for name in PROVIDERS.values()}
+
+
+def _session_options(threads: int | None, level: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    # Blocked int4 DQ + MatMul fuses to MatMulNBits, which by default quantizes activations; keep it exact.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _load(model: str | Path | bytes, so, providers: list[str]):
+    import onnxruntime as ort
+
+    where = "in-memory model" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise HirelcError(f"ONNX model not found: {model}")
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HirelcError(f"ONNX Runtime cannot load {where}: {msg}") from None
+
+
+def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None):
+    """An ``InferenceSession`` on ``provider`` ("cpu", "cuda", "tensorrt"); threads default to all cores."""
+    if provider not in PROVIDERS:
+        raise HirelcError(f"unknown provider {provider!r} (use {', '.join(PROVIDERS)})")
+    name = PROVIDERS[provider]
+    if not available_providers()[name]:
+        raise HirelcError(f"{name} is unavailable in this onnxruntime build (available: CPUExecutionProvider)")
+    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
+    return _load(path, _session_options(threads), providers)
+
+
+def ort_predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for ``x`` (N, C, H, W), run in batches."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def ort_accuracy(sess, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    y = np.asarray(y)
+    return float(100.0 * (ort_predict(sess, x, batch_size).argmax(1) == y).mean()) if len(y) else 0.0
+
+
+def optimized_ops(path: str | Path | bytes, level: str = "all") -> list[tuple[str, str]]:
+    """(op_type, node name) of the graph ONNX Runtime actually runs after its optimizations at ``level``."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="hirelc-ort-") as d:
+        so = _session_options(1, level)
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        _load(path, so, ["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        return [(n.op_type, n.name) for n in graph.node]
+
+
+def fused_op_counts(path: str | Path | bytes, level: str = "all") -> dict[str, int]:
+    """Counts of integer (fused), leftover Q/DQ and float compute ops in ORT's optimized graph."""
+    ops = Counter(op for op, _ in optimized_ops(path, level))
+    return {op: ops.get(op, 0) for op in (*FUSED_OPS, *QDQ_OPS, *FLOAT_OPS)}
+
+
+def benchmark_interleaved(paths: dict[str, str | Path], input_shape: tuple[int, ...], batch_sizes=(1, 8),
+                          runs: int = 50, warmup: int = 5, threads: int | None = None,
+                          seed: int = 0) -> dict[str, dict[int, dict]]:
+    """Latency of several models measured side by side: ``{name: {batch: {median_ms, p90_ms, mean_ms, runs}}}``.
+
+    Sessions are created once; then each round runs every model once, in an order rotated every round, so
+    the noise of a shared machine falls on all models alike. ``input_shape`` is one sample's (C, H, W) or
+    (1, C, H, W).
+    """
+    if not paths:
+        raise HirelcError("benchmark: no models given")
+    if runs < 1:
+        raise HirelcError(f"benchmark: runs must be >= 1, got {runs}")
+    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
+    shape = tuple(input_shape)[-3:]
+    rng = np.random.default_rng(seed)
+    names = list(sessions)
+    result: dict[str, dict[int, dict]] = {k: {} for k in names}
+    for b in batch_sizes:
+        feed = rng.standard_normal((b, *shape), dtype=np.float32)
+        times: dict[str, list[float]] = {k: [] for k in names}
+        for r in range(warmup + runs):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for k in order:
+                sess = sessions[k]
+                inp = sess.get_inputs()[0].name
+                t0 = time.perf_counter()
+                sess.run(None, {inp: feed})
+                if r >= warmup:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+        for k in names:
+            t = np.asarray(times[k])
+            result[k][b] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+                            "mean_ms": float(t.mean()), "runs": int(t.size)}
+    return result

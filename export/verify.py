@@ -1,0 +1,307 @@
+"""Verify a run directory's ONNX artifacts on ONNX Runtime and write ``report.json`` / ``report.md``.
+
+Artifacts looked for (any subset, at least one): ``fp32.onnx`` (the float baseline), ``ort_int8.onnx``
+(ONNX Runtime's own static int8 quantization: what a user would pick instead) and ``model.onnx`` (hirelc).
+
+Keys of ``report.json`` (stable; sizes in bytes, accuracies in percent, times in milliseconds; batch sizes
+appear as string keys, e.g. ``"1"``; a value that could not be measured is ``null``):
+
+=============================  ===============================================================================
+key                            meaning
+=============================  ===============================================================================
+``version``                    report format version (1)
+``created``                    ISO-8601 time the report was made (UTC)
+``run_dir``                    the run directory verified
+``data``                       dataset ``name``, ``fingerprint``, ``test_samples`` used for accuracy
+``machine``                    ``platform``, ``processor``, ``cpu_count``, ``python``, ``onnxruntime``, ``threads``
+``providers``                  provider -> ``"used"`` (CPUExecutionProvider), ``"available, not used"`` or
+                               ``"unavailable"`` (CUDAExecutionProvider, TensorrtExecutionProvider)
+``artifacts.<name>``           for each of ``fp32``, ``ort_int8``, ``hirelc`` present: ``file``, ``bytes``,
+                               ``size_ratio`` (fp32 bytes / these bytes), ``top1`` (ORT, whole test split),
+                               ``fused_ops`` (op counts after ORT optimisation, see
+                               :func:`~hirelc.export.runtime.fused_op_counts`), ``latency`` (batch ->
+                               ``median_ms``, ``p90_ms``, ``mean_ms``, ``runs``; interleaved)
+``parity``                     hirelc ONNX vs the PyTorch lowered model: ``status`` (``"ok"`` or ``"skipped"``),
+                               ``note``, ``samples``, ``top1_agreement`` (%), ``max_abs_diff``,
+                               ``mean_abs_diff``, ``logit_scale`` (max |PyTorch logit|)
+``accuracy_drop``              fp32 ``top1`` - hirelc ``top1`` (points; ORT both)
+``size_ratio``                 fp32 bytes / hirelc bytes
+``effective_storage_ratio``    from ``lower_report.json`` (bits actually needed, e.g. 3-bit codes count 3)
+``effective_bits_per_param``   from ``lower_report.json``
+``speedup``                    ``fp32_over_hirelc`` / ``ort_int8_over_hirelc``: batch -> median latency ratio
+``gate``                       ``passed`` (bool), ``failures`` (one line each), ``bounds`` (the limits checked)
+=============================  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hirelc import runs
+from hirelc.errors import HirelcError
+
+REPORT_VERSION = 1
+ARTIFACTS = {"fp32": runs.FP32_ONNX, "ort_int8": runs.ORT_INT8_ONNX, "hirelc": runs.HIRELC_ONNX}
+LABELS = {"fp32": "fp32", "ort_int8": "ort-int8", "hirelc": "hirelc"}
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What :func:`verify_run` measures and the release gate :func:`check_gate` applies (None = no bound)."""
+
+    batch_sizes: tuple[int, ...] = (1, 8)  # latency batch sizes
+    runs: int = 50  # timed rounds per model and batch (medians need many on a noisy machine)
+    warmup: int = 5
+    threads: int | None = None  # ORT intra-op threads; None = all cores
+    parity_samples: int | None = None  # test samples for ONNX-vs-PyTorch parity; None = the whole split
+    eval_batch: int = 256
+    max_drop: float | None = None  # gate: hirelc ORT top-1 may be at most this many points below fp32's
+    min_size_ratio: float | None = None  # gate: fp32 bytes / hirelc bytes at least this
+    max_latency_ms: float | None = None  # gate: hirelc median latency at latency_batch at most this
+    latency_batch: int = 1
+
+    def __post_init__(self):
+        if self.runs < 1 or self.warmup < 0:
+            raise HirelcError(f"verify: runs must be >= 1 and warmup >= 0, got {self.runs} / {self.warmup}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise HirelcError(f"verify: batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.parity_samples is not None and self.parity_samples < 1:
+            raise HirelcError(f"verify: parity_samples must be >= 1, got {self.parity_samples}")
+
+    def bounds(self) -> dict:
+        return {"max_drop": self.max_drop, "min_size_ratio": self.min_size_ratio,
+                "max_latency_ms": self.max_latency_ms, "latency_batch": self.latency_batch}
+
+
+def _machine(threads: int | None) -> dict:
+    import onnxruntime as ort
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "threads": threads or os.cpu_count()}
+
+
+def _providers() -> dict[str, str]:
+    from hirelc.export.runtime import available_providers
+
+    out = {}
+    for name, have in available_providers().items():
+        out[name] = "used" if name == "CPUExecutionProvider" else ("available, not used" if have else "unavailable")
+    return out
+
+
+def _check_input(sess, path: Path, shape: tuple[int, ...]) -> None:
+    """The model's (C, H, W) must match the data's; a symbolic dim matches anything."""
+    want = sess.get_inputs()[0].shape[1:]
+    if len(want) != len(shape) or any(isinstance(w, int) and w != s for w, s in zip(want, shape, strict=True)):
+        raise HirelcError(f"{path} expects inputs of shape {tuple(want)}, the data gives {shape}")
+
+
+def _parity(rd: Path, sess, x: np.ndarray, eval_batch: int) -> dict:
+    """hirelc ONNX (ORT) vs the lowered PyTorch model on the same samples."""
+    import torch
+
+    from hirelc.export.runtime import ort_predict
+    from hirelc.lower import load_lowered
+    from hirelc.train import predict_logits
+
+    if not (rd / runs.LOWERED_MODEL).is_file():
+        return {"status": "skipped", "note": f"{runs.LOWERED_MODEL} missing", "samples": 0,
+                "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None}
+    model = load_lowered(rd / runs.LOWERED_MODEL)["model"]
+    ref = predict_logits(model, torch.from_numpy(x), eval_batch).numpy()
+    got = ort_predict(sess, x, eval_batch)
+    if ref.shape != got.shape:
+        raise HirelcError(f"{rd / runs.HIRELC_ONNX} gives logits of shape {got.shape}, {runs.LOWERED_MODEL} "
+                          f"{ref.shape}: they are not the same model")
+    diff = np.abs(got - ref)
+    return {"status": "ok", "note": "", "samples": int(len(x)),
+            "top1_agreement": float(100.0 * (got.argmax(1) == ref.argmax(1)).mean()),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "logit_scale": float(np.abs(ref).max())}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return float(a / b) if a is not None and b else None
+
+
+def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) -> dict:
+    """Measure every ONNX artifact of ``run_dir`` on ORT; write report.json + report.md; return the report."""
+    from hirelc.export.runtime import benchmark_interleaved, fused_op_counts, make_session, ort_accuracy
+
+    rd = runs.require_run_dir(run_dir)
+    present = {k: rd / f for k, f in ARTIFACTS.items() if (rd / f).is_file()}
+    if not present:
+        raise HirelcError(f"no ONNX artifacts in {rd}: expected one of {', '.join(ARTIFACTS.values())} "
+                          f"(run `hirelc export` first)")
+    shape = (bundle.in_chans, bundle.img_size, bundle.img_size)
+    x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
+    sessions = {k: make_session(p, threads=cfg.threads) for k, p in present.items()}  # corrupt file -> error
+    for k, s in sessions.items():
+        _check_input(s, present[k], shape)
+    fp32_bytes = present["fp32"].stat().st_size if "fp32" in present else None
+    artifacts = {}
+    for k, p in present.items():
+        size = p.stat().st_size
+        artifacts[k] = {"file": p.name, "bytes": size, "size_ratio": _ratio(fp32_bytes, size),
+                        "top1": ort_accuracy(sessions[k], x, y, cfg.eval_batch), "fused_ops": fused_op_counts(p),
+                        "latency": {}}
+    parity = None
+    if "hirelc" in present:
+        px = x if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples).x.numpy()
+        parity = _parity(rd, sessions["hirelc"], px, cfg.eval_batch)
+    del sessions
+    lat = benchmark_interleaved({k: str(p) for k, p in present.items()}, shape, cfg.batch_sizes, cfg.runs,
+                                cfg.warmup, cfg.threads)
+    for k in present:
+        artifacts[k]["latency"] = {str(b): v for b, v in lat[k].items()}
+    lower = runs.read_json(rd / runs.LOWER_REPORT, "lower report") if (rd / runs.LOWER_REPORT).is_file() else {}
+
+    def median(k: str, b: int) -> float | None:
+        return lat[k][b]["median_ms"] if k in lat else None
+
+    h = artifacts.get("hirelc")
+    report = {
+        "version": REPORT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(rd),
+        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
+        "machine": _machine(cfg.threads),
+        "providers": _providers(),
+        "artifacts": artifacts,
+        "parity": parity,
+        "accuracy_drop": artifacts["fp32"]["top1"] - h["top1"] if h and "fp32" in artifacts else None,
+        "size_ratio": h["size_ratio"] if h else None,
+        "effective_storage_ratio": lower.get("effective_ratio"),
+        "effective_bits_per_param": lower.get("effective_bits_per_param"),
+        "speedup": {
+            "fp32_over_hirelc": {str(b): _ratio(median("fp32", b), median("hirelc", b)) for b in cfg.batch_sizes},
+            "ort_int8_over_hirelc": {str(b): _ratio(median("ort_int8", b), median("hirelc", b))
+                                     for b in cfg.batch_sizes},
+        },
+        "verify_config": asdict(cfg),
+    }
+    failures = check_gate(report, cfg)
+    report["gate"] = {"passed": not failures, "failures": failures, "bounds": cfg.bounds()}
+    runs.atomic_write_json(rd / runs.REPORT_JSON, report)
+    runs.atomic_write_text(rd / runs.REPORT_MD, format_markdown(report))
+    return report
+
+
+def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
+    """One line per release-gate bound the report violates (empty list: the gate passes)."""
+    out: list[str] = []
+    h = report["artifacts"].get("hirelc")
+    wanted = cfg.max_drop is not None or cfg.min_size_ratio is not None or cfg.max_latency_ms is not None
+    if wanted and h is None:
+        return [f"gate: {runs.HIRELC_ONNX} is missing, nothing to check"]
+    if cfg.max_drop is not None:
+        drop = report.get("accuracy_drop")
+        if drop is None:
+            out.append(f"gate: accuracy drop unknown ({runs.FP32_ONNX} missing)")
+        elif drop > cfg.max_drop:
+            out.append(f"gate: top-1 drop {drop:.2f} points > allowed {cfg.max_drop:g} "
+                       f"(fp32 {report['artifacts']['fp32']['top1']:.2f}%, hirelc {h['top1']:.2f}%)")
+    if cfg.min_size_ratio is not None:
+        ratio = report.get("size_ratio")
+        if ratio is None:
+            out.append(f"gate: size ratio unknown ({runs.FP32_ONNX} missing)")
+        elif ratio < cfg.min_size_ratio:
+            out.append(f"gate: size ratio {ratio:.2f}x < required {cfg.min_size_ratio:g}x "
+                       f"({h['bytes']} bytes vs fp32 {report['artifacts']['fp32']['bytes']})")
+    if cfg.max_latency_ms is not None:
+        lat = h["latency"].get(str(cfg.latency_batch))
+        if lat is None:
+            out.append(f"gate: latency at batch {cfg.latency_batch} was not measured")
+        elif lat["median_ms"] > cfg.max_latency_ms:
+            out.append(f"gate: batch-{cfg.latency_batch} median latency {lat['median_ms']:.3f} ms > allowed "
+                       f"{cfg.max_latency_ms:g} ms")
+    return out
+
+
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    batches = list(report["verify_config"]["batch_sizes"])
+    head = ["artifact", "top-1 %", "bytes", "fp32/size"]
+    head += [f"b{b} ms" for b in batches] + [f"b{b}/hirelc" for b in batches]
+    hl = report["artifacts"].get("hirelc", {}).get("latency", {})
+    rows = []
+    for k, a in report["artifacts"].items():
+        row = [LABELS[k], _fmt(a["top1"], ".2f"), f"{a['bytes']:,}", _fmt(a["size_ratio"], ".2f", "x")]
+        row += [_fmt(a["latency"].get(str(b), {}).get("median_ms"), ".3f") for b in batches]
+        # this artifact's median latency / hirelc's: > 1 means hirelc is that many times faster
+        row += [_fmt(_ratio(a["latency"].get(str(b), {}).get("median_ms"), hl.get(str(b), {}).get("median_ms")),
+                     ".2f", "x") for b in batches]
+        rows.append(row)
+    return head, rows
+
+
+def format_table(report: dict) -> str:
+    """A one-screen terminal table of the report (``bN/hirelc``: that row's latency / hirelc's)."""
+    head, rows = _rows(report)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    p = report.get("parity")
+    if p and p["status"] == "ok":
+        out.append(f"parity ONNX vs PyTorch: top-1 agreement {p['top1_agreement']:.2f}% on {p['samples']} samples, "
+                   f"max |logit diff| {p['max_abs_diff']:.2e} (logit scale {p['logit_scale']:.2f})")
+    elif p:
+        out.append(f"parity: skipped ({p['note']})")
+    if report.get("effective_storage_ratio"):
+        out.append(f"effective storage ratio {report['effective_storage_ratio']:.2f}x "
+                   f"({report['effective_bits_per_param']:.2f} bits/param)")
+    gate = report.get("gate", {})
+    if gate.get("failures"):
+        out += gate["failures"]
+    return "\n".join(out)
+
+
+def format_markdown(report: dict) -> str:
+    """report.md: the comparison table, parity, fused ops, providers, machine and gate."""
+    head, rows = _rows(report)
+    md = [f"# hirelc verification report\n\n{report['created']} - `{report['run_dir']}` - data "
+          f"{report['data']['name']} ({report['data']['test_samples']} test samples)\n",
+          "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+          *("| " + " | ".join(r) + " |" for r in rows),
+          "\nLatency: ONNX Runtime CPU, medians of interleaved runs; `bN/hirelc` = that row's latency / hirelc's "
+          "(> 1: hirelc is faster).\n"]
+    p = report.get("parity")
+    if p:
+        md.append("## Parity (hirelc ONNX vs PyTorch lowered model)\n")
+        if p["status"] == "ok":
+            md.append(f"- samples: {p['samples']}\n- top-1 agreement: {p['top1_agreement']:.2f} %\n"
+                      f"- max / mean abs logit diff: {p['max_abs_diff']:.3e} / {p['mean_abs_diff']:.3e} "
+                      f"(logit scale {p['logit_scale']:.3f})\n")
+        else:
+            md.append(f"- skipped: {p['note']}\n")
+    if report.get("effective_storage_ratio"):
+        md.append(f"Effective storage ratio (from the lowering report): {report['effective_storage_ratio']:.2f}x, "
+                  f"{report['effective_bits_per_param']:.2f} bits/param.\n")
+    md.append("## Fused ops after ONNX Runtime optimisation\n")
+    for k, a in report["artifacts"].items():
+        ops = ", ".join(f"{op} {n}" for op, n in a["fused_ops"].items() if n) or "none"
+        md.append(f"- {LABELS[k]}: {ops}")
+    md.append("\n## Providers\n")
+    md += [f"- {k}: {v}" for k, v in report["providers"].items()]
+    m = report["machine"]
+    md.append(f"\n## Machine\n\n{m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, "
+              f"{m['threads']} ORT threads, onnxruntime {m['onnxruntime']}, Python {m['python']}\n")
+    g = report.get("gate", {})
+    md.append("## Release gate\n")
+    bounds = ", ".join(f"{k} {v:g}" for k, v in g.get("bounds", {}).items() if v is not None and k != "latency_batch")
+    md.append(f"bounds: {bounds or 'none'} - latency at batch {g.get('bounds', {}).get('latency_batch')}\n")
+    md.append("passed" if g.get("passed") else "FAILED:\n" + "\n".join(f"- {f}" for f in g.get("failures", [])))
+    return "\n".join(md) + "\n"

@@ -1,0 +1,79 @@
+"""ORT's own int8 baseline, sessions and providers, fused-op counts, interleaved benchmark."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from hirelc import runs
+from hirelc.errors import HirelcError
+from hirelc.export import (
+    available_providers,
+    benchmark_interleaved,
+    fused_op_counts,
+    make_session,
+    ort_accuracy,
+    ort_predict,
+    unfused_layers,
+)
+
+pytestmark = pytest.mark.ort
+
+
+def test_ort_int8_baseline_is_loadable_and_quantized(run_dir, bundle):
+    path = run_dir / runs.ORT_INT8_ONNX
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ format
+    fused = fused_op_counts(path)
+    assert fused["QLinearConv"] > 0 and fused["Conv"] == 0
+    sess = make_session(path)
+    assert ort_predict(sess, bundle.test.x[:5].numpy()).shape == (5, 10)
+    assert path.stat().st_size < 0.5 * (run_dir / runs.FP32_ONNX).stat().st_size
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_ort_int8_baseline_bad_input(tmp_path):
+    from hirelc.export import ort_int8_baseline
+
+    with pytest.raises(HirelcError, match="not found"):
+        ort_int8_baseline(tmp_path / "none.onnx", tmp_path / "o.onnx", np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_providers_are_reported_and_never_faked():
+    prov = available_providers()
+    assert prov["CPUExecutionProvider"] is True
+    assert set(prov) == {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    if not prov["CUDAExecutionProvider"]:
+        with pytest.raises(HirelcError, match="unavailable"):
+            make_session(b"", provider="cuda")
+    with pytest.raises(HirelcError, match="unknown provider"):
+        make_session(b"", provider="tpu")
+
+
+def test_accuracy_and_fused_ops_of_hirelc_model(run_dir, bundle):
+    sess = make_session(run_dir / runs.HIRELC_ONNX, threads=1)
+    acc = ort_accuracy(sess, bundle.test.x[:100].numpy(), bundle.test.y[:100].numpy())
+    assert 0.0 <= acc <= 100.0
+    fused = fused_op_counts(run_dir / runs.HIRELC_ONNX)
+    assert fused["QLinearConv"] > 0  # convs whose output is re-quantized fuse
+    assert set(fused) >= {"QLinearConv", "MatMulIntegerToFloat", "MatMulNBits", "DequantizeLinear", "Conv"}
+
+
+def test_unfused_layers_are_the_convs_feeding_residual_adds(lower):
+    names = unfused_layers(lower("test_resnet", "int8").model, (1, 1, 32, 32))
+    assert "layer1.0.conv2" in names  # its output goes to the residual Add, not to a QuantizeLinear
+    assert "layer1.0.conv1" not in names  # conv -> ReLU -> next conv's QuantizeLinear: QLinearConv
+
+
+def test_benchmark_interleaved_reports_every_model_and_batch(run_dir):
+    paths = {k: run_dir / f for k, f in (("fp32", runs.FP32_ONNX), ("hirelc", runs.HIRELC_ONNX))}
+    res = benchmark_interleaved(paths, (1, 32, 32), batch_sizes=(1, 2), runs=3, warmup=1)
+    assert set(res) == {"fp32", "hirelc"}
+    for per_batch in res.values():
+        assert set(per_batch) == {1, 2}
+        for r in per_batch.values():
+            assert r["runs"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] * 1.0001
+            assert r["mean_ms"] > 0
+    with pytest.raises(HirelcError):
+        benchmark_interleaved({}, (1, 32, 32))

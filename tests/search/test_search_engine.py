@@ -1,0 +1,107 @@
+import json
+import shutil
+
+import pytest
+from search_synth import BLOCK_SENS, SENS, SyntheticEvaluator, make_specs
+
+from hirelc.errors import HirelcError
+from hirelc.policy import LayerPolicy, check_layer
+from hirelc.runs import SEARCH_LOG, SEARCH_STATE
+from hirelc.search import Budget, SearchConfig, run_search
+from hirelc.search.engine import LOG_KEYS
+
+SENSITIVITY = {"layer": SENS, "block": BLOCK_SENS}
+CFG = SearchConfig(
+    seed=3, cycles=2, hla_timesteps=16, lla_timesteps=32, lla_episode_len=4, candidates_per_cycle=6,
+    real_evals_per_cycle=2, warmup_real_evals=5, min_surrogate_points=4, surrogate_members=3,
+)
+BUDGET = Budget(target_ratio=6.0)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted search, shared by the tests that only read it."""
+    specs = make_specs()
+    ev = SyntheticEvaluator(specs)
+    run_dir = tmp_path_factory.mktemp("full")
+    result = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, run_dir=run_dir, progress=False)
+    return specs, ev, run_dir, result
+
+
+def test_impossible_budget_fails_before_any_evaluation(tmp_path):
+    specs = make_specs()
+    ev = SyntheticEvaluator(specs)
+    with pytest.raises(HirelcError, match="target ratio 500x is impossible"):
+        run_search(specs, SENSITIVITY, ev, CFG, Budget(target_ratio=500), run_dir=tmp_path, progress=False)
+    assert ev.real_calls == ev.proxy_calls == 0 and not (tmp_path / SEARCH_STATE).exists()
+
+
+def test_winner_is_really_evaluated_and_meets_the_budget(full_run):
+    specs, ev, _, result = full_run
+    assert result.n_real_evals == ev.real_calls == CFG.warmup_real_evals + CFG.cycles * CFG.real_evals_per_cycle
+    assert result.effective_ratio >= BUDGET.target_ratio
+    winner = [h for h in result.history if h["policy"] == {n: lp.to_dict() for n, lp in result.layers.items()}]
+    assert winner and winner[0]["real_acc"] == result.accuracy
+    assert result.accuracy == max(h["real_acc"] for h in result.history if h["meets_budget"])
+    for h in result.history:  # every evaluated policy is one the export can represent
+        assert all(check_layer(s, LayerPolicy.from_dict(h["policy"][s.name])) is None for s in specs)
+    assert set(result.allocation) == {"stem", "blocks.0", "blocks.1", "head"}
+    assert result.surrogate_spearman is None or -1 <= result.surrogate_spearman <= 1
+    assert [h["predicted_acc"] is None for h in result.history] == [True] * 5 + [False] * 4
+    assert result.policy().resolve(specs) == result.layers
+
+
+def test_search_log_has_one_line_per_real_evaluation(full_run):
+    _, ev, run_dir, result = full_run
+    lines = [json.loads(x) for x in (run_dir / SEARCH_LOG).read_text().splitlines()]
+    assert len(lines) == ev.real_calls == len(result.history)
+    assert all(tuple(x) == LOG_KEYS for x in lines)
+    assert [x["cycle"] for x in lines] == [0] * 5 + [1, 1, 2, 2]
+    assert [x["kind"] for x in lines[5:7]] == ["promising", "uncertain"]
+    assert all(x["wall_s"] >= 0 and x["eval_s"] >= 0 and x["proxy_drop"] >= 0 for x in lines)
+
+
+def test_resume_after_an_interruption_gives_the_same_policy(full_run, tmp_path):
+    specs, _, _, result = full_run
+    with pytest.raises(KeyboardInterrupt):  # dies at the 7th real evaluation (inside cycle 1)
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs, fail_at=7), CFG, BUDGET, tmp_path, progress=False)
+    assert len((tmp_path / SEARCH_LOG).read_text().splitlines()) == 6
+    ev = SyntheticEvaluator(specs)
+    resumed = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, tmp_path, resume=True, progress=False)
+    assert ev.real_calls == 3  # only what was left
+    assert resumed.layers == result.layers and resumed.accuracy == result.accuracy
+    assert [h["policy"] for h in resumed.history] == [h["policy"] for h in result.history]
+    assert len((tmp_path / SEARCH_LOG).read_text().splitlines()) == 9
+
+
+def test_resume_extends_a_finished_search_by_more_cycles(full_run, tmp_path):
+    specs, _, _, result = full_run
+    one = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), _cycles(1), BUDGET, tmp_path, progress=False)
+    assert one.n_real_evals == 7
+    ev = SyntheticEvaluator(specs)
+    two = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, tmp_path, resume=True, progress=False)
+    assert ev.real_calls == 2 and two.layers == result.layers
+    assert [h["policy"] for h in two.history] == [h["policy"] for h in result.history]
+
+
+def test_resume_refuses_the_state_of_a_different_search(full_run, tmp_path):
+    specs, _, run_dir, _ = full_run
+    shutil.copy(run_dir / SEARCH_STATE, tmp_path / SEARCH_STATE)
+    other = SearchConfig(**{**CFG.__dict__, "seed": 4})
+    with pytest.raises(HirelcError, match="different search"):
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), other, BUDGET, tmp_path, resume=True, progress=False)
+
+
+def test_ablations_and_a_size_budget_run(tmp_path):
+    specs = make_specs()
+    ev = SyntheticEvaluator(specs)
+    cfg = SearchConfig(**{**_cycles(1).__dict__, "ensemble": False, "use_surrogate": False, "fisher_guided": False})
+    budget = Budget(max_size_bytes=int(ev.predict_bytes({s.name: LayerPolicy(5) for s in specs})))
+    result = run_search(specs, None, ev, cfg, budget, run_dir=None, progress=False)
+    assert ev.predict_bytes(result.layers) <= budget.max_size_bytes
+    assert result.surrogate_spearman is None and all(h["predicted_acc"] is None for h in result.history)
+    assert result.n_real_evals == 7
+
+
+def _cycles(n: int) -> SearchConfig:
+    return SearchConfig(**{**CFG.__dict__, "cycles": n})

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+from search_synth import SENS, make_specs
+
+from hirelc.cost import effective_ratio
+from hirelc.errors import HirelcError
+from hirelc.policy import PerChannel, PerGroup, check_layer
+from hirelc.search.config import Budget, SearchConfig
+from hirelc.search.space import (
+    Constraints,
+    Strategy,
+    check_budget_feasible,
+    decode,
+    decode_block,
+    max_achievable_ratio,
+    nearest_valid,
+    random_policy,
+    tighten,
+    uniform_policy,
+)
+from hirelc.topology import LayerSpec
+
+CFG = SearchConfig(bit_levels=(2, 3, 4, 5, 6, 8))
+BASE = Constraints.from_config(CFG)
+
+
+@pytest.fixture
+def specs():
+    return make_specs()
+
+
+@pytest.mark.parametrize(
+    "min_bits,strategy", [(2, Strategy.BOTH), (6, Strategy.QUANTIZE), (5, Strategy.PRUNE), (4, Strategy.BOTH)]
+)
+def test_random_policies_are_always_valid(specs, min_bits, strategy):
+    c = BASE.narrowed(min_bits, strategy)
+    by_name = {s.name: s for s in specs}
+    rng = np.random.default_rng(0)
+    seen_bits, seen_keep, seen_group = set(), set(), False
+    for _ in range(150):
+        layers = random_policy(specs, rng, c)
+        for name, lp in layers.items():
+            s = by_name[name]
+            assert check_layer(s, lp) is None
+            assert lp.bits >= min_bits
+            if strategy == Strategy.PRUNE:
+                assert lp.bits == 8
+            if strategy == Strategy.QUANTIZE or not s.prunable:
+                assert lp.keep_ratio == 1.0
+            if s.kind == "dwconv" or s.in_features == 3:
+                assert not isinstance(lp.granularity, PerGroup)
+            seen_bits.add(lp.bits)
+            seen_keep.add(lp.keep_ratio)
+            seen_group |= isinstance(lp.granularity, PerGroup)
+        assert layers["head.fc"].keep_ratio == 1.0
+    assert seen_group  # the mask does not forbid more than it must
+    if strategy != Strategy.PRUNE:
+        assert min(seen_bits) == min_bits
+    if strategy != Strategy.QUANTIZE:
+        assert min(seen_keep) == pytest.approx(0.4)
+
+
+def test_decode_maps_an_invalid_raw_action_to_the_nearest_valid_choice(specs):
+    dw, head, pw = specs[2], specs[-1], specs[1]
+    c = Constraints.from_config(SearchConfig()).narrowed(6, Strategy.BOTH)  # bits (8, 6, 5, 4), min 6
+    g32 = c.granularities.index(PerGroup(32))
+    lp = decode(dw, np.array([3, 0, 0, g32]), c)  # 4 bits < min_bits; per-group on a depthwise conv
+    assert lp.bits == 6 and lp.granularity == PerChannel()
+    assert decode(head, np.array([0, 6, 1, 0]), c).keep_ratio == 1.0  # classifier is not prunable
+    assert decode(pw, np.array([0, 6, 1, g32]), c).granularity == PerGroup(32)  # valid choices pass through
+    assert decode(pw, np.array([2, 0, 0, 0]), c.narrowed(4, Strategy.PRUNE)).bits == 8
+    assert nearest_valid(1, np.array([True, False, True])) == 0  # ties go to the milder level
+    assert nearest_valid(3, np.array([False, True, False, False])) == 1
+
+
+def test_prunable_members_of_a_group_share_the_leaders_keep():
+    specs = [LayerSpec(n, "linear", 16, 16, (), 272, 272, "b", 7, p) for n, p in (("a", 1), ("b", 1), ("c", 0))]
+    c = Constraints.from_config(SearchConfig())
+    layers = decode_block(specs, np.array([0, 3, 0, 1, 0, 6, 0, 1, 0, 5, 0, 1]), c)
+    assert layers["a"].keep_ratio == layers["b"].keep_ratio == c.keeps[3]
+    assert layers["c"].keep_ratio == 1.0
+
+
+def test_uniform_policy_respects_what_the_export_supports(specs):
+    layers = uniform_policy(specs, 4, 0.5, granularity=PerGroup(32))
+    assert layers["head.fc"].keep_ratio == 1.0 and layers["blocks.0.pw"].keep_ratio == 0.5
+    assert layers["blocks.0.dw"].granularity == PerChannel() and layers["stem.conv"].granularity == PerChannel()
+    assert layers["blocks.0.proj"].granularity == PerGroup(32)
+    assert all(check_layer(s, layers[s.name]) is None for s in specs)
+
+
+def test_impossible_target_ratio_is_refused_with_the_reachable_ratio(specs):
+    best = max_achievable_ratio(specs, SearchConfig())
+    assert best < max_achievable_ratio(specs, CFG)  # 2-bit levels reach further
+    with pytest.raises(HirelcError, match=rf"target ratio 500x is impossible: .* reaches {best:.1f}x"):
+        check_budget_feasible(specs, SearchConfig(), Budget(target_ratio=500))
+    check_budget_feasible(specs, SearchConfig(), Budget(target_ratio=0.99 * best))
+    with pytest.raises(HirelcError, match="max size 10 bytes is impossible"):
+        check_budget_feasible(specs, SearchConfig(), Budget(max_size_bytes=10))
+    with pytest.raises(HirelcError, match="latency budget needs"):
+        check_budget_feasible(specs, SearchConfig(), Budget(max_latency_ms=1.0))
+
+
+def test_tighten_meets_a_ratio_cheapest_layers_first(specs):
+    start = uniform_policy(specs, 8, 1.0)
+    out = tighten(specs, start, BASE, SENS, lambda lay: effective_ratio(specs, lay) >= 6.0)
+    assert effective_ratio(specs, out) >= 6.0
+    assert all(check_layer(s, out[s.name]) is None for s in specs)
+    assert out["stem.conv"].bits >= out["blocks.1.mlp.fc1"].bits  # sensitive stem is spared

@@ -1,0 +1,303 @@
+"""Tests for hirelc.lower and hirelc.qmodules: physical pruning, BN folding, integer weights, QAT, save/load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hirelc import kernels as K
+from hirelc.errors import HirelcError
+from hirelc.lower import (
+    LowerConfig,
+    fold_batchnorm,
+    load_lowered,
+    lower_model,
+    prune,
+    save_lowered,
+    swap_quantized,
+    validate_layers,
+)
+from hirelc.policy import PRESETS, LayerPolicy, PerGroup, PerTensor, Policy, Scheme
+from hirelc.qmodules import ActQuant, QLinear, quant_layers
+from hirelc.runs import atomic_torch_save
+from hirelc.train import TrainConfig, fit
+
+INPUT_SHAPE = (1, 1, 32, 32)  # what the session fixtures build the tiny models for
+FAST = LowerConfig(max_steps=2, batch_size=32, calib_batches=2)
+
+
+@pytest.fixture(scope="module")
+def lowered(built, bundle):
+    """``lowered(model, preset)`` -> (built, layers, lowered model, info), cached for the module."""
+    cache = {}
+
+    def get(model: str, preset: str, cfg: LowerConfig = FAST):
+        key = (model, preset, cfg)
+        if key not in cache:
+            b = built(model)
+            layers = PRESETS[preset].resolve(list(b.topo.layers))
+            m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+            cache[key] = (b, layers, m, info)
+        return cache[key]
+
+    return get
+
+
+def _x(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, *INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def test_resnet_w4_prune50_halves_inner_channels(lowered):
+    b, _, m, info = lowered("test_resnet", "w4-prune50")
+    conv1, conv2 = m.get_submodule("layer1.0.conv1"), m.get_submodule("layer1.0.conv2")
+    assert conv1.qweight.shape == (16, 32, 3, 3)  # out channels 32 -> 16
+    assert conv2.qweight.shape == (32, 16, 3, 3)  # its input follows; its (residual) output does not
+    assert info["removed_channels"]["layer1.0.conv1"] == 16
+    assert "layer1.0.conv2" not in info["removed_channels"]
+    assert info["params_after"] < 0.5 * info["params_before"]
+    assert info["params_before"] == sum(p.numel() for p in b.model.parameters())  # original left untouched
+    assert b.model.get_submodule("layer1.0.conv1").out_channels == 32
+    with torch.no_grad():
+        assert m(_x()).shape == (4, 10)
+
+
+def test_vit_w4_prune50_halves_heads_and_mlp(lowered):
+    b, _, m, info = lowered("test_vit", "w4-prune50")
+    for i in range(6):
+        attn = m.get_submodule(f"blocks.{i}.attn")
+        assert attn.num_heads == 1 and attn.attn_dim == 32
+        assert attn.qkv.qweight.shape == (96, 64)
+        assert attn.proj.qweight.shape == (64, 32)
+        assert m.get_submodule(f"blocks.{i}.mlp.fc1").qweight.shape == (96, 64)
+        assert m.get_submodule(f"blocks.{i}.mlp.fc2").qweight.shape == (64, 96)
+    assert b.model.get_submodule("blocks.0.attn").num_heads == 2
+    assert info["params_after"] < info["params_before"]
+    with torch.no_grad():
+        y = m(_x())
+    assert y.shape == (4, 10) and torch.isfinite(y).all()
+
+
+def _row_sources(pruned: torch.Tensor, orig: torch.Tensor) -> list[int]:
+    """Index in ``orig`` of each row of ``pruned`` (rows are copied verbatim by pruning)."""
+    same = (pruned.detach()[:, None, :] == orig.detach()[None, :, :]).all(-1)  # (rows_pruned, rows_orig)
+    assert torch.all(same.sum(1) == 1)
+    return same.float().argmax(1).tolist()
+
+
+def test_vit_pruning_equals_zeroing_the_removed_heads_and_units(built):
+    """Dropping a head (or an MLP unit) must compute exactly what the full model computes when that head's
+    (unit's) contribution to proj (fc2) is zeroed: checks that q, k, v and their consumers stay aligned."""
+    b = built("test_vit")
+    layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    pruned = copy.deepcopy(b.model)
+    prune(pruned, b.topo, layers)
+    zeroed = copy.deepcopy(b.model)
+    hd = 32
+    with torch.no_grad():
+        for i in range(6):
+            qkv_rows = _row_sources(pruned.blocks[i].attn.qkv.weight, b.model.blocks[i].attn.qkv.weight)
+            kept_heads = {r // hd for r in qkv_rows[:hd]}
+            assert len(kept_heads) == 1
+            for h in set(range(2)) - kept_heads:
+                zeroed.blocks[i].attn.proj.weight[:, h * hd:(h + 1) * hd] = 0
+            kept_units = set(_row_sources(pruned.blocks[i].mlp.fc1.weight, b.model.blocks[i].mlp.fc1.weight))
+            assert len(kept_units) == 96
+            for j in set(range(192)) - kept_units:
+                zeroed.blocks[i].mlp.fc2.weight[:, j] = 0
+        x = _x()
+        torch.testing.assert_close(pruned.eval()(x), zeroed.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- batchnorm folding
+
+
+@pytest.mark.parametrize("model", ["test_resnet", "mobilenetv2_100"])  # plain BN; timm BatchNormAct2d
+def test_fold_batchnorm_keeps_outputs(built, model):
+    m = copy.deepcopy(built(model).model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial statistics, else folding would be a near no-op
+        for bn in (x for x in m.modules() if isinstance(x, nn.BatchNorm2d)):
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    m.eval()
+    n_bn = sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    x = _x()
+    with torch.no_grad():
+        before = m(x)
+    folded = fold_batchnorm(m, INPUT_SHAPE)
+    with torch.no_grad():
+        after = m(x)
+    assert len(folded) == n_bn > 0
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    acts_before = sum(isinstance(x, (nn.ReLU, nn.ReLU6)) for x in built(model).model.modules())
+    assert sum(isinstance(x, (nn.ReLU, nn.ReLU6)) for x in m.modules()) == acts_before  # BN+act keeps its act
+    assert all(m.get_submodule(c).bias is not None for c in folded)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- integer weights
+
+
+def test_lowered_layers_hold_only_integer_weights(lowered):
+    _, layers, m, _ = lowered("test_resnet", "w4-prune50")
+    qls = quant_layers(m)
+    assert set(qls) == set(layers)
+    for name, q in qls.items():
+        assert q.frozen and q.latent is None
+        assert q.qweight.dtype == torch.int8
+        assert -8 <= int(q.qweight.min()) and int(q.qweight.max()) <= 7, name
+        assert q.act.calibrated, name
+    keys = m.state_dict().keys()
+    assert not [k for k in keys if k.endswith("latent")]
+    float_params = [n for n, p in m.named_parameters() if p.dtype.is_floating_point and not n.endswith("bias")]
+    assert float_params == []  # no BN left, no float weight: only biases stay float
+
+
+@pytest.mark.parametrize(
+    "lp, dtype, lo, hi",
+    [
+        (LayerPolicy(bits=4), torch.int8, -8, 7),
+        (LayerPolicy(bits=2, scheme=Scheme.ASYMMETRIC), torch.uint8, 0, 3),
+        (LayerPolicy(bits=8, scheme=Scheme.ASYMMETRIC, granularity=PerTensor()), torch.uint8, 0, 255),
+        (LayerPolicy(bits=5, granularity=PerGroup(16)), torch.int8, -16, 15),
+    ],
+)
+def test_frozen_codes_are_in_range_and_dequantize_close(built, lp, dtype, lo, hi):
+    b = built("test_resnet")
+    m = copy.deepcopy(b.model)
+    names = ["layer1.0.conv1", "layer3.0.conv3", "fc"]
+    orig = {n: m.get_submodule(n).weight.detach().clone() for n in names}
+    swap_quantized(m, {n: lp for n in names})
+    for n in names:
+        q = m.get_submodule(n)
+        q.freeze()
+        assert q.latent is None and q.qweight.dtype == dtype
+        assert lo <= int(q.qweight.min()) and int(q.qweight.max()) <= hi
+        w = q.weight_float()
+        assert w.shape == orig[n].shape
+        bound = K.expand_qparams(q.scale, w.shape, q._gran) / 2 + 1e-6
+        assert torch.all((w - orig[n]).abs() <= bound), n
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_effective_ratio_w4_prune50(lowered):
+    _, _, m, info = lowered("test_resnet", "w4-prune50")
+    assert info["effective_ratio"] >= 20
+    assert info["effective_ratio"] == pytest.approx(info["predicted_effective_ratio"], rel=0.10)
+    assert info["storage_bits"] == sum(q.storage_bits() for q in quant_layers(m).values())
+
+
+def test_effective_ratio_int8(lowered):
+    _, _, _, info = lowered("test_resnet", "int8", LowerConfig(epochs=0, calib_batches=1, batch_size=32))
+    assert info["effective_ratio"] == pytest.approx(3.9, abs=0.15)
+    assert info["effective_ratio"] == pytest.approx(info["predicted_effective_ratio"], rel=0.10)
+    assert info["qat_steps"] == 0
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_save_load_lowered_gives_identical_logits(tmp_path, lowered):
+    b, layers, m, _ = lowered("test_resnet", "w4-prune50")
+    path = tmp_path / "lowered.pt"
+    save_lowered(path, m, b.cfg, PRESETS["w4-prune50"], layers, b.topo, FAST)
+    assert [p.name for p in tmp_path.iterdir()] == ["lowered.pt"]
+    blob = load_lowered(path)
+    assert blob["model_config"] == b.cfg.to_dict()
+    assert Policy.from_dict(blob["policy"]) == PRESETS["w4-prune50"]
+    x = _x(8)
+    with torch.no_grad():
+        assert torch.equal(blob["model"](x), m(x))
+    assert all(q.qweight.dtype == torch.int8 for q in quant_layers(blob["model"]).values())
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "lowered model not found"),
+        (b"PK\x03\x04 garbage bytes", "is corrupt"),
+        ({"format": "something-else"}, "is not a hirelc lowered model"),
+        ([1, 2, 3], "is not a hirelc lowered model"),
+        ({"format": "hirelc-lowered", "version": 99}, "unsupported lowered-model version 99"),
+    ],
+)
+def test_load_lowered_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "lowered.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        atomic_torch_save(content, path)
+    with pytest.raises(HirelcError, match=match):
+        load_lowered(path)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_group_size_that_stops_dividing_after_pruning_is_rejected(built, bundle):
+    b = built("test_resnet")
+    policy = Policy(rules=(
+        ("layer1.0.conv1", LayerPolicy(bits=8, keep_ratio=0.75)),  # 32 -> 24 channels
+        ("layer1.0.conv2", LayerPolicy(bits=4, granularity=PerGroup(16))),  # 16 | 32 but not 24
+    ))
+    layers = policy.resolve(list(b.topo.layers))  # fine before pruning
+    with pytest.raises(HirelcError, match=r"layer 'layer1\.0\.conv2': group size 16 .* input dim 24 after pruning"):
+        validate_layers(b.topo, layers)
+    with pytest.raises(HirelcError, match="after pruning"):
+        lower_model(b.model, b.topo, layers, bundle, FAST, progress=False)
+
+
+# ---------------------------------------------------------------- QAT and the straight-through estimator
+
+
+def test_qat_changes_latent_weights_and_codes(built, bundle):
+    m = copy.deepcopy(built("test_resnet").model)
+    fold_batchnorm(m, INPUT_SHAPE)
+    names = swap_quantized(m, PRESETS["w4"].resolve(list(built("test_resnet").topo.layers)))
+    qls = quant_layers(m)
+    latent0 = {n: qls[n].latent.detach().clone() for n in names}
+    codes0 = {n: qls[n].qweight.clone() for n in names}
+    loader = bundle.loader("train", 32, shuffle=True)
+    x, y = next(iter(loader))
+    loss0 = nn.functional.cross_entropy(m.eval()(x), y).item()
+    stats = fit(m, loader, TrainConfig(epochs=1, max_steps=3, lr=1e-2, augment=False), progress=False)
+    assert stats["steps"] == 3
+    assert all(not torch.equal(qls[n].latent, latent0[n]) for n in names)
+    assert nn.functional.cross_entropy(m.eval()(x), y).item() != loss0
+    for q in qls.values():
+        q.freeze()
+    assert any(not torch.equal(qls[n].qweight, codes0[n]) for n in names)
+
+
+def test_fake_quant_weight_gradient_is_straight_through():
+    torch.manual_seed(0)
+    q = QLinear(nn.Linear(6, 4), LayerPolicy(bits=4))
+    x = torch.randn(5, 6, requires_grad=True)
+    q(x).sum().backward()
+    # min-max scales clip nothing, so d(sum y)/dW[o, i] = sum_b x[b, i] exactly as for a float layer
+    torch.testing.assert_close(q.latent.grad, x.detach().sum(0).expand(4, 6))
+    torch.testing.assert_close(x.grad, q.weight_float().detach().sum(0).expand(5, 6))
+    assert q.bias.grad is not None
+
+
+def test_activation_fake_quant_gradient_is_clipped_straight_through():
+    act = ActQuant(signed=False)
+    act.observing = True
+    act(torch.linspace(0, 1, 50))
+    act.finish_calibration()
+    assert act.calibrated and int(act.zero_point) == 0
+    x = torch.tensor([0.25, 0.5, 3.0, -2.0], requires_grad=True)
+    y = act(x)
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]  # outside the calibrated range: clipped, no gradient
+    assert y[2].item() == pytest.approx(1.0) and y[3].item() == 0.0

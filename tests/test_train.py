@@ -1,0 +1,142 @@
+"""Tests for hirelc.train: the cached, atomically written fp32 baseline and the evaluation loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hirelc import runs
+from hirelc import train as train_mod
+from hirelc.errors import HirelcError
+from hirelc.models import model_config
+from hirelc.train import TrainConfig, evaluate, load_baseline, train_baseline
+
+CFG = TrainConfig(epochs=1, max_steps=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bundle):
+    """(run dir, ModelConfig, metadata) of a test_resnet baseline trained for 3 steps."""
+    rd = tmp_path_factory.mktemp("train") / "run"
+    mcfg = model_config("test_resnet", bundle.num_classes, bundle.in_chans, 32)
+    meta = train_baseline(rd, mcfg, bundle, CFG, progress=False)
+    return rd, mcfg, meta
+
+
+def _stat(rd):
+    return {p.name: p.stat().st_mtime_ns for p in rd.iterdir()}
+
+
+def test_baseline_writes_checkpoint_and_metadata_only(trained):
+    rd, mcfg, meta = trained
+    assert sorted(p.name for p in rd.iterdir()) == [runs.BASELINE_META, runs.BASELINE_CKPT]  # no temp files
+    on_disk = runs.read_json(rd / runs.BASELINE_META)
+    assert on_disk == meta
+    assert meta["reused"] is False
+    assert meta["model"] == mcfg.to_dict()
+    assert meta["key"]["train"]["max_steps"] == 3
+    for k in ("val_acc", "test_acc"):
+        assert 0.0 <= meta[k] <= 100.0
+
+
+def test_baseline_checkpoint_reproduces_recorded_accuracy(trained, bundle):
+    rd, mcfg, meta = trained
+    model, cfg, meta2 = load_baseline(rd)
+    assert cfg == mcfg and meta2 == meta
+    assert evaluate(model, bundle.loader("val", 256)) == meta["val_acc"]
+
+
+def test_identical_second_call_is_reused_without_training(trained, bundle, monkeypatch):
+    rd, mcfg, _ = trained
+    before = _stat(rd)
+
+    def no_training(*a, **k):
+        raise AssertionError("must not train again")
+
+    monkeypatch.setattr(train_mod, "fit", no_training)
+    meta = train_baseline(rd, mcfg, bundle, CFG, progress=False)
+    assert meta["reused"] is True
+    assert _stat(rd) == before
+
+
+def test_other_model_in_same_dir_is_rejected(trained, bundle):
+    rd, _, _ = trained
+    before = _stat(rd)
+    other = model_config("test_vit", bundle.num_classes, bundle.in_chans, 32)
+    with pytest.raises(HirelcError, match="already holds a baseline for another model or dataset"):
+        train_baseline(rd, other, bundle, CFG, progress=False)
+    assert _stat(rd) == before
+
+
+def test_interrupted_save_leaves_no_partial_file(trained, bundle, tmp_path, monkeypatch):
+    """A crash while writing the checkpoint must leave neither a half file nor a temp file behind."""
+    src, mcfg, _ = trained
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    rd = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        train_baseline(rd, mcfg, bundle, CFG, progress=False, checkpoint=src / runs.BASELINE_CKPT)
+    assert list(rd.iterdir()) == []
+
+
+def test_baseline_from_checkpoint_skips_training(trained, bundle, tmp_path, monkeypatch):
+    src, mcfg, meta = trained
+    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("must not train"))
+    got = train_baseline(tmp_path, mcfg, bundle, CFG, progress=False, checkpoint=src / runs.BASELINE_CKPT)
+    assert got["val_acc"] == meta["val_acc"] and got["test_acc"] == meta["test_acc"]
+    assert got["key"]["init_checkpoint"] == str(src / runs.BASELINE_CKPT)
+
+
+class _Constant(nn.Module):
+    """Predicts class ``c`` for every input."""
+
+    def __init__(self, c: int, k: int = 10):
+        super().__init__()
+        self.register_buffer("logits", torch.eye(k)[c])
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+@pytest.mark.parametrize("c", [0, 3])
+def test_evaluate_returns_top1_percent(bundle, c):
+    y = bundle.test.y
+    acc = evaluate(_Constant(c), bundle.loader("test", 128))
+    assert acc == pytest.approx(100.0 * (y == c).float().mean().item())
+    assert 0.0 < acc < 100.0
+
+
+class _Oracle(nn.Module):
+    """Reads the label off the input: x[:, 0] % 4."""
+
+    def forward(self, x):
+        return nn.functional.one_hot(x[:, 0].long() % 4, 4).float()
+
+
+def test_evaluate_is_100_for_an_oracle_across_uneven_batches():
+    x = torch.arange(12).float().reshape(12, 1)
+    y = torch.arange(12) % 4
+    assert evaluate(_Oracle(), [(x[:5], y[:5]), (x[5:], y[5:])]) == 100.0
+    assert evaluate(_Oracle(), [(x[:5], (y[:5] + 1) % 4), (x[5:], y[5:])]) == pytest.approx(100.0 * 7 / 12)
+
+
+@pytest.mark.parametrize(
+    "broken, match",
+    [("no-dir", "run directory not found"), ("no-ckpt", "baseline.pt is missing"),
+     ("corrupt-json", "baseline metadata .* is corrupt")],
+)
+def test_load_baseline_reports_missing_or_corrupt_run(tmp_path, broken, match):
+    rd = tmp_path / "run"
+    if broken != "no-dir":
+        rd.mkdir()
+        (rd / runs.BASELINE_META).write_text("{oops")
+    if broken == "corrupt-json":
+        (rd / runs.BASELINE_CKPT).write_bytes(b"")
+    with pytest.raises(HirelcError, match=match):
+        load_baseline(rd)

@@ -1,0 +1,421 @@
+"""The active-learning search loop: HLAs allocate, LLAs propose, real evaluations decide.
+
+Phase 0 (warm-up) really evaluates random valid policies plus the mildest uniform policy that meets the
+budget. Each cycle ``c = 1..cycles`` then: trains the surrogate on every earlier real result (or, while it has
+fewer than ``min_surrogate_points`` or ``use_surrogate=False``, uses the logit-MSE proxy), trains the HLA
+ensemble (allocation), trains one LLA ensemble per block (with the incumbent elsewhere), assembles distinct
+candidates from the votes, the agents' own actions and samples of their stochastic policies (plus one-layer
+mutations when those run out), repairs candidates outside the budget greedily, and really evaluates the most
+promising (highest predicted accuracy) and the most uncertain (highest ensemble std) ones. The winner is the
+best *really evaluated* policy meeting the budget.
+
+**Reproducibility.** Everything random in phase ``p`` is seeded from ``(seed, p, ...)`` and depends only on the
+real results of earlier phases, so no RNG state or agent needs saving: the state file holds the real results,
+the phase index and the surrogate weights, is written atomically after every real evaluation, and a resumed
+search re-derives the interrupted phase's plan and skips what it already evaluated. Same seed, same policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from hirelc.cost import effective_ratio, policy_storage
+from hirelc.errors import HirelcError
+from hirelc.policy import LayerPolicy, Policy
+from hirelc.runs import SEARCH_LOG, SEARCH_STATE, atomic_torch_save, atomic_write_text
+from hirelc.search.config import Budget, SearchConfig
+from hirelc.search.hla import Allocation, BlockAllocation, allocate, blocks_of
+from hirelc.search.lla import BlockProposal, propose_block
+from hirelc.search.space import (
+    Constraints,
+    Layers,
+    check_budget_feasible,
+    decode,
+    encode,
+    policy_key,
+    predicted_bytes,
+    random_policy,
+    share_group_keeps,
+    storage_fraction,
+    tighten,
+    uniform_grid,
+    valid_mask,
+)
+from hirelc.search.surrogate import Surrogate, spearman
+from hirelc.topology import LayerSpec
+
+STATE_VERSION = 1
+# One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random |
+# promising | uncertain; predicted_* are the surrogate's (null without one) and the evaluator's predictions;
+# storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation.
+LOG_KEYS = (
+    "cycle", "kind", "policy", "predicted_acc", "predicted_std", "proxy_drop", "real_acc", "effective_ratio",
+    "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s",
+)
+UNIFORM_SENSITIVITY = 0.5  # fisher_guided=False: neutral (no Fisher shift), equal for every layer and block
+
+
+class Evaluator(Protocol):
+    """What the search needs from the model side (it never sees the model itself)."""
+
+    baseline_accuracy: float  # validation accuracy of the fp32 model, %
+
+    def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
+        """Cold-start accuracy-drop proxy: 20 * logit MSE on a calibration batch, capped at 50 (points)."""
+
+    def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
+        """Lower the policy, fine-tune briefly (QAT), return validation accuracy in % (expensive)."""
+
+    def predict_bytes(self, layers: dict[str, LayerPolicy]) -> float | None:
+        """Predicted ONNX file size in bytes, None if unknown."""
+
+    def predict_latency_ms(self, layers: dict[str, LayerPolicy]) -> float | None:
+        """Predicted ONNX Runtime latency in ms, None if unknown."""
+
+
+@dataclass
+class SearchResult:
+    """The winner (best really evaluated policy meeting the budget) and how the search got there."""
+
+    layers: dict[str, LayerPolicy]
+    accuracy: float  # its real accuracy, %
+    effective_ratio: float
+    n_real_evals: int
+    wall_s: float
+    surrogate_spearman: float | None  # rank correlation of pre-training predictions with real accuracy
+    history: list[dict] = field(default_factory=list)  # one record per real evaluation (as in search.jsonl)
+    allocation: dict[str, dict] = field(default_factory=dict)  # last cycle's HLA decision per block
+
+    def policy(self, name: str = "hirelc-search") -> Policy:
+        return Policy.from_layers(self.layers, name)
+
+
+def run_search(
+    specs: list[LayerSpec],
+    sensitivity: Mapping[str, Mapping[str, float]] | None,
+    evaluator: Evaluator,
+    config: SearchConfig,
+    budget: Budget,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> SearchResult:
+    """Search a per-layer policy; ``sensitivity`` is :func:`fisher_sensitivity`'s output (None: uniform).
+
+    Writes ``search.jsonl`` (one line per real evaluation) and ``search_state.pt`` into ``run_dir`` when
+    given; ``resume=True`` continues from the state file if there is one.
+    """
+    check_budget_feasible(specs, config, budget, evaluator.predict_bytes, evaluator.predict_latency_ms)
+    search = _Search(specs, sensitivity, evaluator, config, budget, Path(run_dir) if run_dir else None)
+    if resume:
+        search.load()
+    else:
+        search.start_fresh()
+    return search.run(progress)
+
+
+def _prepare_sensitivity(
+    specs: list[LayerSpec], sensitivity: Mapping[str, Mapping[str, float]] | None, fisher_guided: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    if sensitivity is None or not fisher_guided:
+        return ({s.name: UNIFORM_SENSITIVITY for s in specs}, {s.block: UNIFORM_SENSITIVITY for s in specs})
+    layer, block = sensitivity.get("layer", {}), sensitivity.get("block", {})
+    return (
+        {s.name: float(layer.get(s.name, 0.0)) for s in specs},
+        {s.block: float(block.get(s.block, 0.0)) for s in specs},
+    )
+
+
+class _Search:
+    """One search's mutable state; ``run_search`` is its only user."""
+
+    def __init__(
+        self, specs: list[LayerSpec], sensitivity: Mapping[str, Mapping[str, float]] | None, evaluator: Evaluator,
+        config: SearchConfig, budget: Budget, run_dir: Path | None,
+    ):
+        self.specs, self.ev, self.config, self.budget, self.run_dir = specs, evaluator, config, budget, run_dir
+        self.layer_sens, self.block_sens = _prepare_sensitivity(specs, sensitivity, config.fisher_guided)
+        self.blocks = blocks_of(specs)
+        self.base = Constraints.from_config(config)
+        self.records: list[dict] = []  # JSON records, one per real evaluation
+        self.layers: list[Layers] = []  # the same evaluations as LayerPolicies
+        self.phase = 0  # phases completed (0: nothing, 1: warm-up done, c + 1: cycle c done)
+        self.wall_offset = 0.0
+        self.surrogate_state: dict | None = None  # {"phase": p, "weights": ...}
+        self.allocation: Allocation = {}
+        self._proxy: dict[tuple, float] = {}
+        self._t0 = time.perf_counter()
+        self._bar = None
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        # cycles may grow on resume: phases are seeded independently of how many follow
+        config = dataclasses.replace(self.config, cycles=0)
+        return {"config": repr(config), "budget": repr(self.budget), "layers": [s.name for s in self.specs]}
+
+    def start_fresh(self) -> None:
+        """Forget any earlier search in ``run_dir`` (its state file and log)."""
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / SEARCH_STATE).unlink(missing_ok=True)
+            atomic_write_text(self.run_dir / SEARCH_LOG, "")
+
+    def load(self) -> None:
+        import torch
+
+        path = self.run_dir / SEARCH_STATE if self.run_dir else None
+        if path is None or not path.is_file():
+            return self.start_fresh()
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # any unreadable file is the same user-facing problem
+            raise HirelcError(f"search state {path} is unreadable ({type(e).__name__}); delete it or run without "
+                              "--resume") from None
+        if state.get("version") != STATE_VERSION or state.get("identity") != self._identity():
+            raise HirelcError(f"search state {path} belongs to a different search (config, budget or model differ); "
+                              "delete it or run without --resume")
+        self.records = state["records"]
+        self.layers = [{n: LayerPolicy.from_dict(d) for n, d in r["policy"].items()} for r in self.records]
+        self.phase, self.wall_offset = state["phase"], state["wall_s"]
+        self.surrogate_state = state["surrogate"]
+        self.allocation = {b: BlockAllocation.from_dict(a) for b, a in state["allocation"].items()}
+        atomic_write_text(self.run_dir / SEARCH_LOG, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def save(self) -> None:
+        if self.run_dir is None:
+            return
+        state = {"version": STATE_VERSION, "identity": self._identity(), "records": self.records, "phase": self.phase,
+                 "wall_s": self.wall(), "surrogate": self.surrogate_state,
+                 "allocation": {b: a.to_dict() for b, a in self.allocation.items()}}
+        atomic_torch_save(state, self.run_dir / SEARCH_STATE)
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._t0
+
+    # ---- budget and predictions ----------------------------------------------------------------------------
+    def proxy_drop(self, layers: Layers) -> float:
+        key = policy_key(self.specs, layers)
+        if key not in self._proxy:
+            self._proxy[key] = float(self.ev.proxy_drop(layers))
+        return self._proxy[key]
+
+    def meets_budget(self, layers: Layers) -> bool:
+        b = self.budget
+        if b.target_ratio is not None and effective_ratio(self.specs, layers) < b.target_ratio * (1 - 1e-9):
+            return False
+        if b.max_size_bytes is not None:
+            if predicted_bytes(self.specs, layers, self.ev.predict_bytes) > b.max_size_bytes:
+                return False
+        if b.max_latency_ms is not None:
+            lat = self.ev.predict_latency_ms(layers)
+            return lat is not None and lat <= b.max_latency_ms
+        return True
+
+    def uniform_meeting_budget(self) -> Layers:
+        """The mildest (largest storage) uniform policy that meets the budget: the warm-up's safe anchor."""
+        grid = uniform_grid(self.specs, self.config)
+        ok = [p for p in grid if self.meets_budget(p)]
+        if ok:
+            return max(ok, key=lambda p: storage_fraction(self.specs, p))
+        lay = tighten(self.specs, grid[0], self.base, self.layer_sens, self.meets_budget)
+        if not self.meets_budget(lay):
+            raise HirelcError(f"no policy in the action space meets all of the budget {self.budget}")
+        return lay
+
+    def incumbent(self, before_phase: int) -> Layers:
+        best = self.best(before_phase)
+        return self.layers[best] if best is not None else self.uniform_meeting_budget()
+
+    def best(self, before_phase: int | None = None) -> int | None:
+        idx = [i for i, r in enumerate(self.records)
+               if r["meets_budget"] and (before_phase is None or r["cycle"] < before_phase)]
+        return max(idx, key=lambda i: (self.records[i]["real_acc"], -i)) if idx else None
+
+    # ---- real evaluation -----------------------------------------------------------------------------------
+    def real_eval(
+        self, layers: Layers, cycle: int, kind: str, pred: float | None = None, std: float | None = None
+    ) -> None:
+        """Really evaluate ``layers`` once per phase, log it (search.jsonl) and checkpoint the state."""
+        key = policy_key(self.specs, layers)
+        for i, r in enumerate(self.records):  # already done in this phase (before an interruption)
+            if r["cycle"] == cycle and policy_key(self.specs, self.layers[i]) == key:
+                return
+        proxy = self.proxy_drop(layers)
+        t = time.perf_counter()
+        acc = float(self.ev.real_accuracy(layers))
+        eval_s = time.perf_counter() - t
+        size, lat = self.ev.predict_bytes(layers), self.ev.predict_latency_ms(layers)
+        storage = policy_storage(self.specs, layers)
+        rec = {
+            "cycle": cycle, "kind": kind, "policy": {n: lp.to_dict() for n, lp in layers.items()},
+            "predicted_acc": pred, "predicted_std": std, "proxy_drop": proxy, "real_acc": acc,
+            "effective_ratio": storage["effective_ratio"], "storage_bytes": storage["storage_bits"] / 8,
+            "predicted_bytes": None if size is None else float(size),
+            "predicted_latency_ms": None if lat is None else float(lat), "meets_budget": self.meets_budget(layers),
+            "wall_s": self.wall(), "eval_s": eval_s,
+        }
+        self.records.append(rec)
+        self.layers.append(layers)
+        if self.run_dir is not None:
+            with open(self.run_dir / SEARCH_LOG, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.save()
+        self._progress(1)
+
+    def _progress(self, n: int) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        b = self.best()
+        if b is not None:
+            r = self.records[b]
+            self._bar.set_postfix(best_acc=f"{r['real_acc']:.2f}", ratio=f"{r['effective_ratio']:.2f}x")
+
+    # ---- phases --------------------------------------------------------------------------------------------
+    def run(self, progress: bool) -> SearchResult:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        total = c.warmup_real_evals + c.cycles * c.real_evals_per_cycle
+        with tqdm(total=total, disable=not progress, desc="search", unit="eval") as bar:
+            self._bar = bar
+            self._progress(len(self.records))
+            if self.phase == 0:
+                self.warmup()
+                self.phase = 1
+                self.save()
+            for cycle in range(self.phase, c.cycles + 1):
+                self.cycle(cycle)
+                self.phase = cycle + 1
+                self.save()
+            self._bar = None
+        return self.result()
+
+    def warmup(self) -> None:
+        rng = np.random.default_rng([self.config.seed, 0])
+        self.real_eval(self.uniform_meeting_budget(), 0, "warmup-uniform")
+        for _ in range(self.config.warmup_real_evals - 1):
+            self.real_eval(random_policy(self.specs, rng, self.base), 0, "warmup-random")
+
+    def surrogate_for(self, phase: int) -> Surrogate | None:
+        """The surrogate trained on all real results of earlier phases (None: the proxy shapes rewards)."""
+        prev = [i for i, r in enumerate(self.records) if r["cycle"] < phase]
+        if not self.config.use_surrogate or len(prev) < self.config.min_surrogate_points:
+            return None
+        sur = Surrogate(self.specs, self.layer_sens, self.config.surrogate_members, seed=self.config.seed)
+        if self.surrogate_state and self.surrogate_state["phase"] == phase:
+            sur.load_state_dict(self.surrogate_state["weights"])
+        else:
+            sur.fit([self.layers[i] for i in prev], [self.records[i]["real_acc"] for i in prev])
+            self.surrogate_state = {"phase": phase, "weights": sur.state_dict()}
+            self.save()
+        return sur
+
+    def drop_predictor(self, sur: Surrogate | None) -> Callable[[Layers], float]:
+        if sur is None:
+            return self.proxy_drop
+        cache: dict[tuple, float] = {}
+        base = float(self.ev.baseline_accuracy)
+
+        def predict(layers: Layers) -> float:
+            key = policy_key(self.specs, layers)
+            if key not in cache:
+                cache[key] = base - float(sur.predict([layers])[0][0])
+            return cache[key]
+
+        return predict
+
+    def cycle(self, phase: int) -> None:
+        cfg = self.config
+        sur = self.surrogate_for(phase)
+        predict_drop = self.drop_predictor(sur)
+        self.allocation = allocate(self.specs, self.block_sens, self.budget, cfg, predict_drop, phase)
+        incumbent = self.incumbent(phase)
+        proposals = {
+            b: propose_block(specs_b, self.allocation[b], self.block_sens[b], incumbent, predict_drop, cfg, phase, i)
+            for i, (b, specs_b) in enumerate(self.blocks.items())
+        }
+        cands = self.candidates(proposals, phase)
+        if not cands:
+            return
+        n_prom = math.ceil(cfg.real_evals_per_cycle / 2)
+        if sur is not None:
+            mean, std = sur.predict(cands)
+            prom = list(np.argsort(-mean, kind="stable")[:n_prom])
+            rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
+        else:
+            mean = std = None
+            score = np.array([-self.proxy_drop(c) for c in cands])
+            prom = list(np.argsort(-score, kind="stable")[:n_prom])
+            rest = [i for i in np.random.default_rng([cfg.seed, phase, 2]).permutation(len(cands)) if i not in prom]
+        n_unc = cfg.real_evals_per_cycle - n_prom
+        chosen = [(i, "promising") for i in prom] + [(i, "uncertain") for i in rest[:n_unc]]
+        for i, kind in chosen:
+            pred = None if mean is None else float(mean[i])
+            self.real_eval(cands[i], phase, kind, pred, None if std is None else float(std[i]))
+
+    def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> list[Layers]:
+        """Distinct, budget-meeting, not yet evaluated candidates: votes first, then combinations and mutations."""
+        cfg, rng = self.config, np.random.default_rng([self.config.seed, phase, 1])
+        block_c = {b: self.base.narrowed(a.min_bits, a.strategy) for b, a in self.allocation.items()}
+        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+        out: list[Layers] = []
+        seen: set[tuple] = set()
+        for attempt in range(20 * max(1, cfg.candidates_per_cycle)):
+            if len(out) >= cfg.candidates_per_cycle:
+                break
+            lay: Layers = {}
+            for prop in proposals.values():
+                lay.update(prop.voted if attempt == 0 else prop.options[rng.integers(len(prop.options))])
+            if attempt > 0 and policy_key(self.specs, lay) in seen:
+                lay = self.mutate(lay, rng, block_c)
+            key = policy_key(self.specs, lay)
+            if key in seen:
+                continue
+            seen.add(key)
+            lay = self.repair(lay, block_c)
+            key = policy_key(self.specs, lay)
+            if key not in done and self.meets_budget(lay) and all(policy_key(self.specs, o) != key for o in out):
+                out.append(lay)
+        return out
+
+    def mutate(self, layers: Layers, rng: np.random.Generator, block_c: Mapping[str, Constraints]) -> Layers:
+        """Re-draw one random axis of one random layer among its valid levels."""
+        s = self.specs[int(rng.integers(len(self.specs)))]
+        c = block_c[s.block]
+        action = encode(s, layers[s.name], c)
+        axis = int(rng.integers(len(action)))
+        action[axis] = rng.choice(np.flatnonzero(valid_mask(s, c)[axis]))
+        return share_group_keeps(self.specs, {**layers, s.name: decode(s, action, c)})
+
+    def repair(self, layers: Layers, block_c: Mapping[str, Constraints]) -> Layers:
+        """Bring a candidate inside the budget: first within its blocks' HLA constraints, then the whole space."""
+        if self.meets_budget(layers):
+            return layers
+        lay = tighten(self.specs, layers, block_c, self.layer_sens, self.meets_budget)
+        if self.meets_budget(lay):
+            return lay
+        return tighten(self.specs, lay, self.base, self.layer_sens, self.meets_budget)
+
+    def result(self) -> SearchResult:
+        best = self.best()
+        if best is None:
+            raise HirelcError(f"no really evaluated policy meets the budget {self.budget}")
+        pairs = [(r["predicted_acc"], r["real_acc"]) for r in self.records if r["predicted_acc"] is not None]
+        rho = spearman(*zip(*pairs, strict=True)) if len(pairs) >= 3 else float("nan")
+        return SearchResult(
+            layers=dict(self.layers[best]), accuracy=self.records[best]["real_acc"],
+            effective_ratio=self.records[best]["effective_ratio"], n_real_evals=len(self.records), wall_s=self.wall(),
+            surrogate_spearman=None if math.isnan(rho) else rho, history=[dict(r) for r in self.records],
+            allocation={b: a.to_dict() for b, a in self.allocation.items()},
+        )
+

@@ -1,0 +1,116 @@
+"""Figures of a search: the winning policy, progress over time, the accuracy/compression front, the surrogate.
+
+matplotlib is imported lazily (Agg backend) inside each plotting function, so importing the search stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hirelc.policy import LayerPolicy
+from hirelc.search.surrogate import spearman
+from hirelc.topology import LayerSpec
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (both coordinates maximised), sorted by x then y.
+
+    A point is dominated when another is >= on both coordinates and > on one; equal points are all kept.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    keep = []
+    for i, p in enumerate(pts):
+        dominated = np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1))
+        if not dominated:
+            keep.append(i)
+    return sorted(keep, key=lambda i: (pts[i, 0], pts[i, 1]))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_policy_heatmap(specs: list[LayerSpec], layers: dict[str, LayerPolicy], path: str | Path) -> Path:
+    """Two heat strips over the layers (model order): weight bits and keep ratio, values written in the cells."""
+    plt = _pyplot()
+    names = [s.name for s in specs]
+    bits = np.array([[layers[n].bits or 32 for n in names]], dtype=float)  # (1, L)
+    keep = np.array([[layers[n].keep_ratio for n in names]], dtype=float)  # (1, L)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(names) + 2), 3.6), sharex=True)
+    for ax, data, label, fmt, (lo, hi) in (
+        (axes[0], bits, "bits", "{:.0f}", (2, 8)), (axes[1], keep, "keep ratio", "{:.2f}", (0.2, 1.0)),
+    ):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        for j, v in enumerate(data[0]):
+            ax.text(j, 0, fmt.format(v), ha="center", va="center", fontsize=7, color="w")
+        ax.set_yticks([0], [label])
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    axes[1].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes[0].set_title("policy per layer")
+    return _save(fig, path)
+
+
+def plot_progress(history: Sequence[dict], path: str | Path) -> Path:
+    """Real accuracy of every evaluation and the best so far (among budget-meeting ones) over wall time."""
+    plt = _pyplot()
+    t = np.array([h["wall_s"] for h in history], dtype=float)
+    acc = np.array([h["real_acc"] for h in history], dtype=float)
+    ok = np.array([h.get("meets_budget", True) for h in history], dtype=bool)
+    best = np.maximum.accumulate(np.where(ok, acc, -np.inf))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(t[ok], acc[ok], s=18, label="meets budget")
+    ax.scatter(t[~ok], acc[~ok], s=18, marker="x", c="grey", label="outside budget")
+    finite = np.isfinite(best)
+    ax.step(t[finite], best[finite], where="post", c="C3", label="best so far")
+    ax.set(xlabel="wall time (s)", ylabel="real accuracy (%)", title="search progress")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_pareto(history: Sequence[dict], path: str | Path, x: str = "effective_ratio") -> Path:
+    """Accuracy against ``x`` (``effective_ratio``, maximised, or a size key such as ``storage_bytes``,
+    minimised) for every real evaluation, with the Pareto front drawn."""
+    plt = _pyplot()
+    rows = [h for h in history if h.get(x) is not None]
+    xs = np.array([h[x] for h in rows], dtype=float)
+    acc = np.array([h["real_acc"] for h in rows], dtype=float)
+    sign = 1.0 if x == "effective_ratio" else -1.0  # ratios grow, sizes shrink
+    front = pareto_front(list(zip(sign * xs, acc, strict=True)))
+    front = sorted(front, key=lambda i: xs[i])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(xs, acc, s=18, alpha=0.6, label="real evaluations")
+    ax.plot(xs[front], acc[front], "o-", c="C3", label="Pareto front")
+    ax.set(xlabel=x.replace("_", " "), ylabel="real accuracy (%)", title="accuracy vs compression")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_surrogate(pred: Sequence[float], real: Sequence[float], path: str | Path) -> Path:
+    """Surrogate prediction (made before it saw the point) against real accuracy, Spearman in the title."""
+    plt = _pyplot()
+    p, r = np.asarray(pred, dtype=float), np.asarray(real, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(p, r, s=18)
+    if p.size:
+        lo, hi = float(min(p.min(), r.min())), float(max(p.max(), r.max()))
+        ax.plot([lo, hi], [lo, hi], "--", c="grey", lw=1)
+    ax.set(xlabel="predicted accuracy (%)", ylabel="real accuracy (%)",
+           title=f"surrogate: Spearman {spearman(p, r):.2f} (n={p.size})")
+    return _save(fig, path)
