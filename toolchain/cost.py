@@ -5,7 +5,7 @@ effective storage ratio = 32 * N_fp32 / sum_l(bits_l * kept_params_l + scale/zer
 
 A layer's kept weight count is its parameter count times its own output keep ratio times the keep ratio of
 the prune group feeding its input (``LayerSpec.input_group``); depthwise convs follow their group's keep on
-both sides. Biases are counted as 32-bit floats. Float layers cost 32 bits a parameter.
+both sides. Biases are counted as 32-bit floats, including those BatchNorm folding gives a conv. Float layers cost 32 bits a parameter.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def layer_storage_bits(spec: LayerSpec, lp: LayerPolicy, out: int, inn: int) -> 
     """(storage bits of weights + qparams + bias, fp32 weight+bias count) for one lowered layer."""
     ksize = math.prod(spec.kernel) if spec.kernel else 1
     n_w = out * inn * ksize
-    has_bias = spec.params > spec.out_features * spec.in_features * ksize
+    has_bias = spec.folds_bn or spec.params > spec.out_features * spec.in_features * ksize
     n_b = out if has_bias else 0
     if lp.bits is None:
         return 32 * (n_w + n_b), n_w + n_b

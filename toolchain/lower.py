@@ -324,6 +324,5 @@ def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, pro
         "layers": {k: v.to_dict() for k, v in layers.items()},
     }
     save_lowered(rd / runs.LOWERED_MODEL, lowered, mcfg, policy, layers, topo, cfg)
-    policy.save(rd / runs.POLICY)
     runs.atomic_write_json(rd / runs.LOWER_REPORT, report)
     return report

@@ -38,6 +38,7 @@ class LayerSpec:
     prune_group: int  # -1 when the layer's outputs are not prunable on their own
     prunable: bool = False  # the search may choose keep_ratio < 1 for this layer
     input_group: int = -1  # prune group whose keep ratio shrinks this layer's input channels (-1: none)
+    folds_bn: bool = False  # a BatchNorm consumes this conv's output alone: lowering folds it into a bias
     num_heads: int = 0  # attention heads for attn_qkv (pruned by whole heads)
 
     def to_dict(self) -> dict:
@@ -117,18 +118,26 @@ def _compressible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Output shape of every conv/linear at ``input_shape``, and their execution order."""
+def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, tuple[int, ...]], list[str], set[str]]:
+    """Output shape of every conv/linear at ``input_shape``, their execution order, and the convs whose output
+    feeds a BatchNorm (found by tensor identity, which works for any architecture)."""
     shapes: dict[str, tuple[int, ...]] = {}
     order: list[str] = []
+    produced: dict[int, str] = {}
+    bn_fed: set[str] = set()
     hooks = []
     for n, m in _compressible(model):
         def hook(_m, _inp, out, n=n):
             if n not in shapes:
                 order.append(n)
             shapes[n] = tuple(out.shape)
+            produced[id(out)] = n
 
         hooks.append(m.register_forward_hook(hook))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(
+                lambda _m, inp: bn_fed.add(produced[id(inp[0])]) if id(inp[0]) in produced else None))
     was_training = model.training
     model.eval()
     try:
@@ -140,7 +149,7 @@ def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str,
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return shapes, order
+    return shapes, order, bn_fed
 
 
 def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
@@ -180,7 +189,7 @@ def coupled_members(dg, mod: nn.Module, names: dict[nn.Module, str]) -> tuple[se
 def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
     """LayerSpecs, blocks and coupled prune groups of ``model`` for inputs of ``input_shape`` (1, C, H, W)."""
     input_shape = tuple(int(v) for v in input_shape)
-    shapes, order = _shape_of(model, input_shape)
+    shapes, order, bn_fed = _shape_of(model, input_shape)
     mods = dict(_compressible(model))
     if not order:
         raise HirelcError("the model has no Conv2d or Linear layer to compress")
@@ -243,6 +252,7 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
                 prunable=prunable_leader.get(gid) == n,
                 num_heads=int(parent.num_heads) if kind == "attn_qkv" else 0,
                 input_group=input_group.get(n, -1),
+                folds_bn=n in bn_fed,
             )
         )
     return Topology(layers=tuple(specs), input_shape=input_shape, classifier=classifier)

@@ -6,7 +6,8 @@ re-creates exactly the agents an uninterrupted one would have had; agents are th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +19,24 @@ def agent_seed(*parts: int | str) -> int:
     """A 31-bit seed derived from any mix of ints and strings (stable across processes, unlike hash())."""
     ints = [p if isinstance(p, int) else int.from_bytes(str(p).encode()[:16].ljust(16, b"\0"), "little") for p in parts]
     return int(np.random.SeedSequence([abs(i) for i in ints]).generate_state(1)[0] % (2**31 - 1))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads inside the block, restoring the previous count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_thread() -> contextlib.AbstractContextManager[None]:
+    """One thread: the agents' and the surrogate's tiny MLPs only lose time to thread pools."""
+    return torch_threads(1)
 
 
 def ensemble_kinds(ensemble: bool) -> tuple[str, ...]:
@@ -46,7 +65,8 @@ def train_ensemble(
 ) -> list[tuple[object, gym.Env]]:
     """Train one agent per kind on its own env (``make_env(kind)``); returns (model, env) pairs."""
     out = []
-    for kind, seed in zip(kinds, seeds, strict=True):
-        env = make_env(kind)
-        out.append((train_agent(kind, env, seed, timesteps), env))
+    with single_thread():
+        for kind, seed in zip(kinds, seeds, strict=True):
+            env = make_env(kind)
+            out.append((train_agent(kind, env, seed, timesteps), env))
     return out

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from hirelc.cost import effective_ratio, policy_storage
 from hirelc.errors import HirelcError
 from hirelc.policy import LayerPolicy, Policy
 from hirelc.runs import SEARCH_LOG, SEARCH_STATE, atomic_torch_save, atomic_write_text
+from hirelc.search.agents import single_thread, torch_threads
 from hirelc.search.config import Budget, SearchConfig
 from hirelc.search.hla import Allocation, BlockAllocation, allocate, blocks_of
 from hirelc.search.lla import BlockProposal, propose_block
@@ -155,6 +157,7 @@ class _Search:
         self._proxy: dict[tuple, float] = {}
         self._t0 = time.perf_counter()
         self._bar = None
+        self._threads = torch.get_num_threads()
 
     # ---- state -------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -170,8 +173,6 @@ class _Search:
             atomic_write_text(self.run_dir / SEARCH_LOG, "")
 
     def load(self) -> None:
-        import torch
-
         path = self.run_dir / SEARCH_STATE if self.run_dir else None
         if path is None or not path.is_file():
             return self.start_fresh()
@@ -203,9 +204,11 @@ class _Search:
 
     # ---- budget and predictions ----------------------------------------------------------------------------
     def proxy_drop(self, layers: Layers) -> float:
+        """The evaluator's cold-start proxy, memoised, run with the caller's thread count (RL runs on one)."""
         key = policy_key(self.specs, layers)
         if key not in self._proxy:
-            self._proxy[key] = float(self.ev.proxy_drop(layers))
+            with torch_threads(self._threads):
+                self._proxy[key] = float(self.ev.proxy_drop(layers))
         return self._proxy[key]
 
     def meets_budget(self, layers: Layers) -> bool:
@@ -336,24 +339,24 @@ class _Search:
 
     def cycle(self, phase: int) -> None:
         cfg = self.config
-        sur = self.surrogate_for(phase)
-        predict_drop = self.drop_predictor(sur)
-        self.allocation = allocate(self.specs, self.block_sens, self.budget, cfg, predict_drop, phase)
-        incumbent = self.incumbent(phase)
-        proposals = {
-            b: propose_block(specs_b, self.allocation[b], self.block_sens[b], incumbent, predict_drop, cfg, phase, i)
-            for i, (b, specs_b) in enumerate(self.blocks.items())
-        }
-        cands = self.candidates(proposals, phase)
+        with single_thread():  # everything but the evaluator's calls is tiny-MLP work
+            sur = self.surrogate_for(phase)
+            predict_drop = self.drop_predictor(sur)
+            self.allocation = allocate(self.specs, self.block_sens, self.budget, cfg, predict_drop, phase)
+            incumbent = self.incumbent(phase)
+            proposals = {
+                b: propose_block(sb, self.allocation[b], self.block_sens[b], incumbent, predict_drop, cfg, phase, i)
+                for i, (b, sb) in enumerate(self.blocks.items())
+            }
+            cands = self.candidates(proposals, phase)
+            mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
         if not cands:
             return
         n_prom = math.ceil(cfg.real_evals_per_cycle / 2)
-        if sur is not None:
-            mean, std = sur.predict(cands)
+        if mean is not None:
             prom = list(np.argsort(-mean, kind="stable")[:n_prom])
             rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
         else:
-            mean = std = None
             score = np.array([-self.proxy_drop(c) for c in cands])
             prom = list(np.argsort(-score, kind="stable")[:n_prom])
             rest = [i for i in np.random.default_rng([cfg.seed, phase, 2]).permutation(len(cands)) if i not in prom]
