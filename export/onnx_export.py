@@ -172,9 +172,10 @@ def _narrow(t: np.ndarray, name: str, container: str) -> onnx.TensorProto:
 def narrow_weights(graph: onnx.GraphProto, model: nn.Module) -> dict[str, str]:
     """Move the codes (and zero-points) of layers with ``bits <= 4`` to INT4/UINT4; returns layer -> container."""
     inits = {t.name: t for t in graph.initializer}
+    layers = quant_layers(model)
     containers: dict[str, str] = {}
     for name, nodes in map_weight_dequantizers(graph, model).items():
-        q = quant_layers(model)[name]
+        q = layers[name]
         signed = q.qweight.dtype == torch.int8
         container = _CONTAINERS[(K.container_bits(q.bits), signed)]
         containers[name] = container
@@ -184,6 +185,8 @@ def narrow_weights(graph: onnx.GraphProto, model: nn.Module) -> dict[str, str]:
             for slot, suffix in ((0, "qweight"), (2, "zero_point")):
                 if slot >= len(node.input) or not node.input[slot]:
                     continue
+                if node.input[slot] not in inits:
+                    raise RuntimeError(f"export: {name}: DequantizeLinear input {node.input[slot]!r} is not constant")
                 new_name = f"{name}.{suffix}.{container}"
                 if new_name not in inits:  # fresh tensor: a shared (de-duplicated) one is never changed
                     t = _narrow(numpy_helper.to_array(inits[node.input[slot]]), new_name, container)
@@ -275,9 +278,12 @@ def unfused_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
         model = copy.deepcopy(model)
         for q in quant_layers(model).values():
             q.freeze()
-    proto, _ = lowered_graph(model, input_shape)
+    proto = _torch_export(model, tuple(input_shape), DEFAULT_OPSET)
+    _inline_identities(proto.graph)
+    # Map DQ outputs to layers before narrowing: 4-bit tensors no longer compare equal to the layers' codes.
     dq_layer = {n.output[0]: name for name, nodes in map_weight_dequantizers(proto.graph, model).items()
                 for n in nodes}
+    narrow_weights(proto.graph, model)
     weight_of = {n.name: dq_layer.get(n.input[1]) for n in proto.graph.node if len(n.input) > 1}
     float_nodes = {name for op, name in optimized_ops(proto.SerializeToString(), level="extended")
                    if op in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}

@@ -70,8 +70,11 @@ def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int |
     name = PROVIDERS[provider]
     if not available_providers()[name]:
         raise HirelcError(f"{name} is unavailable in this onnxruntime build (available: CPUExecutionProvider)")
-    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
-    return _load(path, _session_options(threads), providers)
+    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]  # CPU: ops the EP lacks
+    sess = _load(path, _session_options(threads), providers)
+    if name not in sess.get_providers():
+        raise HirelcError(f"{name} failed to initialise for {path if not isinstance(path, bytes) else 'model'}")
+    return sess
 
 
 def ort_predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -29,6 +29,7 @@ key                            meaning
 ``effective_storage_ratio``    from ``lower_report.json`` (bits actually needed, e.g. 3-bit codes count 3)
 ``effective_bits_per_param``   from ``lower_report.json``
 ``speedup``                    ``fp32_over_hirelc`` / ``ort_int8_over_hirelc``: batch -> median latency ratio
+``verify_config``              the :class:`VerifyConfig` used (batch sizes, runs, warm-up, threads, bounds)
 ``gate``                       ``passed`` (bool), ``failures`` (one line each), ``bounds`` (the limits checked)
 =============================  ===============================================================================
 """
@@ -301,7 +302,11 @@ def format_markdown(report: dict) -> str:
               f"{m['threads']} ORT threads, onnxruntime {m['onnxruntime']}, Python {m['python']}\n")
     g = report.get("gate", {})
     md.append("## Release gate\n")
-    bounds = ", ".join(f"{k} {v:g}" for k, v in g.get("bounds", {}).items() if v is not None and k != "latency_batch")
-    md.append(f"bounds: {bounds or 'none'} - latency at batch {g.get('bounds', {}).get('latency_batch')}\n")
+    b = g.get("bounds", {})
+    limits = [f"max_drop {b['max_drop']:g} points" if b.get("max_drop") is not None else "",
+              f"min_size_ratio {b['min_size_ratio']:g}x" if b.get("min_size_ratio") is not None else "",
+              f"max_latency_ms {b['max_latency_ms']:g} (batch {b['latency_batch']})"
+              if b.get("max_latency_ms") is not None else ""]
+    md.append(f"Bounds: {', '.join(x for x in limits if x) or 'none'}\n")
     md.append("passed" if g.get("passed") else "FAILED:\n" + "\n".join(f"- {f}" for f in g.get("failures", [])))
     return "\n".join(md) + "\n"

@@ -82,8 +82,7 @@ def cli_run(tmp_path_factory):
 
 def test_train_then_lower_end_to_end(cli_run):
     rd, trained, lowered = cli_run
-    for name in (runs.BASELINE_CKPT, runs.BASELINE_META, runs.CONFIG, runs.LOWERED_MODEL, runs.POLICY,
-                 runs.LOWER_REPORT):
+    for name in (runs.BASELINE_CKPT, runs.BASELINE_META, runs.CONFIG, runs.LOWERED_MODEL, runs.LOWER_REPORT):
         assert (rd / name).is_file(), name
     assert not [p.name for p in rd.iterdir() if p.name.endswith(".tmp")]
 
@@ -104,7 +103,8 @@ def test_train_then_lower_end_to_end(cli_run):
     assert report["model"]["name"] == "test_resnet"
     assert report["data"]["sizes"]["train"] == 200
     assert report["effective_ratio"] > 20
-    assert json.loads((rd / runs.POLICY).read_text())["name"] == "w4-prune50"
+    assert report["policy"]["name"] == "w4-prune50"
+    assert not (rd / runs.POLICY).exists()  # lowering with a preset never replaces a searched policy.json
 
 
 def test_second_identical_train_is_reused(cli_run):
@@ -178,7 +178,7 @@ def _write(path, text):
 )
 def test_failed_lower_is_one_line_and_keeps_earlier_results(cli_run, tmp_path, policy, match):
     rd, _, _ = cli_run
-    before = {n: (rd / n).read_bytes() for n in (runs.LOWER_REPORT, runs.LOWERED_MODEL, runs.POLICY)}
+    before = {n: (rd / n).read_bytes() for n in (runs.LOWER_REPORT, runs.LOWERED_MODEL)}
     res = invoke("lower", "--run-dir", rd, "--policy", policy(tmp_path), "--max-steps", "2")
     _assert_user_error(res, match)
     assert {n: (rd / n).read_bytes() for n in before} == before

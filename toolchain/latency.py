@@ -34,8 +34,11 @@ def _container(bits: int | None) -> str:
 
 def _input_shapes(model: nn.Module, topo: Topology) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [model.get_submodule(s.name).register_forward_pre_hook(
-        lambda _m, inp, n=s.name: shapes.setdefault(n, tuple(inp[0].shape))) for s in topo.layers]
+    def hook(_m, inp, name):
+        shapes.setdefault(name, tuple(inp[0].shape))  # returns None: the inputs stay untouched
+
+    hooks = [model.get_submodule(s.name).register_forward_pre_hook(lambda m, i, n=s.name: hook(m, i, n))
+             for s in topo.layers]
     with torch.no_grad():
         model.eval()(torch.zeros(topo.input_shape))
     for h in hooks:

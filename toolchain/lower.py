@@ -45,6 +45,7 @@ class LowerConfig:
     act_quant: bool = True  # Q/DQ on the inputs of quantized layers (False: weight-only)
     act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
     percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
+    fuse_outputs: bool = True  # quantize outputs of 5..8-bit convs ORT would not fuse (residual/pool inputs)
     importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
     seed: int = 0
@@ -185,6 +186,23 @@ def calibrate(model: nn.Module, batches) -> int:
     return n
 
 
+def add_output_quantizers(model: nn.Module, input_shape: tuple[int, ...], cfg: LowerConfig) -> list[str]:
+    """Give an output quantizer to each 8-bit-container conv ONNX Runtime would leave as a float conv.
+
+    ORT builds an integer ``QLinearConv`` only from ``DQ -> Conv -> Q``; a conv feeding a residual add or a
+    pool has no ``Q`` after it and would run in float on weights dequantized at every call. 2..4-bit convs
+    never fuse on the CPU EP, so they are left alone. Returns the layers that got one (still uncalibrated).
+    """
+    from hirelc.export import unfused_layers
+
+    qls = quant_layers(model)
+    names = [n for n in unfused_layers(model, input_shape)
+             if isinstance(qls.get(n), QConv2d) and K.container_bits(qls[n].bits) == 8]
+    for n in names:
+        qls[n].out_act = ActQuant(signed=cfg.act_signed, percentile=cfg.percentile)
+    return names
+
+
 def freeze(model: nn.Module) -> None:
     for q in quant_layers(model).values():
         q.freeze()
@@ -230,6 +248,8 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     if cfg.act_quant and swapped:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         calib = calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
+        if cfg.fuse_outputs and add_output_quantizers(m, topo.input_shape, cfg):
+            calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
     qat = {"steps": 0, "wall_s": 0.0, "loss": None}
     if cfg.epochs > 0 or (cfg.max_steps or 0) > 0:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)

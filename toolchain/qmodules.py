@@ -143,6 +143,7 @@ class _QuantLayer(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("zero_point", zp)
         self.act = ActQuant()
+        self.out_act: ActQuant | None = None  # set where ORT would otherwise leave the layer unfused
 
     @property
     def _scheme(self) -> Scheme:
@@ -239,7 +240,9 @@ class QConv2d(_QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         x = self.act(x)
-        return F.conv2d(x, self.weight_float(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(x, self.weight_float(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        out_act = getattr(self, "out_act", None)  # absent in files saved before output quantizers existed
+        return out_act(y) if out_act is not None else y
 
 
 class QLinear(_QuantLayer):

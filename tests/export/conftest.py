@@ -1,18 +1,15 @@
-"""Fixtures for the export tests: lowered tiny timm models (cached for the session) and a toy QDQ model."""
+"""Fixtures for the export tests: lowered tiny timm models and a hand-made run directory (session-cached)."""
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 import pytest
-import torch
+from export_toys import FAST
 from torch import nn
 
-from hirelc.lower import LowerConfig, calibrate, freeze, lower_model, swap_quantized
-from hirelc.policy import PRESETS, LayerPolicy
-
-# No QAT: lowering is prune + fold + quantize + calibrate (2 batches); enough for graph and parity checks.
-FAST = LowerConfig(epochs=0, max_steps=0, batch_size=64, calib_batches=2)
+from hirelc.lower import LowerConfig, lower_model
+from hirelc.policy import PRESETS
 
 
 class Lowered(NamedTuple):
@@ -38,24 +35,6 @@ def lower(built, bundle) -> Callable[..., Lowered]:
         return cache[key]
 
     return get
-
-
-TOY_SHAPE = (1, 1, 16, 16)
-TOY_QUANT = ("2", "6", "8")  # conv 32->32 (I=32), linear 32->64, linear 64->10; "0" (1->32 conv) stays float
-
-
-def toy_model(lp: LayerPolicy, act_signed: bool = False, act_quant: bool = True) -> nn.Module:
-    """Conv(float) -> Conv -> pool -> Linear -> Linear with ``lp`` on the last three, calibrated and frozen."""
-    torch.manual_seed(0)
-    m = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10),
-    ).eval()
-    swap_quantized(m, {n: lp for n in TOY_QUANT}, act_signed=act_signed)
-    if act_quant:
-        calibrate(m, [torch.randn(16, *TOY_SHAPE[1:], generator=torch.Generator().manual_seed(1))])
-    freeze(m)
-    return m
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TOY_QUANT, TOY_SHAPE, toy_model
+from export_toys import TOY_QUANT, TOY_SHAPE, toy_model
 from onnx import TensorProto, numpy_helper
 
 from hirelc.export import export_lowered, make_session, ort_predict
@@ -88,16 +88,24 @@ def test_float_layer_stays_float_and_activation_dtypes(tmp_path):
     assert all(inits[n.input[2]].data_type == TensorProto.UINT8 for n in q)  # uint8 activations by default
 
 
-def test_signed_activations_export_int8_qdq(tmp_path):
-    model = toy_model(LayerPolicy(bits=4), act_signed=True)
-    export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx")
+def test_signed_activations_and_shared_zero_points(tmp_path):
+    """int8 activations; the exporter de-duplicates the identical scalar zero-points (int8 0) of activations
+    and of per-tensor weights of different widths, so narrowing must give each 4-bit layer its own tensor."""
+    pt = PerTensor()
+    model = toy_model(LayerPolicy(bits=4, granularity=pt), act_signed=True,
+                      overrides={"6": LayerPolicy(bits=8, granularity=pt)})
+    s = export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx")
+    assert [s["layers"][n]["container"] for n in TOY_QUANT] == ["int4", "int8", "int4"]
     m = onnx.load(tmp_path / "m.onnx")
     inits = {t.name: t for t in m.graph.initializer}
     q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q) == 3 and all(inits[n.input[2]].data_type == TensorProto.INT8 for n in q)
-    # the int8 zero-point 0 of activations equals the weights' before narrowing: de-duplication must not mix them
-    assert len(_weight_dqs(m)) == 3
-    assert all(inits[n.input[2]].data_type == TensorProto.INT4 for n in _weight_dqs(m))
+    dqs = _weight_dqs(m)
+    assert [inits[n.input[2]].data_type for n in dqs] == [TensorProto.INT4, TensorProto.INT8, TensorProto.INT4]
+    x = torch.randn(8, *TOY_SHAPE[1:], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(ort_predict(make_session(tmp_path / "m.onnx"), x.numpy()) - ref).max() <= 1e-2 * np.abs(ref).max()
 
 
 def test_weight_only_has_no_quantize_linear(tmp_path):

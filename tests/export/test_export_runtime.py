@@ -61,9 +61,10 @@ def test_accuracy_and_fused_ops_of_hirelc_model(run_dir, bundle):
 
 
 def test_unfused_layers_are_the_convs_feeding_residual_adds(lower):
-    names = unfused_layers(lower("test_resnet", "int8").model, (1, 1, 32, 32))
+    names = unfused_layers(lower("test_resnet", "int8", fuse_outputs=False).model, (1, 1, 32, 32))
     assert "layer1.0.conv2" in names  # its output goes to the residual Add, not to a QuantizeLinear
     assert "layer1.0.conv1" not in names  # conv -> ReLU -> next conv's QuantizeLinear: QLinearConv
+    assert unfused_layers(lower("test_resnet", "int8").model, (1, 1, 32, 32)) == []  # output quantizers fix it
 
 
 def test_benchmark_interleaved_reports_every_model_and_batch(run_dir):

@@ -107,3 +107,18 @@ def test_tighten_meets_a_ratio_cheapest_layers_first(specs):
     assert effective_ratio(specs, out) >= 6.0
     assert all(check_layer(s, out[s.name]) is None for s in specs)
     assert out["stem.conv"].bits >= out["blocks.1.mlp.fc1"].bits  # sensitive stem is spared
+
+
+def test_pruning_that_breaks_a_group_size_masks_it_to_per_channel():
+    from hirelc.policy import LayerPolicy, PerChannel, PerGroup
+    from hirelc.search.space import share_group_keeps
+    from hirelc.topology import LayerSpec
+
+    a = LayerSpec("a", "conv", 64, 64, (3, 3), 36864, 1, "b0", 0, True)
+    b = LayerSpec("b", "conv", 64, 64, (3, 3), 36864, 1, "b1", 1, True, input_group=0)
+    keep_all = {"a": LayerPolicy(bits=4), "b": LayerPolicy(bits=4, granularity=PerGroup(32))}
+    assert share_group_keeps([a, b], keep_all)["b"].granularity == PerGroup(32)  # 64 inputs: 32 divides
+    pruned = {**keep_all, "a": LayerPolicy(bits=4, keep_ratio=0.75)}  # 48 inputs left: 32 does not divide
+    out = share_group_keeps([a, b], pruned)
+    assert out["b"].granularity == PerChannel()
+    assert out["a"] == pruned["a"]

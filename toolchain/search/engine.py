@@ -248,6 +248,7 @@ class _Search:
         self, layers: Layers, cycle: int, kind: str, pred: float | None = None, std: float | None = None
     ) -> None:
         """Really evaluate ``layers`` once per phase, log it (search.jsonl) and checkpoint the state."""
+        layers = share_group_keeps(self.specs, layers)  # whole-policy masks (tied keeps, prunable group sizes)
         key = policy_key(self.specs, layers)
         for i, r in enumerate(self.records):  # already done in this phase (before an interruption)
             if r["cycle"] == cycle and policy_key(self.specs, self.layers[i]) == key:

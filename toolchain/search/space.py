@@ -137,7 +137,8 @@ def encode(spec: LayerSpec, lp: LayerPolicy, c: Constraints) -> np.ndarray:
 
 
 def share_group_keeps(specs: list[LayerSpec], layers: Layers) -> Layers:
-    """Make every prunable member of a prune group copy the keep ratio of the group's leader."""
+    """Make every prunable member of a prune group copy the keep ratio of the group's leader, then mask
+    per-group granularities that pruning made unrepresentable (see :func:`mask_pruned_groups`)."""
     leader: dict[int, float] = {}
     out = dict(layers)
     for s in specs:
@@ -148,6 +149,22 @@ def share_group_keeps(specs: list[LayerSpec], layers: Layers) -> Layers:
             leader[s.prune_group] = lp.keep_ratio
         elif lp.keep_ratio != leader[s.prune_group]:
             out[s.name] = dataclasses.replace(lp, keep_ratio=leader[s.prune_group])
+    return mask_pruned_groups(specs, out)
+
+
+def mask_pruned_groups(specs: list[LayerSpec], layers: Layers) -> Layers:
+    """Per-group -> per-channel where pruning another layer's outputs left an input dim the group size no longer
+    divides (the export could not block it). A cross-layer mask: it needs the keep ratios of every layer, so
+    it only acts when ``specs`` covers the producing group too."""
+    keeps = group_keeps([s for s in specs if s.name in layers], layers)
+    out = dict(layers)
+    for s in specs:
+        lp = out.get(s.name)
+        if lp is None or not lp.quantized or not isinstance(lp.granularity, PerGroup):
+            continue
+        _, inn = kept_shape(s, out, keeps)
+        if inn % lp.granularity.group_size:
+            out[s.name] = dataclasses.replace(lp, granularity=PerChannel())
     return out
 
 

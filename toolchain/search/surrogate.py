@@ -16,6 +16,7 @@ from torch import nn
 
 from hirelc.cost import policy_storage
 from hirelc.policy import LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme
+from hirelc.search.agents import single_thread
 from hirelc.topology import LayerSpec
 
 Layers = dict[str, LayerPolicy]
@@ -106,7 +107,7 @@ class Surrogate:
         n = len(y)
         rng = np.random.default_rng([self.seed, n])
         self.nets = []
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), single_thread():
             torch.manual_seed(int(rng.integers(2**31)))
             for _ in range(self.members):
                 idx = rng.integers(0, n, n)
@@ -144,7 +145,8 @@ class Surrogate:
     def predict(self, policies: Sequence[Layers]) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std (across members) of predicted accuracy in %, one per policy."""
         x = self.features(policies)  # (N, F)
-        preds = torch.stack([torch.sigmoid(net(x).squeeze(-1)) * 100 for net in self.nets])  # (M, N)
+        with single_thread():
+            preds = torch.stack([torch.sigmoid(net(x).squeeze(-1)) * 100 for net in self.nets])  # (M, N)
         return preds.mean(0).numpy().astype(float), preds.std(0, unbiased=False).numpy().astype(float)
 
     def state_dict(self) -> dict:

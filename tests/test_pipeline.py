@@ -1,0 +1,113 @@
+"""End-to-end stages on tiny models: compress (with resume and atomicity), the search stage, latency budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hirelc import runs
+from hirelc.cli import app
+from hirelc.errors import HirelcError
+from hirelc.pipeline import CompressConfig, DataOptions, compress, search_stage
+
+TINY_DATA = DataOptions(spec="fashion-mnist-mini", max_train=300)
+TINY_SEARCH = {"cycles": 1, "warmup_real_evals": 2, "real_evals_per_cycle": 1, "candidates_per_cycle": 2,
+               "hla_timesteps": 8, "lla_timesteps": 16, "lla_episode_len": 4, "min_surrogate_points": 2,
+               "surrogate_members": 2}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("run") / "r"
+    cfg = CompressConfig(run_dir=str(rd), model="test_resnet", data=TINY_DATA, train_epochs=1, policy="int8",
+                         qat_epochs=0.1, verify_runs=3)
+    lines: list[str] = []
+    report = compress(cfg, progress=False, echo=lines.append)
+    return rd, cfg, report, lines
+
+
+def test_compress_writes_every_artifact_and_report(compressed):
+    rd, _, report, _ = compressed
+    for name in (runs.BASELINE_CKPT, runs.POLICY, runs.LOWERED_MODEL, runs.HIRELC_ONNX, runs.FP32_ONNX,
+                 runs.ORT_INT8_ONNX, runs.REPORT_JSON, runs.REPORT_MD):
+        assert (rd / name).is_file(), name
+    assert set(report["artifacts"]) == {"fp32", "ort_int8", "hirelc"}
+    assert report["artifacts"]["hirelc"]["bytes"] < report["artifacts"]["fp32"]["bytes"] / 3
+    assert not list(rd.glob(".*.tmp"))
+
+
+def test_compress_refuses_to_overwrite_without_resume(compressed):
+    rd, cfg, _, _ = compressed
+    before = (rd / runs.REPORT_JSON).read_bytes()
+    with pytest.raises(HirelcError, match="not empty"):
+        compress(cfg, progress=False, echo=lambda s: None)
+    assert (rd / runs.REPORT_JSON).read_bytes() == before
+
+
+def test_compress_resume_skips_finished_stages(compressed):
+    rd, cfg, _, _ = compressed
+    (rd / runs.REPORT_JSON).unlink()  # as if verify had been interrupted
+    lines: list[str] = []
+    compress(CompressConfig(**{**cfg.__dict__, "resume": True}), progress=False, echo=lines.append)
+    skipped = [ln for ln in lines if "skipped" in ln]
+    assert len(skipped) == 6 and "verify" not in " ".join(skipped)
+    assert (rd / runs.REPORT_JSON).is_file()
+
+
+def test_int8_convs_all_fuse_into_integer_kernels(compressed):
+    _, _, report, _ = compressed
+    ops = report["artifacts"]["hirelc"]["fused_ops"]
+    assert ops["QLinearConv"] > 0
+    assert ops.get("Conv", 0) + ops.get("FusedConv", 0) == 0  # output quantizers leave no float conv behind
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--max-drop", "100", "--min-size-ratio", "1.5"], 0, None),
+    (["--min-size-ratio", "1000"], 1, "size ratio"),
+])
+def test_verify_gate_exit_codes(compressed, args, code, needle):
+    rd = compressed[0]
+    res = CliRunner().invoke(app, ["verify", "-r", str(rd), "--runs", "2", *args])
+    assert res.exit_code == code, res.output
+    if needle:
+        assert needle in res.output.lower() or needle in (res.stderr or "").lower()
+
+
+def test_search_stage_tiny_end_to_end(compressed):
+    rd = compressed[0]
+    (rd / runs.POLICY).unlink()
+    s = search_stage(rd, target_ratio=6.0, overrides=TINY_SEARCH, progress=False)
+    lines = (rd / runs.SEARCH_LOG).read_text().splitlines()
+    assert len(lines) == s["n_real_evals"] >= 3
+    assert s["effective_ratio"] >= 6.0
+    policy = json.loads((rd / runs.POLICY).read_text())
+    assert policy["version"] == 1 and policy["rules"]
+    for png in ("policy_heatmap.png", "search_progress.png", "search_pareto.png"):
+        assert (rd / png).stat().st_size > 1000
+
+
+def test_impossible_budget_fails_before_any_evaluation(compressed):
+    rd = compressed[0]
+    log_before = (rd / runs.SEARCH_LOG).read_bytes() if (rd / runs.SEARCH_LOG).exists() else None
+    with pytest.raises(HirelcError, match="impossible"):
+        search_stage(rd, target_ratio=500.0, overrides=TINY_SEARCH, progress=False)
+    after = (rd / runs.SEARCH_LOG).read_bytes() if (rd / runs.SEARCH_LOG).exists() else None
+    assert after == log_before
+
+
+def test_latency_table_predicts_fp32_and_faster_int8(compressed):
+    from hirelc.latency import measure_latency_table, predict_latency
+    from hirelc.policy import PRESETS
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    model, mcfg, _ = load_baseline(compressed[0])
+    topo = build_topology(model, (1, 1, 32, 32))
+    table = measure_latency_table(model, topo, batch=8, runs_=5, progress=False)
+    assert set(table["layers"]) == set(topo.names)
+    fp32 = predict_latency(table, topo, PRESETS["fp32"].resolve(list(topo.layers)))
+    pruned = predict_latency(table, topo, PRESETS["w8-prune30"].resolve(list(topo.layers)))
+    assert fp32 == pytest.approx(table["rest_ms"] + sum(r["fp32"] for r in table["layers"].values()))
+    assert 0 < pruned and fp32 > 0
