@@ -318,3 +318,26 @@ def test_int8_convs_feeding_residual_adds_get_output_quantizers(bundle):
         # conv2 of a residual block feeds the add: only an output quantizer lets ORT fuse it (8-bit only)
         assert ("layer1.0.conv2" in with_out) is expect, (preset, with_out)
         assert all(low.get_submodule(n).out_act.calibrated for n in with_out)
+
+
+def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
+    """The pickled model holds timm classes; loading must not depend on timm having been imported already."""
+    import subprocess
+    import sys
+
+    from hirelc.lower import LowerConfig, lower_model, save_lowered
+    from hirelc.models import build_model, model_config
+    from hirelc.policy import PRESETS
+    from hirelc.topology import build_topology
+
+    cfg = model_config("test_resnet", 10, 1, 32)
+    model = build_model(cfg).eval()
+    topo = build_topology(model, (1, 1, 32, 32))
+    layers = PRESETS["int8"].resolve(list(topo.layers))
+    low, _ = lower_model(model, topo, layers, bundle, LowerConfig(epochs=0, max_steps=0), progress=False)
+    path = tmp_path / "lowered.pt"
+    save_lowered(path, low, cfg, PRESETS["int8"], layers, topo, LowerConfig())
+    code = f"from hirelc.lower import load_lowered; print(type(load_lowered({str(path)!r})['model']).__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ResNet"

@@ -300,6 +300,9 @@ def load_lowered(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise HirelcError(f"lowered model not found: {p} (run `hirelc lower` first)")
+    from hirelc.compat import ensure_timm_importable
+
+    ensure_timm_importable()  # the pickled modules are timm classes: their import must survive a broken torchvision
     try:
         blob = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
