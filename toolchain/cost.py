@@ -74,12 +74,17 @@ def policy_storage(specs: list[LayerSpec], layers: dict[str, LayerPolicy]) -> di
         b, n = layer_storage_bits(s, layers[s.name], out, inn)
         bits += b
         kept += n
+    return storage_totals(fp32_params, kept, bits)
+
+
+def storage_totals(fp32_params: int, kept_params: int, storage_bits: int) -> dict:
+    """The figures every storage report states, from three counts (predicted or measured alike)."""
     return {
         "fp32_params": fp32_params,
-        "kept_params": kept,
-        "storage_bits": bits,
-        "effective_ratio": 32 * fp32_params / max(bits, 1),
-        "effective_bits_per_param": bits / max(kept, 1),
+        "kept_params": kept_params,
+        "storage_bits": storage_bits,
+        "effective_ratio": 32 * fp32_params / max(storage_bits, 1),
+        "effective_bits_per_param": storage_bits / max(kept_params, 1),
     }
 
 

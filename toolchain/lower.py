@@ -25,7 +25,7 @@ from torch import nn
 
 from hirelc import kernels as K
 from hirelc import runs
-from hirelc.cost import group_keeps, kept_shape, policy_storage
+from hirelc.cost import group_keeps, kept_shape, policy_storage, storage_totals
 from hirelc.errors import HirelcError
 from hirelc.policy import LayerPolicy, PerGroup, Policy
 from hirelc.qmodules import ActQuant, QConv2d, QLinear, quant_layers
@@ -223,14 +223,12 @@ def storage_report(model: nn.Module, topo: Topology, layers: dict[str, LayerPoli
             n = sum(p.numel() for p in m.parameters(recurse=False))
             bits += 32 * n
             kept += n
-    predicted = policy_storage(list(topo.layers), layers)
+    t = storage_totals(fp32, kept, bits)
     return {
-        "compressible_params_before": fp32,
-        "compressible_params_after": kept,
-        "storage_bits": bits,
-        "effective_ratio": 32 * fp32 / max(bits, 1),
-        "effective_bits_per_param": bits / max(kept, 1),
-        "predicted_effective_ratio": predicted["effective_ratio"],
+        "compressible_params_before": t.pop("fp32_params"),
+        "compressible_params_after": t.pop("kept_params"),
+        **t,
+        "predicted_effective_ratio": policy_storage(list(topo.layers), layers)["effective_ratio"],
     }
 
 
