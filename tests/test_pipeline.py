@@ -111,3 +111,17 @@ def test_latency_table_predicts_fp32_and_faster_int8(compressed):
     pruned = predict_latency(table, topo, PRESETS["w8-prune30"].resolve(list(topo.layers)))
     assert fp32 == pytest.approx(table["rest_ms"] + sum(r["fp32"] for r in table["layers"].values()))
     assert 0 < pruned and fp32 > 0
+
+
+def test_predicted_onnx_bytes_match_the_exported_file(compressed):
+    from hirelc.evaluate import Predictors
+    from hirelc.policy import PRESETS
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    rd = compressed[0]
+    model, _, _ = load_baseline(rd)
+    topo = build_topology(model, (1, 1, 32, 32))
+    predicted = Predictors(model, topo).predict_bytes(PRESETS["int8"].resolve(list(topo.layers)))
+    actual = (rd / runs.HIRELC_ONNX).stat().st_size
+    assert abs(predicted - actual) / actual < 0.05, (predicted, actual)

@@ -111,12 +111,9 @@ class _SubsetBundle:
     """A view of a DataBundle restricted to fixed stratified subsets (what search evaluations train on)."""
 
     def __init__(self, bundle, train_samples: int, val_samples: int, seed: int):
-        from hirelc.data import Split
-
         self.train = bundle.subset("train", min(train_samples, len(bundle.train)), seed=seed)
         self.val = bundle.subset("val", min(val_samples, len(bundle.val)), seed=seed)
         self.test = bundle.test
-        self._split_cls = Split
 
     def loader(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0, limit=None):
         data = getattr(self, split)

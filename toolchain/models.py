@@ -109,8 +109,3 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     model.load_state_dict(sd)
     return model
 
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for n, b in model.named_buffers() if n.endswith(("qweight",))
-    )
