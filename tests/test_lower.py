@@ -53,14 +53,17 @@ def _x(n: int = 4) -> torch.Tensor:
 # ---------------------------------------------------------------- pruning
 
 
-def test_resnet_w4_prune50_halves_inner_channels(lowered):
+def test_resnet_w4_prune50_halves_inner_and_stream_channels(lowered):
     b, _, m, info = lowered("test_resnet", "w4-prune50")
     conv1, conv2 = m.get_submodule("layer1.0.conv1"), m.get_submodule("layer1.0.conv2")
-    assert conv1.qweight.shape == (16, 32, 3, 3)  # out channels 32 -> 16
-    assert conv2.qweight.shape == (32, 16, 3, 3)  # its input follows; its (residual) output does not
-    assert info["removed_channels"]["layer1.0.conv1"] == 16
-    assert "layer1.0.conv2" not in info["removed_channels"]
-    assert info["params_after"] < 0.5 * info["params_before"]
+    # inner channels 32 -> 16 (led by conv1), and layer1's residual stream 32 -> 16 (led by the stem's conv1.6)
+    assert conv1.qweight.shape == (16, 16, 3, 3)
+    assert conv2.qweight.shape == (16, 16, 3, 3)
+    assert info["removed_channels"]["layer1.0.conv1"] == 16 and info["removed_channels"]["conv1.6"] == 16
+    assert "layer1.0.conv2" not in info["removed_channels"]  # it follows the stream, it does not lead it
+    # inner layers keep a quarter of their weights; only the stem's first conv and the classifier keep more
+    assert conv1.qweight.numel() == b.model.get_submodule("layer1.0.conv1").weight.numel() // 4
+    assert info["params_after"] < 0.3 * info["params_before"]
     assert info["params_before"] == sum(p.numel() for p in b.model.parameters())  # original left untouched
     assert b.model.get_submodule("layer1.0.conv1").out_channels == 32
     with torch.no_grad():
@@ -72,10 +75,12 @@ def test_vit_w4_prune50_halves_heads_and_mlp(lowered):
     for i in range(6):
         attn = m.get_submodule(f"blocks.{i}.attn")
         assert attn.num_heads == 1 and attn.attn_dim == 32
-        assert attn.qkv.qweight.shape == (96, 64)
-        assert attn.proj.qweight.shape == (64, 32)
-        assert m.get_submodule(f"blocks.{i}.mlp.fc1").qweight.shape == (96, 64)
-        assert m.get_submodule(f"blocks.{i}.mlp.fc2").qweight.shape == (64, 96)
+        # heads 2 -> 1, MLP units 192 -> 96, and the embedding stream 64 -> 32
+        assert attn.qkv.qweight.shape == (96, 32)
+        assert attn.proj.qweight.shape == (32, 32)
+        assert m.get_submodule(f"blocks.{i}.mlp.fc1").qweight.shape == (96, 32)
+        assert m.get_submodule(f"blocks.{i}.mlp.fc2").qweight.shape == (32, 96)
+    assert m.pos_embed.shape[-1] == m.cls_token.shape[-1] == 32
     assert b.model.get_submodule("blocks.0.attn").num_heads == 2
     assert info["params_after"] < info["params_before"]
     with torch.no_grad():
@@ -94,7 +99,10 @@ def test_vit_pruning_equals_zeroing_the_removed_heads_and_units(built):
     """Dropping a head (or an MLP unit) must compute exactly what the full model computes when that head's
     (unit's) contribution to proj (fc2) is zeroed: checks that q, k, v and their consumers stay aligned."""
     b = built("test_vit")
-    layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    # the embedding stream stays whole here: dropping embedding dims changes what LayerNorm averages over
+    keep_stream = Policy(default=PRESETS["w4-prune50"].default, rules=(("patch_embed.proj", LayerPolicy(bits=4)),))
+    layers = keep_stream.resolve(list(b.topo.layers))
+    assert layers["blocks.0.attn.qkv"].keep_ratio == 0.5 and layers["patch_embed.proj"].keep_ratio == 1.0
     pruned = copy.deepcopy(b.model)
     prune(pruned, b.topo, layers)
     zeroed = copy.deepcopy(b.model)
@@ -277,6 +285,25 @@ def test_qat_changes_latent_weights_and_codes(built, bundle):
     for q in qls.values():
         q.freeze()
     assert any(not torch.equal(qls[n].qweight, codes0[n]) for n in names)
+
+
+@pytest.mark.parametrize("bits,scheme,reduce,lo,hi", [
+    (8, Scheme.SYMMETRIC, True, -64, 63),  # reduced: no int16 overflow in uint8 x int8 pair sums
+    (8, Scheme.SYMMETRIC, False, -128, 127),
+    (8, Scheme.ASYMMETRIC, True, 0, 255),  # uint8 weights take ORT's U8U8 kernels, which do not overflow
+    (6, Scheme.SYMMETRIC, True, -32, 31),
+])
+def test_8bit_symmetric_weights_use_7bit_codes_by_default(bits, scheme, reduce, lo, hi):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    q = QLinear(lin, LayerPolicy(bits=bits, scheme=scheme), reduce_range=reduce)
+    q.freeze()
+    codes = q.qweight.int()
+    assert lo <= codes.min() and codes.max() <= hi
+    assert codes.max() - codes.min() >= (hi - lo) // 2  # the range is really used
+    assert q.storage_bits() >= bits * codes.numel()  # storage counts the 8-bit container either way
+    err = (q.weight_float() - lin.weight).abs().max()
+    assert err <= q.scale.max() / 2 + 1e-6
 
 
 def test_fake_quant_weight_gradient_is_straight_through():

@@ -82,6 +82,9 @@ def test_search_stage_tiny_end_to_end(compressed):
     lines = (rd / runs.SEARCH_LOG).read_text().splitlines()
     assert len(lines) == s["n_real_evals"] >= 3
     assert s["effective_ratio"] >= 6.0
+    # the ratio also binds the artifact's bytes: the predicted file is at least 6x smaller than fp32's
+    assert s["budget"]["max_size_bytes"] <= s["predicted_fp32_bytes"] / 6.0
+    assert s["predicted_bytes"] <= s["budget"]["max_size_bytes"] and s["predicted_file_ratio"] >= 6.0
     policy = json.loads((rd / runs.POLICY).read_text())
     assert policy["version"] == 1 and policy["rules"]
     for png in ("policy_heatmap.png", "search_progress.png", "search_pareto.png"):
@@ -122,6 +125,8 @@ def test_predicted_onnx_bytes_match_the_exported_file(compressed):
     rd = compressed[0]
     model, _, _ = load_baseline(rd)
     topo = build_topology(model, (1, 1, 32, 32))
-    predicted = Predictors(model, topo).predict_bytes(PRESETS["int8"].resolve(list(topo.layers)))
-    actual = (rd / runs.HIRELC_ONNX).stat().st_size
-    assert abs(predicted - actual) / actual < 0.05, (predicted, actual)
+    pred = Predictors(model, topo)
+    for preset, artifact in (("int8", runs.HIRELC_ONNX), ("fp32", runs.FP32_ONNX)):
+        predicted = pred.predict_bytes(PRESETS[preset].resolve(list(topo.layers)))
+        actual = (rd / artifact).stat().st_size
+        assert abs(predicted - actual) / actual < 0.05, (preset, predicted, actual)

@@ -213,11 +213,11 @@ def test_from_layers_round_trips_a_resolution(built):
 @pytest.mark.parametrize(
     "model, rule, match",
     [
-        ("test_resnet", ("layer1.0.conv2", LayerPolicy(bits=4, keep_ratio=0.5)), "cannot be pruned"),
+        ("test_resnet", ("layer1.0.conv2", LayerPolicy(bits=4, keep_ratio=0.5)), "pruned with their group"),
         ("test_resnet", ("fc", LayerPolicy(bits=8, keep_ratio=0.9)), "cannot be pruned"),
         ("test_resnet", ("layer1.0.conv1", LayerPolicy(bits=4, granularity=PerGroup(3))),
          "group size 3 does not divide the input dim 32"),
-        ("test_vit", ("blocks.0.attn.proj", LayerPolicy(bits=4, keep_ratio=0.5)), "cannot be pruned"),
+        ("test_vit", ("blocks.0.attn.proj", LayerPolicy(bits=4, keep_ratio=0.5)), "pruned with their group"),
         ("mobilenetv2_100", ("blocks.1.0.conv_dw", LayerPolicy(bits=4, granularity=PerGroup(2))),
          "per-group granularity on a depthwise conv"),
     ],
@@ -231,8 +231,15 @@ def test_rule_the_layer_cannot_take_is_an_error_naming_it(built, model, rule, ma
 
 def test_glob_rule_is_strict_too(built):
     topo = built("test_resnet").topo
-    with pytest.raises(HirelcError, match=r"layer 'conv1\.6'.*cannot be pruned"):
+    with pytest.raises(HirelcError, match=r"layer 'fc'.*cannot be pruned"):
         Policy(rules=(("*", LayerPolicy(bits=4, keep_ratio=0.5)),)).resolve(list(topo.layers))
+
+
+def test_glob_keep_ratio_passes_over_group_followers(built):
+    topo = built("test_resnet").topo
+    layers = Policy(rules=(("layer1.*", LayerPolicy(bits=4, keep_ratio=0.5)),)).resolve(list(topo.layers))
+    assert layers["layer1.0.conv1"].keep_ratio == 0.5  # leads its block's inner group
+    assert layers["layer1.0.conv2"].keep_ratio == 1.0 and layers["layer1.0.conv2"].bits == 4  # follows the stem
 
 
 def test_default_falls_back_where_it_cannot_apply(built):

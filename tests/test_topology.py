@@ -160,10 +160,23 @@ def _check_inner_and_residual(topo, inner: str, residual: str) -> None:
     assert b.input_group == a.prune_group
 
 
+def _check_stream(topo, leader: str, writers: list[str], readers: list[str]) -> None:
+    """``leader`` carries the keep ratio of a residual stream that ``writers`` also write and ``readers`` read."""
+    lead = topo.spec(leader)
+    assert lead.prunable and lead.stream and lead.prune_group >= 0
+    for w in writers:
+        s = topo.spec(w)
+        assert s.prune_group == lead.prune_group and s.stream and not s.prunable, w
+    for r in readers:
+        assert topo.spec(r).input_group == lead.prune_group, r
+
+
 def test_resnet_basic_block_inner_conv_prunable_residual_conv_not(built):
     topo = built("test_resnet").topo
     _check_inner_and_residual(topo, "layer1.0.conv1", "layer1.0.conv2")
-    assert not topo.spec("conv1.6").prunable  # stem output feeds layer1's identity shortcut
+    # the stem's output channels are layer1's residual stream: one group, led by the stem
+    _check_stream(topo, "conv1.6", ["layer1.0.conv2"], ["layer1.0.conv1"])
+    assert not topo.spec("layer1.0.conv1").stream
 
 
 def test_mobilenet_dwconv_follows_its_expansion_conv(built):
@@ -172,7 +185,8 @@ def test_mobilenet_dwconv_follows_its_expansion_conv(built):
     assert pw.prunable and dw.prune_group == pw.prune_group >= 0
     assert not dw.prunable
     assert pwl.input_group == pw.prune_group
-    assert not pwl.prunable  # blocks.1.1 has a residual add
+    assert not pwl.prunable and pwl.stream  # blocks.1.1 has a residual add: its output is stage 1's stream
+    _check_stream(topo, "blocks.1.0.conv_pwl", ["blocks.1.1.conv_pwl"], ["blocks.1.1.conv_pw", "blocks.2.0.conv_pw"])
     assert all(not s.prunable for s in topo.layers if s.kind == "dwconv")
 
 
@@ -181,7 +195,9 @@ def test_vit_qkv_and_fc1_prunable_proj_and_fc2_not(built):
     for i in range(6):
         _check_inner_and_residual(topo, f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj")
         _check_inner_and_residual(topo, f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2")
-    assert not topo.spec("patch_embed.proj").prunable
+    # the embedding dimension is one stream through every block, led by the patch embedding
+    _check_stream(topo, "patch_embed.proj", [f"blocks.{i}.attn.proj" for i in range(6)] + ["blocks.5.mlp.fc2"],
+                  ["blocks.0.attn.qkv", "blocks.3.mlp.fc1", "head"])
 
 
 def test_prunable_leader_is_unique_per_group(built):
@@ -221,10 +237,28 @@ def test_unseen_custom_module():
     assert topo.classifier == "head"
     assert topo.spec("head").kind == "classifier" and not topo.spec("head").prunable
     assert set(topo.blocks) == {"stem", "body.0", "body.1", "head"}
-    assert not topo.spec("stem").prunable  # its channels are the residual stream of both blocks
+    _check_stream(topo, "stem", ["body.0.conv2", "body.1.conv2"], ["body.0.conv1", "body.1.conv1", "head"])
     for i in (0, 1):
         _check_inner_and_residual(topo, f"body.{i}.conv1", f"body.{i}.conv2")
     assert topo.spec("body.0.conv1").macs == 8 * 8 * 16 * 8 * 9
+
+
+class _FixedWidthOffset(_Custom):
+    """Adds a fixed 8-channel buffer to the stream: torch-pruning cannot shrink it, so the stream stays whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x) + self.offset).mean((2, 3)))
+
+
+def test_stream_that_cannot_be_pruned_is_not_offered():
+    topo = build_topology(_FixedWidthOffset(), (1, 1, 16, 16))
+    assert not topo.spec("stem").prunable and not topo.spec("stem").stream
+    assert topo.spec("stem").prune_group == -1 and topo.spec("body.0.conv1").input_group == -1
+    assert topo.spec("body.0.conv1").prunable  # inner groups are unaffected
 
 
 def test_unseen_timm_model(built):

@@ -162,7 +162,8 @@ def verify(
 @app.command()
 def search(
     run_dir: Path = RunDir,
-    target_ratio: Optional[float] = typer.Option(8.0, help="Effective storage ratio the policy must reach."),
+    target_ratio: Optional[float] = typer.Option(8.0, help="Compression the policy must reach, both in effective "
+                                                 "weight storage and in exported file bytes vs fp32.onnx."),
     preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
     max_size_mb: Optional[float] = typer.Option(None, help="Budget on the exported ONNX file (MB, 1e6 bytes)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Budget on ONNX Runtime batch-8 latency (ms), "
@@ -179,7 +180,8 @@ def search(
     with _user_errors():
         s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume)
-        _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_latency_ms_b8", "n_real_evals",
+        _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
+                       "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])
 
 
@@ -193,7 +195,7 @@ def compress(
     epochs: int = typer.Option(8, help="Baseline training epochs."),
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Use this preset/policy file instead of "
                                          "searching."),
-    target_ratio: float = typer.Option(8.0, help="Search budget: effective storage ratio."),
+    target_ratio: float = typer.Option(8.0, help="Search budget: compression in effective storage and file bytes."),
     preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
     max_size_mb: Optional[float] = typer.Option(None, help="Search budget: ONNX file size (MB)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Search budget: ORT batch-8 latency (ms)."),

@@ -46,6 +46,7 @@ class LowerConfig:
     act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
     percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
     fuse_outputs: bool = True  # quantize outputs of 5..8-bit convs ORT would not fuse (residual/pool inputs)
+    reduce_range: bool = True  # 7-bit codes for 8-bit symmetric weights (no int16 overflow on CPUs without VNNI)
     importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
     seed: int = 0
@@ -96,7 +97,11 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
             n_keep = max(1, round(keep * n_out))
             if n_keep >= n_out:
                 continue
-            scores = K.fisher_channel_importance(w, f) if f is not None else K.channel_importance(w)
+            if f is not None:
+                scores = K.fisher_channel_importance(w, f)
+            else:  # every layer writing these channels has a say (a residual stream has one writer per block)
+                scores = sum(_normalized_importance(model.get_submodule(o.name).weight.detach())
+                             for o in topo.layers if o.prune_group == spec.prune_group)
             kept = set(K.topk_keep(scores, n_keep))
             idxs = [i for i in range(n_out) if i not in kept]
         group = dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=idxs)
@@ -108,6 +113,11 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
                 attn.attn_dim = n_keep * attn.head_dim
         removed[spec.name] = len(idxs)
     return removed
+
+
+def _normalized_importance(w: torch.Tensor) -> torch.Tensor:
+    imp = K.channel_importance(w)
+    return imp / imp.mean().clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -156,14 +166,14 @@ def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
 
 
 def swap_quantized(model: nn.Module, layers: dict[str, LayerPolicy], act_signed: bool = False,
-                   percentile: float | None = None) -> list[str]:
+                   percentile: float | None = None, reduce_range: bool = True) -> list[str]:
     """Replace each quantized Conv2d/Linear by its integer-weight module; returns the swapped names."""
     swapped = []
     for name, lp in layers.items():
         if not lp.quantized:
             continue
         mod = model.get_submodule(name)
-        q = QConv2d(mod, lp) if isinstance(mod, nn.Conv2d) else QLinear(mod, lp)
+        q = (QConv2d(mod, lp, reduce_range) if isinstance(mod, nn.Conv2d) else QLinear(mod, lp, reduce_range))
         q.act = ActQuant(signed=act_signed, percentile=percentile)
         _set_module(model, name, q)
         swapped.append(name)
@@ -241,7 +251,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     params_before = sum(p.numel() for p in m.parameters())
     removed = prune(m, topo, layers, fisher)
     folded = fold_batchnorm(m, topo.input_shape)
-    swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile)
+    swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile, cfg.reduce_range)
     calib = 0
     if cfg.act_quant and swapped:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)

@@ -195,6 +195,9 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
     return runs.read_json(rd / runs.REPORT_JSON, "report")
 
 
+FILE_BUDGET_MARGIN = 0.005  # size predictions are within ~0.1 % of real files; keep the promise with room to spare
+
+
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
                  max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
                  resume: bool = False, progress: bool = True, fisher_samples: int = 50,
@@ -205,6 +208,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     import torch
 
     from hirelc.evaluate import Predictors, RealEvaluator
+    from hirelc.policy import get_policy
     from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
     from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
     from hirelc.topology import build_topology
@@ -228,6 +232,13 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         from hirelc.latency import load_or_measure
 
         predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
+    fp32_bytes = predictors.predict_bytes(get_policy("fp32").resolve(specs))
+    if target_ratio is not None:
+        # The ratio is also a promise about the artifact: the exported file must be that many times smaller than
+        # fp32.onnx in real bytes (biases, scales and untouched tensors included), not only in weight bits.
+        file_cap = int(fp32_bytes / target_ratio * (1 - FILE_BUDGET_MARGIN))
+        cap = file_cap if budget.max_size_bytes is None else min(budget.max_size_bytes, file_cap)
+        budget = dataclasses.replace(budget, max_size_bytes=cap)
     check_budget_feasible(specs, config, budget, predictors.predict_bytes, predictors.predict_latency_ms)
 
     bundle = run_bundle(rd)
@@ -257,6 +268,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "best_acc": result.accuracy,
         "effective_ratio": result.effective_ratio,
         "predicted_bytes": evaluator.predict_bytes(result.layers),
+        "predicted_fp32_bytes": fp32_bytes,
+        "predicted_file_ratio": fp32_bytes / evaluator.predict_bytes(result.layers),
         "predicted_latency_ms_b8": evaluator.predict_latency_ms(result.layers),
         "n_real_evals": result.n_real_evals,
         "wall_s": result.wall_s,

@@ -158,8 +158,15 @@ def check_layer(spec: "LayerSpec", lp: LayerPolicy) -> str | None:
         if spec.in_features % lp.granularity.group_size != 0:
             return f"group size {lp.granularity.group_size} does not divide the input dim {spec.in_features}"
     if lp.keep_ratio < 1.0 and not spec.prunable:
+        if spec.prune_group >= 0:
+            return ("this layer's output channels are pruned with their group (a residual stream or a depthwise "
+                    "conv); set keep_ratio on the group's leading layer")
         return "this layer's output channels cannot be pruned (they feed the classifier or are tied)"
     return None
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
 
 
 @dataclass(frozen=True)
@@ -173,33 +180,35 @@ class Policy:
     def for_layer(self, layer_name: str) -> LayerPolicy:
         return self._match(layer_name)[0]
 
-    def _match(self, layer_name: str) -> tuple[LayerPolicy, bool]:
-        chosen, matched = self.default, False
+    def _match(self, layer_name: str) -> tuple[LayerPolicy, str | None]:
+        """The policy for ``layer_name`` and the rule pattern that chose it (None: the default)."""
+        chosen, by = self.default, None
         for pattern, lp in self.rules:
             if fnmatch.fnmatchcase(layer_name, pattern):
-                chosen, matched = lp, True
-        return chosen, matched
+                chosen, by = lp, pattern
+        return chosen, by
 
     def resolve(self, specs: list["LayerSpec"]) -> dict[str, LayerPolicy]:
         """One LayerPolicy per layer, validated against the layers.
 
         Rules are strict: an exact-name rule must name a real layer, and a rule that asks for something the
         layer cannot do (prune a non-prunable layer, a group size that does not divide its input dim, per-group
-        on a depthwise conv) raises, naming the layer. The default is a blanket: where it cannot apply, the
-        layer keeps all its channels and falls back to per-channel scales.
+        on a depthwise conv) raises, naming the layer. A glob rule's keep ratio passes over the layers that
+        follow a group (their channels are cut by the group's leading layer). The default is a blanket: where
+        it cannot apply, the layer keeps all its channels and falls back to per-channel scales.
         """
         names = {s.name for s in specs}
         for pattern, _ in self.rules:
-            if not any(ch in pattern for ch in "*?[") and pattern not in names:
+            if not _is_glob(pattern) and pattern not in names:
                 raise HirelcError(f"policy names unknown layer {pattern!r}")
         out: dict[str, LayerPolicy] = {}
         for s in specs:
-            lp, matched = self._match(s.name)
-            if not matched:
-                if lp.keep_ratio < 1.0 and not s.prunable:
-                    lp = LayerPolicy(lp.bits, 1.0, lp.scheme, lp.granularity)
-                if isinstance(lp.granularity, PerGroup) and check_layer(s, lp):
-                    lp = LayerPolicy(lp.bits, lp.keep_ratio, lp.scheme, PerChannel())
+            lp, by = self._match(s.name)
+            follower = s.prune_group >= 0 and not s.prunable
+            if lp.keep_ratio < 1.0 and not s.prunable and (by is None or (follower and _is_glob(by))):
+                lp = LayerPolicy(lp.bits, 1.0, lp.scheme, lp.granularity)
+            if by is None and isinstance(lp.granularity, PerGroup) and check_layer(s, lp):
+                lp = LayerPolicy(lp.bits, lp.keep_ratio, lp.scheme, PerChannel())
             why = check_layer(s, lp)
             if why:
                 raise HirelcError(f"layer {s.name!r}: {why}")

@@ -130,20 +130,31 @@ class ActQuant(nn.Module):
 class _QuantLayer(nn.Module):
     """Shared state of QConv2d / QLinear: integer weight, scales, optional latent weight and input quantizer."""
 
-    def _init_quant(self, weight: torch.Tensor, bias: torch.Tensor | None, lp: LayerPolicy) -> None:
+    def _init_quant(self, weight: torch.Tensor, bias: torch.Tensor | None, lp: LayerPolicy,
+                    reduce_range: bool = True) -> None:
         assert lp.bits is not None, "float layers are not swapped"
         self.bits = int(lp.bits)
+        # 8-bit symmetric weights use 7-bit codes: x86 CPUs without VNNI multiply uint8 activations by int8
+        # weights in pairs summed into int16 (ONNX Runtime's U8S8 kernels), and 2 * 255 * 127 overflows it;
+        # 2 * 255 * 64 does not. The container (and the storage count) stays 8 bits.
+        self.code_bits = 7 if reduce_range and self.bits == 8 and lp.scheme == Scheme.SYMMETRIC else self.bits
         self.scheme = lp.scheme.value
         self.granularity = lp.granularity.to_json()
         self.weight_shape = tuple(weight.shape)
         self.latent = nn.Parameter(weight.detach().clone())  # (O, I, *k); removed by freeze()
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        scale, zp = K.choose_qparams(weight.detach(), self.bits, self._scheme, self._gran)
-        self.register_buffer("qweight", K.quantize(weight.detach(), scale, zp, self.bits, self._scheme, self._gran))
+        scale, zp = K.choose_qparams(weight.detach(), self._qbits, self._scheme, self._gran)
+        self.register_buffer("qweight", K.quantize(weight.detach(), scale, zp, self._qbits, self._scheme,
+                                                   self._gran))
         self.register_buffer("scale", scale.float())
         self.register_buffer("zero_point", zp)
         self.act = ActQuant()
         self.out_act: ActQuant | None = None  # set where ORT would otherwise leave the layer unfused
+
+    @property
+    def _qbits(self) -> int:
+        """Width of the integer codes (``bits``, or 7 for reduced-range 8-bit weights)."""
+        return getattr(self, "code_bits", self.bits)  # absent in files saved before reduced ranges existed
 
     @property
     def _scheme(self) -> Scheme:
@@ -162,8 +173,8 @@ class _QuantLayer(nn.Module):
         if self.latent is None:
             return
         w = self.latent.detach()
-        scale, zp = K.choose_qparams(w, self.bits, self._scheme, self._gran)
-        self.qweight = K.quantize(w, scale, zp, self.bits, self._scheme, self._gran)
+        scale, zp = K.choose_qparams(w, self._qbits, self._scheme, self._gran)
+        self.qweight = K.quantize(w, scale, zp, self._qbits, self._scheme, self._gran)
         self.scale = scale.float()
         self.zero_point = zp
         self.latent = None
@@ -172,8 +183,8 @@ class _QuantLayer(nn.Module):
         """The weight the layer computes with: fake-quantized latent (training) or dequantized integers."""
         if self.latent is not None:
             with torch.no_grad():
-                scale, zp = K.choose_qparams(self.latent, self.bits, self._scheme, self._gran)
-            return K.fake_quantize(self.latent, scale, zp, self.bits, self._scheme, self._gran)
+                scale, zp = K.choose_qparams(self.latent, self._qbits, self._scheme, self._gran)
+            return K.fake_quantize(self.latent, scale, zp, self._qbits, self._scheme, self._gran)
         g = self._gran
         axis = 1 if isinstance(g, PerGroup) else 0  # blocks run along the input dim; channels along the output
         return _DequantizeWeight.apply(self.qweight, self.scale, self.zero_point, axis, _block_size(g),
@@ -202,7 +213,7 @@ class _QuantLayer(nn.Module):
         return b
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scheme={self.scheme}, granularity={self.granularity}, frozen={self.frozen}"
+        return f"bits={self.bits}, codes={self._qbits}, scheme={self.scheme}, granularity={self.granularity}, frozen={self.frozen}"
 
 
 class _DequantizeWeightT(torch.autograd.Function):
@@ -229,14 +240,14 @@ class _DequantizeWeightT(torch.autograd.Function):
 
 
 class QConv2d(_QuantLayer):
-    def __init__(self, conv: nn.Conv2d, lp: LayerPolicy):
+    def __init__(self, conv: nn.Conv2d, lp: LayerPolicy, reduce_range: bool = True):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = conv.kernel_size
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError("only zero padding with explicit sizes is supported")
-        self._init_quant(conv.weight, conv.bias, lp)
+        self._init_quant(conv.weight, conv.bias, lp, reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         x = self.act(x)
@@ -246,10 +257,10 @@ class QConv2d(_QuantLayer):
 
 
 class QLinear(_QuantLayer):
-    def __init__(self, linear: nn.Linear, lp: LayerPolicy):
+    def __init__(self, linear: nn.Linear, lp: LayerPolicy, reduce_range: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_quant(linear.weight, linear.bias, lp)
+        self._init_quant(linear.weight, linear.bias, lp, reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., I) -> (..., O)
         x = self.act(x)

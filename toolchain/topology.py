@@ -9,8 +9,11 @@ This is the only module that walks a model's module tree. It produces, for any m
   ancestor belongs to its top-level child (``conv1``, ``patch_embed``, ``head`` ...);
 * the **coupled pruning groups** from torch-pruning's dependency graph: layers whose output channels must be
   removed together (residual adds, depthwise convs following their expansion). A group is prunable from the
-  search's point of view when all its layers sit in one block and none feeds the classifier's output;
-  attention ``qkv`` layers are pruned by whole heads.
+  search's point of view when none of its layers is the classifier; attention ``qkv`` layers are pruned by
+  whole heads. A group whose layers span several blocks is a **residual stream** (the channels a stage's
+  residual adds share, or a ViT's embedding dimension): it is marked ``stream`` and is offered only when a
+  trial prune of one channel on a copy of the model still runs, so models whose stream torch-pruning cannot
+  follow keep it whole.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LayerSpec:
     input_group: int = -1  # prune group whose keep ratio shrinks this layer's input channels (-1: none)
     folds_bn: bool = False  # a BatchNorm consumes this conv's output alone: lowering folds it into a bias
     num_heads: int = 0  # attention heads for attn_qkv (pruned by whole heads)
+    stream: bool = False  # the layer's prune group is a residual stream spanning several blocks
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,16 +215,22 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
         groups.append((members, ins))
 
     prunable_leader: dict[int, str] = {}
-    input_group: dict[str, int] = {}
-    for gid, (members, ins) in enumerate(groups):
-        blocks = {block_of(m) for m in members}
-        if classifier in members or len(blocks) != 1:
+    streams: set[int] = set()
+    for gid, (members, _ins) in enumerate(groups):
+        if classifier in members:
             continue
         leader = next((m for m in members if not _is_depthwise(mods[m])), None)
         if leader is None:
             continue
         prunable_leader[gid] = leader
-        for m in ins:
+        if len({block_of(m) for m in members}) > 1:
+            streams.add(gid)
+    for gid in _unprunable_streams(model, input_shape, {g: prunable_leader[g] for g in sorted(streams)}):
+        del prunable_leader[gid]
+        streams.discard(gid)
+    input_group: dict[str, int] = {}
+    for gid in prunable_leader:
+        for m in groups[gid][1]:
             input_group.setdefault(m, gid)
 
     specs = []
@@ -253,9 +263,47 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
                 num_heads=int(parent.num_heads) if kind == "attn_qkv" else 0,
                 input_group=input_group.get(n, -1),
                 folds_bn=n in bn_fed,
+                stream=gid in streams,
             )
         )
     return Topology(layers=tuple(specs), input_shape=input_shape, classifier=classifier)
+
+
+def _unprunable_streams(model: nn.Module, input_shape: tuple[int, ...], leaders: dict[int, str]) -> list[int]:
+    """Stream groups (id -> leader) that torch-pruning cannot prune on this model.
+
+    Each group loses one channel on a private copy of the model, which must then still run and produce the
+    same output shape; a group that fails (an unusual parameter torch-pruning does not see, a reshape to a
+    fixed width) is reported and the copy rebuilt.
+    """
+    import copy
+    import warnings
+
+    if not leaders:
+        return []
+    bad: list[int] = []
+    ref_shape = None
+    work = dg = None
+    for gid, leader in leaders.items():
+        if work is None:
+            work = copy.deepcopy(model).eval()
+            dg = dependency_graph(work, input_shape)
+            if ref_shape is None:
+                with torch.no_grad():
+                    ref_shape = tuple(work(torch.zeros(input_shape)).shape)
+        mod = work.get_submodule(leader)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=[0]).prune()
+                with torch.no_grad():
+                    ok = tuple(work(torch.zeros(input_shape)).shape) == ref_shape
+        except Exception:
+            ok = False
+        if not ok:
+            bad.append(gid)
+            work = dg = None
+    return bad
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -267,6 +315,7 @@ def topology_summary(topo: Topology) -> dict:
         "layers": len(topo.layers),
         "blocks": len(topo.blocks),
         "prunable_layers": sum(s.prunable for s in topo.layers),
+        "stream_groups": len({s.prune_group for s in topo.layers if s.stream and s.prunable}),
         "params": sum(s.params for s in topo.layers),
         "macs": sum(s.macs for s in topo.layers),
     }

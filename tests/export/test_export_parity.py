@@ -17,13 +17,17 @@ SHAPE = (1, 1, 32, 32)
 @pytest.mark.parametrize("preset", ["int8", "w4-prune50"])
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
 def test_ort_matches_pytorch(tmp_path, lower, bundle, name, preset):
-    """Tolerances (measured: max <= 1.4 %, mean <= 0.03 % of the logit range, agreement >= 99.6 %).
+    """Tolerances (measured on a 2-core AVX2 EPYC: max <= 2.7 %, mean <= 0.13 % of the logit range, top-1
+    agreement 100 %).
 
     ORT's fused integer kernels (QLinearConv, MatMulIntegerToFloat) and its float ops (LayerNorm, GELU,
-    conv algorithms) round differently in the last bit; right before a QuantizeLinear that can move an
-    activation code by one step. So logits agree to a few activation steps, not to float epsilon: max
-    |diff| <= 5 % and mean |diff| <= 0.1 % of the largest |logit|; top-1 agrees on >= 99 % of 256 test
-    images, and every disagreement is a near tie (PyTorch's top-2 margin within twice the largest diff).
+    conv algorithms with prepacked constant weights) round differently in the last bit; right before a
+    QuantizeLinear that can move an activation code by one step (seen already at the ViT's patch embedding,
+    whose codes then differ by one step on a few elements), and later layers carry the flips on. So logits
+    agree to a few activation steps, not to float epsilon: max |diff| <= 5 % and mean |diff| <= 0.3 % of the
+    largest |logit|; top-1 agrees on >= 99 % of 256 test images, and every disagreement is a near tie
+    (PyTorch's top-2 margin within twice the largest diff). Larger gaps mean a real mismatch (an int16
+    overflow in U8S8 kernels gave 2.3 % mean before 8-bit weights used 7-bit codes).
     """
     low = lower(name, preset)
     path = tmp_path / "model.onnx"
@@ -34,7 +38,7 @@ def test_ort_matches_pytorch(tmp_path, lower, bundle, name, preset):
     got = ort_predict(make_session(path), x.numpy(), batch_size=64)
     diff, scale = np.abs(got - ref), np.abs(ref).max()
     assert diff.max() <= 0.05 * scale, (diff.max(), scale)
-    assert diff.mean() <= 1e-3 * scale, (diff.mean(), scale)
+    assert diff.mean() <= 3e-3 * scale, (diff.mean(), scale)
     agree = got.argmax(1) == ref.argmax(1)
     assert agree.mean() >= 0.99
     top2 = np.sort(ref, axis=1)[:, -2:]
@@ -50,18 +54,19 @@ def test_pruned_layers_are_physically_smaller(tmp_path, lower):
     a = export_lowered(full.model, SHAPE, tmp_path / "full.onnx")
     b = export_lowered(pruned.model, SHAPE, tmp_path / "pruned.onnx")
     dims = _init_dims(tmp_path / "pruned.onnx")
-    assert dims["layer1.0.conv1.qweight.int4"] == [16, 32, 3, 3]  # 32 -> 16 output channels
-    assert dims["layer1.0.conv2.qweight.int4"] == [32, 16, 3, 3]  # its input follows
+    # inner channels 32 -> 16, and the residual stream they read and write 32 -> 16
+    assert dims["layer1.0.conv1.qweight.int4"] == [16, 16, 3, 3]
+    assert dims["layer1.0.conv2.qweight.int4"] == [16, 16, 3, 3]
     assert _init_dims(tmp_path / "full.onnx")["layer1.0.conv1.qweight.int4"] == [32, 32, 3, 3]
-    assert b["bytes"] < 0.6 * a["bytes"]
-    assert b["layers"]["layer1.0.conv1"]["shape"] == [16, 32, 3, 3]
+    assert b["bytes"] < 0.35 * a["bytes"]
+    assert b["layers"]["layer1.0.conv1"]["shape"] == [16, 16, 3, 3]
 
 
 def test_pruned_vit_heads_are_physically_smaller(tmp_path, lower):
     low = lower("test_vit", "w4-prune50")
     export_lowered(low.model, SHAPE, tmp_path / "vit.onnx")
     dims = _init_dims(tmp_path / "vit.onnx")
-    assert dims["blocks.0.attn.qkv.qweight.int4"] == [64, 96]  # (I, O): half of the 192 qkv outputs
+    assert dims["blocks.0.attn.qkv.qweight.int4"] == [32, 96]  # (I, O): half the embedding, half the heads
     assert dims["blocks.0.mlp.fc1.qweight.int4"][1] < 192
 
 
