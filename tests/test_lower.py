@@ -368,3 +368,28 @@ def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ResNet"
+
+
+@pytest.mark.parametrize("val_before,val_after", [(50.0, 40.0), (40.0, 50.0)])
+def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypatch, val_before, val_after):
+    import hirelc.lower as L
+
+    b = built("test_resnet")
+    layers = PRESETS["int8"].resolve(list(b.topo.layers))
+    ref, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=0, calib_batches=2), progress=False)
+
+    def harmful_fit(model, loader, cfg, desc="", progress=True, params=None):
+        with torch.no_grad():
+            for q in quant_layers(model).values():
+                q.latent.mul_(-1.0)  # a visible change to every weight
+        return {"steps": 3, "loss": 1.0, "wall_s": 0.0}
+
+    scores = iter([val_before, val_after])
+    monkeypatch.setattr(L, "fit", harmful_fit)
+    monkeypatch.setattr(L, "evaluate", lambda model, loader: next(scores))
+    low, info = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=3, calib_batches=2),
+                            progress=False)
+    assert info["qat_val_before"] == val_before and info["qat_val_after"] == val_after
+    same = all(torch.equal(low.get_submodule(n).qweight, ref.get_submodule(n).qweight) for n in quant_layers(ref))
+    assert info["qat_kept"] is (val_after >= val_before)
+    assert same is (val_after < val_before)  # undone: exactly the calibrated integers; kept: the changed ones

@@ -57,7 +57,7 @@ class RealEvaluator:
         self.model, self.topo, self.seed = model.eval(), topo, seed
         self.predictors = predictors
         self.cfg = LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
-                               seed=seed)
+                               keep_best=False, seed=seed)  # the search scores the fine-tuned candidate as is
         self._sub = _SubsetBundle(bundle, train_samples, val_samples, seed)
         self.calib_x = bundle.subset("train", calib_samples, seed=seed + 1).x
         self.base_logits = predict_logits(self.model, self.calib_x)

@@ -49,6 +49,7 @@ class LowerConfig:
     reduce_range: bool = True  # 7-bit codes for 8-bit symmetric weights (no int16 overflow on CPUs without VNNI)
     importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
+    keep_best: bool = True  # keep the calibrated weights when fine-tuning lowers validation accuracy
     seed: int = 0
 
 
@@ -259,6 +260,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         if cfg.fuse_outputs and add_output_quantizers(m, topo.input_shape, cfg):
             calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
     qat = {"steps": 0, "wall_s": 0.0, "loss": None}
+    qat_kept = None
     if cfg.epochs > 0 or (cfg.max_steps or 0) > 0:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         steps = int(round(cfg.epochs * len(loader)))
@@ -266,7 +268,15 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
             steps = min(steps, cfg.max_steps) if steps else cfg.max_steps
         tcfg = TrainConfig(epochs=max(1, int(-(-steps // len(loader)))), batch_size=cfg.batch_size, lr=cfg.lr,
                            weight_decay=0.0, label_smoothing=0.0, warmup_frac=0.02, seed=cfg.seed, max_steps=steps)
+        before = copy.deepcopy(m.state_dict()) if cfg.keep_best else None
+        acc_before = evaluate(m, bundle.loader("val", 256)) if cfg.keep_best else None
         qat = fit(m, loader, tcfg, desc="QAT fine-tune", progress=progress)
+        if cfg.keep_best:
+            acc_after = evaluate(m, bundle.loader("val", 256))
+            qat_kept = acc_after >= acc_before
+            qat.update(val_before=acc_before, val_after=acc_after)
+            if not qat_kept:  # a short fine-tune can hurt a well-converged model; the calibrated one stays
+                m.load_state_dict(before)
     freeze(m)
     m.eval()
     info = {
@@ -279,6 +289,9 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         "calibration_batches": calib,
         "qat_steps": qat["steps"],
         "qat_wall_s": round(qat["wall_s"], 2),
+        "qat_val_before": qat.get("val_before"),
+        "qat_val_after": qat.get("val_after"),
+        "qat_kept": qat_kept,  # None: no fine-tuning or no check; False: fine-tuning lowered val accuracy, undone
         "lower_wall_s": round(time.time() - t0, 2),
         **storage_report(m, topo, layers),
     }

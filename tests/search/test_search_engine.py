@@ -105,3 +105,38 @@ def test_ablations_and_a_size_budget_run(tmp_path):
 
 def _cycles(n: int) -> SearchConfig:
     return SearchConfig(**{**CFG.__dict__, "cycles": n})
+
+
+@pytest.mark.parametrize("mode", ["flat", "random"])
+def test_baseline_modes_spend_the_same_real_evaluations_inside_the_budget(mode, full_run):
+    specs, _, _, hier = full_run
+    ev = SyntheticEvaluator(specs)
+    cfg = SearchConfig(**{**CFG.__dict__, "mode": mode})
+    result = run_search(specs, SENSITIVITY, ev, cfg, BUDGET, run_dir=None, progress=False)
+    assert result.n_real_evals == ev.real_calls == hier.n_real_evals
+    assert result.effective_ratio >= BUDGET.target_ratio
+    kinds = [h["kind"] for h in result.history]
+    if mode == "random":  # no agent, no surrogate: every evaluation after the uniform anchor is random
+        assert kinds[0] == "warmup-uniform" and set(kinds[1:]) == {"warmup-random", "random"}
+        assert all(h["meets_budget"] for h in result.history)
+        assert all(h["predicted_acc"] is None for h in result.history)
+    else:  # one agent over all layers: every block gets the same (global) level
+        assert {tuple(sorted(a.items())) for a in result.allocation.values()} == {
+            tuple(sorted(next(iter(result.allocation.values())).items()))}
+        assert "promising" in kinds
+
+
+def test_random_mode_resumes_to_the_same_policy(tmp_path):
+    specs = make_specs()
+    cfg = SearchConfig(**{**CFG.__dict__, "mode": "random"})
+    whole = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, None, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs, fail_at=7), cfg, BUDGET, tmp_path, progress=False)
+    resumed = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, tmp_path, resume=True,
+                         progress=False)
+    assert [h["policy"] for h in resumed.history] == [h["policy"] for h in whole.history]
+
+
+def test_unknown_search_mode_is_refused():
+    with pytest.raises(HirelcError, match="unknown search mode 'haq'"):
+        SearchConfig(mode="haq")

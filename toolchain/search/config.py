@@ -36,6 +36,9 @@ class RewardConfig:
     hla_alt_feedback: float = -5.0  # the third HLA agent weighs accuracy more (here)
 
 
+SEARCH_MODES = ("hierarchical", "flat", "random")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Effort, action space and switches of one search.
@@ -60,6 +63,8 @@ class SearchConfig:
     levels: tuple[float, ...] = (0.35, 0.30, 0.25, 0.20, 0.15)  # HLA levels, mildest first
     level_min_bits: tuple[int, ...] = (6, 6, 5, 5, 4)  # min_bits each level sets for its block's LLA
     default_target_fraction: float = 0.25  # used when the budget states no ratio and no size
+    mode: str = "hierarchical"  # hierarchical (HiReLC) | flat (one PPO agent over all layers, no HLA: HAQ-like)
+    #                             | random (random valid policies repaired into the budget; no agents)
     ensemble: bool = True  # three agents per level (PPO, A2C, PPO with other weights) vs one PPO
     use_surrogate: bool = True  # False: the logit-MSE proxy shapes rewards throughout (ablation)
     fisher_guided: bool = True  # False: uniform sensitivity everywhere in the search (ablation)
@@ -80,6 +85,8 @@ class SearchConfig:
             raise HirelcError("cycles, evaluations and candidates must be non-negative (warm-up >= 1)")
         if min(self.hla_timesteps, self.lla_timesteps, self.lla_episode_len) < 1:
             raise HirelcError("timesteps and episode length must be >= 1")
+        if self.mode not in SEARCH_MODES:
+            raise HirelcError(f"unknown search mode {self.mode!r} (use {', '.join(SEARCH_MODES)})")
         object.__setattr__(self, "bit_levels", bits)
 
     @property

@@ -9,6 +9,11 @@ mutations when those run out), repairs candidates outside the budget greedily, a
 promising (highest predicted accuracy) and the most uncertain (highest ensemble std) ones. The winner is the
 best *really evaluated* policy meeting the budget.
 
+Baselines on the same loop (``SearchConfig.mode``): ``flat`` drops the high level and the ensembles (one PPO
+agent proposes for every layer at once with the global target as its level, as HAQ does); ``random`` drops
+every agent and the surrogate (random valid policies, repaired into the budget). Both spend the same number
+of real evaluations as the hierarchical search.
+
 **Reproducibility.** Everything random in phase ``p`` is seeded from ``(seed, p, ...)`` and depends only on the
 real results of earlier phases, so no RNG state or agent needs saving: the state file holds the real results,
 the phase index and the surrogate weights, is written atomically after every real evaluation, and a resumed
@@ -35,11 +40,12 @@ from hirelc.policy import LayerPolicy, Policy
 from hirelc.runs import SEARCH_LOG, SEARCH_STATE, atomic_torch_save, atomic_write_text
 from hirelc.search.agents import single_thread, torch_threads
 from hirelc.search.config import Budget, SearchConfig
-from hirelc.search.hla import Allocation, BlockAllocation, allocate, blocks_of
+from hirelc.search.hla import Allocation, BlockAllocation, allocate, blocks_of, target_fraction
 from hirelc.search.lla import BlockProposal, propose_block
 from hirelc.search.space import (
     Constraints,
     Layers,
+    Strategy,
     check_budget_feasible,
     decode,
     encode,
@@ -56,7 +62,7 @@ from hirelc.search.surrogate import Surrogate, spearman
 from hirelc.topology import LayerSpec
 
 STATE_VERSION = 1
-# One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random |
+# One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random | random |
 # promising | uncertain; predicted_* are the surrogate's (null without one) and the evaluator's predictions;
 # storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation.
 LOG_KEYS = (
@@ -308,7 +314,36 @@ class _Search:
         rng = np.random.default_rng([self.config.seed, 0])
         self.real_eval(self.uniform_meeting_budget(), 0, "warmup-uniform")
         for _ in range(self.config.warmup_real_evals - 1):
-            self.real_eval(random_policy(self.specs, rng, self.base), 0, "warmup-random")
+            lay = random_policy(self.specs, rng, self.base)
+            if self.config.mode == "random":  # random search spends every evaluation inside the budget
+                lay = self.repair(lay, self._base_constraints())
+            self.real_eval(lay, 0, "warmup-random")
+
+    def _base_constraints(self) -> dict[str, Constraints]:
+        return {b: self.base for b in self.blocks}
+
+    def random_cycle(self, phase: int) -> None:
+        """Random search: fresh random policies, repaired into the budget, none evaluated twice."""
+        rng = np.random.default_rng([self.config.seed, phase, 3])
+        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+        n = 0
+        for _ in range(50 * self.config.real_evals_per_cycle):
+            if n >= self.config.real_evals_per_cycle:
+                break
+            lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
+            key = policy_key(self.specs, lay)
+            if key in done or not self.meets_budget(lay):
+                continue
+            done.add(key)
+            self.real_eval(lay, phase, "random")  # a no-op for what this phase evaluated before an interruption
+            n += 1
+
+    def flat_allocation(self) -> Allocation:
+        """No high level: every block gets the global target as its level and the whole action space."""
+        target = target_fraction(self.specs, self.budget, self.config)
+        mid = len(self.config.levels) // 2
+        a = BlockAllocation(level=target, level_index=mid, strategy=Strategy.BOTH, min_bits=min(self.base.bits))
+        return {b: a for b in self.blocks}
 
     def surrogate_for(self, phase: int) -> Surrogate | None:
         """The surrogate trained on all real results of earlier phases (None: the proxy shapes rewards)."""
@@ -340,15 +375,25 @@ class _Search:
 
     def cycle(self, phase: int) -> None:
         cfg = self.config
+        if cfg.mode == "random":
+            return self.random_cycle(phase)
         with single_thread():  # everything but the evaluator's calls is tiny-MLP work
             sur = self.surrogate_for(phase)
             predict_drop = self.drop_predictor(sur)
-            self.allocation = allocate(self.specs, self.block_sens, self.budget, cfg, predict_drop, phase)
             incumbent = self.incumbent(phase)
-            proposals = {
-                b: propose_block(sb, self.allocation[b], self.block_sens[b], incumbent, predict_drop, cfg, phase, i)
-                for i, (b, sb) in enumerate(self.blocks.items())
-            }
+            if cfg.mode == "flat":  # one agent sees every layer; no allocation, no ensemble
+                self.allocation = self.flat_allocation()
+                sens = float(np.mean(list(self.block_sens.values())))
+                flat_cfg = dataclasses.replace(cfg, ensemble=False)
+                proposals = {"all": propose_block(self.specs, next(iter(self.allocation.values())), sens, incumbent,
+                                                  predict_drop, flat_cfg, phase, 0)}
+            else:
+                self.allocation = allocate(self.specs, self.block_sens, self.budget, cfg, predict_drop, phase)
+                proposals = {
+                    b: propose_block(sb, self.allocation[b], self.block_sens[b], incumbent, predict_drop, cfg, phase,
+                                     i)
+                    for i, (b, sb) in enumerate(self.blocks.items())
+                }
             cands = self.candidates(proposals, phase)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
         if not cands:
