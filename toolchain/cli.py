@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from hirelc.bench import METHODS as BENCH_METHODS
 from hirelc.errors import HirelcError
 
 app = typer.Typer(
@@ -221,6 +222,33 @@ def compress(
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")
+
+
+@app.command()
+def bench(
+    run_dir: Path = RunDir,
+    target_ratio: float = typer.Option(8.0, help="Search budget of the searched methods (storage and file bytes)."),
+    preset: str = typer.Option("quick", help="Search effort of every searched method: quick | standard | thorough."),
+    qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of every lowered artifact."),
+    runs: int = typer.Option(30, help="Timed runs per artifact and batch size (interleaved)."),
+    methods: str = typer.Option(",".join(BENCH_METHODS), help="Comma-separated subset of the methods."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/bench); must not hold a "
+                                       "finished comparison. An interrupted one resumes."),
+    seed: int = SeedOpt,
+):
+    """Compare hirelc with fp32, ORT int8, uniform int4/int8, uniform pruning + int8, random search and a flat
+    single-agent search on one budget: ORT accuracy, bytes, latency b1/b8 -> bench.json, bench.md, plots.
+
+    Needs a trained baseline in RUN_DIR (`hirelc train`). Every artifact goes to its own folder under --out.
+    """
+    from hirelc.bench import BenchConfig, format_bench
+    from hirelc.bench import bench as run_bench
+
+    with _user_errors():
+        cfg = BenchConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
+                          methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+        report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
+        typer.echo(format_bench(report))
 
 
 @app.command()

@@ -114,3 +114,27 @@ def plot_surrogate(pred: Sequence[float], real: Sequence[float], path: str | Pat
     ax.set(xlabel="predicted accuracy (%)", ylabel="real accuracy (%)",
            title=f"surrogate: Spearman {spearman(p, r):.2f} (n={p.size})")
     return _save(fig, path)
+
+
+def plot_bench(rows: dict[str, dict], x: str, path: str | Path, xlabel: str) -> Path:
+    """ORT top-1 of every bench method against ``x`` ("bytes", log scale, or "latency_b<N>"), each point
+    labelled, with the Pareto front (smaller x, higher accuracy) drawn through the methods on it."""
+    plt = _pyplot()
+    names = list(rows)
+
+    def xval(r: dict) -> float:
+        return float(r["bytes"]) if x == "bytes" else float(r["latency_ms"][x.removeprefix("latency_b")])
+
+    xs = np.array([xval(rows[n]) for n in names])
+    acc = np.array([rows[n]["top1"] for n in names], dtype=float)
+    front = sorted(pareto_front(list(zip(-xs, acc, strict=True))), key=lambda i: xs[i])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, n in enumerate(names):
+        ax.scatter(xs[i], acc[i], s=30, c="C3" if n == "hirelc" else "C0", zorder=3)
+        ax.annotate(n, (xs[i], acc[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot(xs[front], acc[front], "--", c="grey", lw=1, label="Pareto front")
+    if x == "bytes":
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="ORT top-1 (%)", title=f"accuracy vs {xlabel.split(' (')[0]}")
+    ax.legend(loc="lower right")
+    return _save(fig, path)

@@ -1,0 +1,132 @@
+"""`hirelc bench` on a tiny model: every method built, measured side by side, reported in JSON, Markdown, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hirelc import runs
+from hirelc.bench import METHODS, BenchConfig, bench, uniform_keep_for_params
+from hirelc.cli import app
+from hirelc.errors import HirelcError
+from hirelc.pipeline import DataOptions, train_stage
+from hirelc.train import TrainConfig
+
+TINY_SEARCH = {"cycles": 1, "warmup_real_evals": 2, "real_evals_per_cycle": 1, "candidates_per_cycle": 2,
+               "hla_timesteps": 8, "lla_timesteps": 16, "lla_episode_len": 4, "min_surrogate_points": 2,
+               "surrogate_members": 2}
+# one searched method in the default run (random and flat share its code path, and the engine tests cover
+# their search behaviour); the slow test runs all eight
+FAST_METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "hirelc")
+TINY = BenchConfig(target_ratio=6.0, qat_epochs=0.0, runs=2, search_overrides=TINY_SEARCH, methods=FAST_METHODS)
+
+
+def _trained(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("bench") / "r"
+    train_stage(rd, "test_resnet", DataOptions(spec="fashion-mnist-mini", max_train=300),
+                TrainConfig(epochs=1, max_steps=20), progress=False)
+    return rd
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory):
+    rd = _trained(tmp_path_factory)
+    lines: list[str] = []
+    report = bench(rd, TINY, progress=False, echo=lines.append)
+    return rd, report, lines
+
+
+def test_every_method_is_built_and_measured(benched):
+    rd, report, _ = benched
+    rows = report["methods"]
+    assert list(rows) == list(FAST_METHODS)
+    for m, r in rows.items():
+        assert (rd / "bench" / r["file"]).is_file(), m
+        assert r["bytes"] == (rd / "bench" / r["file"]).stat().st_size
+        assert 0 <= r["top1"] <= 100 and set(r["latency_ms"]) == {"1", "8"}
+        assert all(v > 0 for v in r["latency_ms"].values())
+    assert rows["fp32"]["size_ratio"] == 1.0 and rows["fp32"]["speedup_vs_fp32"]["1"] == 1.0
+    h = rows["hirelc"]  # the searched method: its budget holds in storage and in file bytes
+    assert h["real_evals"] == TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]
+    assert h["effective_ratio"] >= 6.0 and h["size_ratio"] >= 6.0 and h["search_wall_s"] > 0
+    assert all(rows[m]["real_evals"] is None for m in FAST_METHODS if m != "hirelc")
+    assert rows["ort-int8"]["speedup_vs_ort_int8"]["8"] == 1.0
+
+
+@pytest.mark.slow
+def test_searched_methods_spend_the_same_real_evaluations_and_meet_the_budget(tmp_path_factory):
+    rd = _trained(tmp_path_factory)
+    report = bench(rd, BenchConfig(**{**TINY.__dict__, "methods": METHODS}), progress=False, echo=lambda s: None)
+    rows = report["methods"]
+    assert list(rows) == list(METHODS)
+    n = {rows[m]["real_evals"] for m in ("random", "flat", "hirelc")}
+    assert n == {TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]}
+    for m in ("random", "flat", "hirelc"):
+        assert rows[m]["effective_ratio"] >= 6.0 and rows[m]["size_ratio"] >= 6.0, m
+        assert rows[m]["search_wall_s"] > 0
+        kinds = [json.loads(x)["kind"] for x in (rd / "bench" / m / runs.SEARCH_LOG).read_text().splitlines()]
+        assert ("random" in kinds) is (m == "random"), (m, kinds)
+    for m in ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8"):
+        assert rows[m]["real_evals"] is None
+
+
+def test_uniform_baselines_are_what_they_say(benched):
+    rd, report, _ = benched
+    rows = report["methods"]
+    assert rows["uniform-w4"]["effective_ratio"] > 6 and rows["uniform-int8"]["effective_ratio"] == pytest.approx(
+        rows["ort-int8"]["effective_ratio"], rel=0.02)
+    low = json.loads((rd / "bench" / "uniform-w4" / runs.LOWER_REPORT).read_text())
+    assert low["lower_config"]["act_quant"] is False  # weight-only
+    # prune-int8 keeps about as many parameters as hirelc, with one keep ratio everywhere
+    hl = json.loads((rd / "bench" / "hirelc" / runs.LOWER_REPORT).read_text())
+    pl = json.loads((rd / "bench" / "prune-int8" / runs.LOWER_REPORT).read_text())
+    assert 0 < rows["prune-int8"]["keep_ratio"] <= 1
+    assert pl["compressible_params_after"] <= hl["compressible_params_after"] * 1.1
+    assert {lp["bits"] for lp in pl["layers"].values()} == {8}
+    assert len({lp["keep_ratio"] for lp in pl["layers"].values()} - {1.0}) <= 1
+
+
+def test_outputs_and_refusal_to_overwrite(benched):
+    rd, report, lines = benched
+    out = rd / "bench"
+    assert json.loads((out / "bench.json").read_text())["methods"].keys() == report["methods"].keys()
+    md = (out / "bench.md").read_text()
+    assert all(f"| {m} |" in md for m in FAST_METHODS)
+    for png in ("bench_accuracy_vs_bytes.png", "bench_accuracy_vs_latency.png"):
+        assert (out / png).stat().st_size > 1000
+    assert any("searching" in ln for ln in lines)
+    before = (out / "bench.json").read_bytes()
+    res = CliRunner().invoke(app, ["bench", "-r", str(rd), "--runs", "1"])
+    assert res.exit_code == 2 and "already holds a finished comparison" in res.output
+    assert (out / "bench.json").read_bytes() == before
+
+
+def test_uniform_keep_matches_a_parameter_budget(benched):
+    from hirelc.cost import policy_storage
+    from hirelc.policy import LayerPolicy, Policy
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    model, _, _ = load_baseline(benched[0])
+    specs = list(build_topology(model, (1, 1, 32, 32)).layers)
+    full = policy_storage(specs, Policy(default=LayerPolicy(bits=8)).resolve(specs))["kept_params"]
+    k = uniform_keep_for_params(specs, 8, full // 3)
+    kept = policy_storage(specs, Policy(default=LayerPolicy(bits=8, keep_ratio=k)).resolve(specs))["kept_params"]
+    assert 0.8 * full // 3 <= kept <= full // 3
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"methods": ("fp32", "tflite")}, "unknown bench method"),
+    ({"methods": ("prune-int8",)}, "include the hirelc method"),
+    ({"runs": 0}, "runs >= 1"),
+])
+def test_bad_bench_options_are_one_line_errors(kw, match):
+    with pytest.raises(HirelcError, match=match):
+        BenchConfig(**kw)
+
+
+def test_bench_without_a_baseline_exits_2(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "-r", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "hirelc: error:" in res.output and "Traceback" not in res.output

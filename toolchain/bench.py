@@ -1,0 +1,275 @@
+"""`hirelc bench`: hirelc beside what a user would pick instead, on one model, one dataset and one budget.
+
+From a run directory's trained baseline, one call builds every artifact and measures them side by side:
+
+========================  ==============================================================================
+fp32                      the baseline exported as is
+ort-int8                  ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations)
+uniform-w4                int4 weights everywhere (per-channel), float activations (weight-only)
+uniform-int8              hirelc's int8 (per-channel weights, uint8 activations), no pruning
+prune-int8                torch-pruning structured pruning with one keep ratio everywhere, sized to hirelc's
+                          kept parameter count, then int8
+random                    random search over hirelc's action space, same number of real evaluations
+flat                      one PPO agent over all layers (no high level, no ensemble), same evaluations
+hirelc                    the hierarchical search
+========================  ==============================================================================
+
+Every policy-based artifact is lowered with the same fine-tuning epochs. Accuracy is ORT top-1 on the full
+test split; latency is the median of interleaved ONNX Runtime runs of all artifacts in one process, so the
+machine's noise falls on all of them alike. Results go to ``<out>/bench.json``, ``bench.md`` and two plots
+(accuracy against bytes and against batch-8 latency, with the Pareto front).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hirelc import runs
+from hirelc.errors import HirelcError
+
+METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "random", "flat", "hirelc")
+SEARCHED = {"random": "random", "flat": "flat", "hirelc": "hierarchical"}
+BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target_ratio: float = 8.0  # the search budget (effective storage and file bytes)
+    preset: str = "quick"  # search effort, the same for every searched method
+    qat_epochs: float = 1.0  # fine-tuning of every lowered artifact
+    runs: int = 30  # timed runs per artifact and batch size
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
+    lower_max_steps: int | None = None  # cap on fine-tuning steps (tests)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise HirelcError(f"unknown bench method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")
+        if "prune-int8" in self.methods and "hirelc" not in self.methods:
+            raise HirelcError("prune-int8 is sized to hirelc's parameter count: include the hirelc method")
+        if self.target_ratio <= 0 or self.runs < 1 or self.qat_epochs < 0:
+            raise HirelcError("target ratio must be positive, runs >= 1 and fine-tuning epochs >= 0")
+
+
+def _link_baseline(rd: Path, sub: Path) -> None:
+    """A method's own run directory sharing the baseline (hard links where the filesystem allows)."""
+    sub.mkdir(parents=True, exist_ok=True)
+    for name in (runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG):
+        dst = sub / name
+        if dst.exists():
+            continue
+        try:
+            os.link(rd / name, dst)
+        except OSError:
+            shutil.copy2(rd / name, dst)
+
+
+def uniform_keep_for_params(specs, bits: int, target_params: int):
+    """The single keep ratio whose pruned model keeps about ``target_params`` compressible parameters."""
+    from hirelc.cost import policy_storage
+    from hirelc.policy import LayerPolicy, Policy
+
+    def kept(k: float) -> int:
+        layers = Policy(default=LayerPolicy(bits=bits, keep_ratio=k)).resolve(specs)
+        return policy_storage(specs, layers)["kept_params"]
+
+    lo, hi = 0.05, 1.0
+    if kept(lo) > target_params:
+        return lo
+    for _ in range(30):  # kept params grow with k: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) <= target_params else (lo, mid)
+    return round(lo, 4)
+
+
+def _lower_cfg(cfg: BenchConfig, **kw):
+    from hirelc.lower import LowerConfig
+
+    return LowerConfig(epochs=cfg.qat_epochs, max_steps=cfg.lower_max_steps, seed=cfg.seed, **kw)
+
+
+def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[str, dict]:
+    """Every artifact of the comparison: ``{method: {path, run_dir, search?}}`` (finished ones are reused)."""
+    from hirelc.export import export_fp32, ort_int8_baseline
+    from hirelc.pipeline import export_stage, lower_stage, run_bundle, search_stage
+    from hirelc.policy import LayerPolicy, Policy
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    arts: dict[str, dict] = {}
+    model, mcfg, _ = load_baseline(rd)
+    shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
+    fp32 = out / runs.FP32_ONNX
+    if not fp32.exists():
+        export_fp32(model, shape, fp32)
+    if "fp32" in cfg.methods:
+        arts["fp32"] = {"path": fp32}
+    if "ort-int8" in cfg.methods:
+        path = out / runs.ORT_INT8_ONNX
+        if not path.exists():
+            bundle = run_bundle(rd)
+            calib = bundle.subset("train", min(256, len(bundle.train)), seed=0).x.numpy()
+            ort_int8_baseline(fp32, path, calib)
+        arts["ort-int8"] = {"path": path}
+
+    def lowered(method: str, policy: str, weight_only: bool = False, search: dict | None = None) -> None:
+        sub = out / method
+        onnx_path = sub / runs.HIRELC_ONNX
+        if not onnx_path.exists():
+            echo(f"  {method}: lowering {policy if '/' not in policy else 'the searched policy'}")
+            lower_stage(sub, policy, _lower_cfg(cfg, act_quant=not weight_only), progress=progress)
+            export_stage(sub, weight_only=weight_only)
+        arts[method] = {"path": onnx_path, "run_dir": sub, "search": search}
+
+    order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
+    for method in order:
+        sub = out / method
+        _link_baseline(rd, sub)
+        summary_path = sub / "search.json"
+        if summary_path.exists() and (sub / runs.POLICY).exists():
+            summary = runs.read_json(summary_path, "search summary")
+        else:
+            echo(f"  {method}: searching ({SEARCHED[method]} mode, {cfg.preset} effort)")
+            summary = search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=cfg.seed,
+                                   progress=progress,
+                                   overrides={**cfg.search_overrides, "mode": SEARCHED[method]})
+        lowered(method, str(sub / runs.POLICY), search=summary)
+    for method, preset, weight_only in (("uniform-w4", "w4", True), ("uniform-int8", "int8", False)):
+        if method in cfg.methods:
+            _link_baseline(rd, out / method)
+            lowered(method, preset, weight_only=weight_only)
+    if "prune-int8" in cfg.methods:
+        sub = out / "prune-int8"
+        _link_baseline(rd, sub)
+        specs = list(build_topology(model, shape).layers)
+        target = runs.read_json(out / "hirelc" / runs.LOWER_REPORT, "lower report")["compressible_params_after"]
+        keep = uniform_keep_for_params(specs, 8, int(target))
+        policy_path = sub / "uniform_policy.json"
+        Policy(default=LayerPolicy(bits=8, keep_ratio=keep), name=f"uniform-keep{keep}").save(policy_path)
+        lowered("prune-int8", str(policy_path))
+        arts["prune-int8"]["keep_ratio"] = keep
+    return {m: arts[m] for m in cfg.methods}
+
+
+def _int8_effective_ratio(rd: Path) -> float:
+    """Effective storage of per-channel int8 weights on every layer (what ort-int8 stores)."""
+    from hirelc.cost import policy_storage
+    from hirelc.policy import PRESETS
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    model, mcfg, _ = load_baseline(rd)
+    specs = list(build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)).layers)
+    return policy_storage(specs, PRESETS["int8"].resolve(specs))["effective_ratio"]
+
+
+def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | Path | None = None,
+          progress: bool = True, echo=print) -> dict:
+    """Build and measure every method; write bench.json, bench.md and the plots into ``out_dir``."""
+    from hirelc.export.runtime import benchmark_interleaved, make_session, ort_accuracy
+    from hirelc.pipeline import run_bundle
+    from hirelc.train import set_threads
+
+    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
+    out = Path(out_dir) if out_dir is not None else rd / "bench"
+    if (out / BENCH_JSON).exists():
+        raise HirelcError(f"{out} already holds a finished comparison ({BENCH_JSON}); give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads()
+    t0 = time.time()
+    arts = _build(rd, out, cfg, progress, echo)
+    build_s = time.time() - t0
+
+    bundle = run_bundle(rd)
+    x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
+    echo(f"  measuring {len(arts)} artifacts on ONNX Runtime ({len(y)} test images, {cfg.runs} timed runs)")
+    rows: dict[str, dict] = {}
+    for m, a in arts.items():
+        sess = make_session(a["path"])
+        rows[m] = {"file": str(Path(a["path"]).relative_to(out)), "bytes": Path(a["path"]).stat().st_size,
+                   "top1": ort_accuracy(sess, x, y)}
+        del sess
+    lat = benchmark_interleaved({m: str(a["path"]) for m, a in arts.items()},
+                                (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes, cfg.runs)
+    fp32_bytes = (out / runs.FP32_ONNX).stat().st_size
+    int8_ratio = _int8_effective_ratio(rd) if "ort-int8" in arts else None
+    for m, a in arts.items():
+        r = rows[m]
+        r["size_ratio"] = fp32_bytes / r["bytes"]
+        r["latency_ms"] = {str(b): lat[m][b]["median_ms"] for b in cfg.batch_sizes}
+        if m == "fp32":
+            r["effective_ratio"] = 1.0
+        elif m == "ort-int8":
+            r["effective_ratio"] = int8_ratio
+        else:
+            r["effective_ratio"] = runs.read_json(a["run_dir"] / runs.LOWER_REPORT, "lower report")["effective_ratio"]
+        s = a.get("search")
+        r["search_wall_s"] = s["wall_s"] if s else None
+        r["real_evals"] = s["n_real_evals"] if s else None
+        r["surrogate_spearman"] = s.get("surrogate_spearman") if s else None
+        if "keep_ratio" in a:
+            r["keep_ratio"] = a["keep_ratio"]
+    for r in rows.values():
+        r["speedup_vs_fp32"] = {b: (rows["fp32"]["latency_ms"][b] / v if "fp32" in rows else None)
+                                for b, v in r["latency_ms"].items()}
+        r["speedup_vs_ort_int8"] = {b: (rows["ort-int8"]["latency_ms"][b] / v if "ort-int8" in rows else None)
+                                    for b, v in r["latency_ms"].items()}
+    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
+    report = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(rd),
+        "model": meta.get("model"),
+        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
+        "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
+        "build_wall_s": round(build_s, 1),
+        "methods": rows,
+    }
+    from hirelc.search.plots import plot_bench
+
+    plot_bench(rows, "bytes", out / "bench_accuracy_vs_bytes.png", "ONNX file bytes")
+    plot_bench(rows, "latency_b8", out / "bench_accuracy_vs_latency.png", "ORT CPU batch-8 latency (ms)")
+    runs.atomic_write_json(out / BENCH_JSON, report)
+    runs.atomic_write_text(out / BENCH_MD, format_bench(report))
+    return report
+
+
+def _f(v, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def format_bench(report: dict) -> str:
+    """The comparison as a Markdown table (what ``bench.md`` holds and the CLI prints)."""
+    bs = [str(b) for b in report["config"]["batch_sizes"]]
+    head = ["method", "ORT top-1 %", "effective", "bytes", "fp32/size"]
+    head += [f"b{b} ms" for b in bs] + [f"b{b} fp32/x" for b in bs] + [f"b{b} ort-int8/x" for b in bs]
+    head += ["search s", "real evals"]
+    lines = [
+        f"# hirelc bench - {report['model']['name'] if report.get('model') else ''} on {report['data']['name']}",
+        "",
+        f"{report['created']} - budget {report['config']['target_ratio']}x, search effort "
+        f"{report['config']['preset']}, {report['config']['qat_epochs']} fine-tuning epochs, "
+        f"{report['config']['runs']} interleaved runs",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for m, r in report["methods"].items():
+        cells = [m, f"{r['top1']:.2f}", _f(r["effective_ratio"], ".2f", "x"), f"{r['bytes']:,}",
+                 f"{r['size_ratio']:.2f}x"]
+        cells += [f"{r['latency_ms'][b]:.3f}" for b in bs]
+        cells += [_f(r["speedup_vs_fp32"][b], ".2f", "x") for b in bs]
+        cells += [_f(r["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs]
+        cells += [_f(r["search_wall_s"], ".0f"), _f(r["real_evals"], "d")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
+              "Latency: ONNX Runtime CPU, medians of interleaved runs in one process."]
+    return "\n".join(lines) + "\n"
