@@ -99,15 +99,17 @@ def _lower_cfg(cfg: BenchConfig, **kw):
 
 def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[str, dict]:
     """Every artifact of the comparison: ``{method: {path, run_dir, search?}}`` (finished ones are reused)."""
+    from hirelc.cost import policy_storage
     from hirelc.export import export_fp32, ort_int8_baseline
     from hirelc.pipeline import export_stage, lower_stage, run_bundle, search_stage
-    from hirelc.policy import LayerPolicy, Policy
+    from hirelc.policy import PRESETS, LayerPolicy, Policy
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
 
     arts: dict[str, dict] = {}
     model, mcfg, _ = load_baseline(rd)
     shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
+    specs = list(build_topology(model, shape).layers)
     fp32 = out / runs.FP32_ONNX
     if not fp32.exists():
         export_fp32(model, shape, fp32)
@@ -119,10 +121,13 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
             bundle = run_bundle(rd)
             calib = bundle.subset("train", min(256, len(bundle.train)), seed=0).x.numpy()
             ort_int8_baseline(fp32, path, calib)
-        arts["ort-int8"] = {"path": path}
+        # per-channel int8 weights on every layer: what ort-int8 stores
+        int8 = policy_storage(specs, PRESETS["int8"].resolve(specs))["effective_ratio"]
+        arts["ort-int8"] = {"path": path, "effective_ratio": int8}
 
     def lowered(method: str, policy: str, weight_only: bool = False, search: dict | None = None) -> None:
         sub = out / method
+        _link_baseline(rd, sub)
         onnx_path = sub / runs.HIRELC_ONNX
         if not onnx_path.exists():
             echo(f"  {method}: lowering {policy if '/' not in policy else 'the searched policy'}")
@@ -133,7 +138,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
     for method in order:
         sub = out / method
-        _link_baseline(rd, sub)
+        _link_baseline(rd, sub)  # the search reads the baseline before lowering does
         summary_path = sub / "search.json"
         if summary_path.exists() and (sub / runs.POLICY).exists():
             summary = runs.read_json(summary_path, "search summary")
@@ -145,12 +150,10 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         lowered(method, str(sub / runs.POLICY), search=summary)
     for method, preset, weight_only in (("uniform-w4", "w4", True), ("uniform-int8", "int8", False)):
         if method in cfg.methods:
-            _link_baseline(rd, out / method)
             lowered(method, preset, weight_only=weight_only)
     if "prune-int8" in cfg.methods:
         sub = out / "prune-int8"
-        _link_baseline(rd, sub)
-        specs = list(build_topology(model, shape).layers)
+        sub.mkdir(parents=True, exist_ok=True)
         target = runs.read_json(out / "hirelc" / runs.LOWER_REPORT, "lower report")["compressible_params_after"]
         keep = uniform_keep_for_params(specs, 8, int(target))
         policy_path = sub / "uniform_policy.json"
@@ -158,18 +161,6 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         lowered("prune-int8", str(policy_path))
         arts["prune-int8"]["keep_ratio"] = keep
     return {m: arts[m] for m in cfg.methods}
-
-
-def _int8_effective_ratio(rd: Path) -> float:
-    """Effective storage of per-channel int8 weights on every layer (what ort-int8 stores)."""
-    from hirelc.cost import policy_storage
-    from hirelc.policy import PRESETS
-    from hirelc.topology import build_topology
-    from hirelc.train import load_baseline
-
-    model, mcfg, _ = load_baseline(rd)
-    specs = list(build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)).layers)
-    return policy_storage(specs, PRESETS["int8"].resolve(specs))["effective_ratio"]
 
 
 def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | Path | None = None,
@@ -201,17 +192,14 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
     lat = benchmark_interleaved({m: str(a["path"]) for m, a in arts.items()},
                                 (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes, cfg.runs)
     fp32_bytes = (out / runs.FP32_ONNX).stat().st_size
-    int8_ratio = _int8_effective_ratio(rd) if "ort-int8" in arts else None
     for m, a in arts.items():
         r = rows[m]
         r["size_ratio"] = fp32_bytes / r["bytes"]
         r["latency_ms"] = {str(b): lat[m][b]["median_ms"] for b in cfg.batch_sizes}
-        if m == "fp32":
-            r["effective_ratio"] = 1.0
-        elif m == "ort-int8":
-            r["effective_ratio"] = int8_ratio
-        else:
+        if "run_dir" in a:
             r["effective_ratio"] = runs.read_json(a["run_dir"] / runs.LOWER_REPORT, "lower report")["effective_ratio"]
+        else:
+            r["effective_ratio"] = a.get("effective_ratio", 1.0)  # fp32: 1.0
         s = a.get("search")
         r["search_wall_s"] = s["wall_s"] if s else None
         r["real_evals"] = s["n_real_evals"] if s else None

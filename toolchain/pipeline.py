@@ -260,6 +260,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     pairs = [(h["predicted_acc"], h["real_acc"]) for h in result.history if h.get("predicted_acc") is not None]
     if len(pairs) >= 2:
         plot_surrogate([p for p, _ in pairs], [r for _, r in pairs], rd / "surrogate.png")
+    winner_bytes = evaluator.predict_bytes(result.layers)
     summary = {
         "preset": preset,
         "config": dataclasses.asdict(config),
@@ -267,9 +268,9 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "baseline_val_subset_acc": evaluator.baseline_accuracy,
         "best_acc": result.accuracy,
         "effective_ratio": result.effective_ratio,
-        "predicted_bytes": evaluator.predict_bytes(result.layers),
+        "predicted_bytes": winner_bytes,
         "predicted_fp32_bytes": fp32_bytes,
-        "predicted_file_ratio": fp32_bytes / evaluator.predict_bytes(result.layers),
+        "predicted_file_ratio": fp32_bytes / winner_bytes,
         "predicted_latency_ms_b8": evaluator.predict_latency_ms(result.layers),
         "n_real_evals": result.n_real_evals,
         "wall_s": result.wall_s,

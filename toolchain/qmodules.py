@@ -213,7 +213,8 @@ class _QuantLayer(nn.Module):
         return b
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, codes={self._qbits}, scheme={self.scheme}, granularity={self.granularity}, frozen={self.frozen}"
+        return (f"bits={self.bits}, codes={self._qbits}, scheme={self.scheme}, granularity={self.granularity}, "
+                f"frozen={self.frozen}")
 
 
 class _DequantizeWeightT(torch.autograd.Function):

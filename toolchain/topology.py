@@ -18,6 +18,7 @@ This is the only module that walks a model's module tree. It produces, for any m
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -198,17 +199,21 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
     if not order:
         raise HirelcError("the model has no Conv2d or Linear layer to compress")
     classifier = order[-1]
-    names = {m: n for n, m in mods.items()}
-    dg = dependency_graph(model, input_shape)
+    # The dependency graph is built once, on a private copy: reading the groups leaves it intact, and the
+    # trial prunes of residual streams below then run on the same copy and graph.
+    work = copy.deepcopy(model).eval()
+    work_mods = dict(_compressible(work))
+    work_names = {m: n for n, m in work_mods.items()}
+    dg = dependency_graph(work, input_shape)
 
-    # Coupled groups over output channels; a group is prunable when its layers share one block and none is
-    # the classifier. Its leader (first non-depthwise member in execution order) carries the keep ratio.
+    # Coupled groups over output channels; a group is prunable when none of its layers is the classifier.
+    # Its leader (first non-depthwise member in execution order) carries the keep ratio.
     group_of: dict[str, int] = {}
     groups: list[tuple[list[str], set[str]]] = []
     for n in order:
         if n in group_of:
             continue
-        outs, ins = coupled_members(dg, mods[n], names)
+        outs, ins = coupled_members(dg, work_mods[n], work_names)
         members = [m for m in order if m in outs]
         for m in members:
             group_of[m] = len(groups)
@@ -225,7 +230,8 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
         prunable_leader[gid] = leader
         if len({block_of(m) for m in members}) > 1:
             streams.add(gid)
-    for gid in _unprunable_streams(model, input_shape, {g: prunable_leader[g] for g in sorted(streams)}):
+    leaders = {g: prunable_leader[g] for g in sorted(streams)}
+    for gid in _unprunable_streams(model, input_shape, leaders, work, dg):
         del prunable_leader[gid]
         streams.discard(gid)
     input_group: dict[str, int] = {}
@@ -269,28 +275,25 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
     return Topology(layers=tuple(specs), input_shape=input_shape, classifier=classifier)
 
 
-def _unprunable_streams(model: nn.Module, input_shape: tuple[int, ...], leaders: dict[int, str]) -> list[int]:
+def _unprunable_streams(model: nn.Module, input_shape: tuple[int, ...], leaders: dict[int, str],
+                        work: nn.Module, dg) -> list[int]:
     """Stream groups (id -> leader) that torch-pruning cannot prune on this model.
 
-    Each group loses one channel on a private copy of the model, which must then still run and produce the
-    same output shape; a group that fails (an unusual parameter torch-pruning does not see, a reshape to a
-    fixed width) is reported and the copy rebuilt.
+    Each group loses one channel on ``work`` (a private copy of ``model`` with its dependency graph ``dg``),
+    which must then still run and produce the same output shape; a group that fails (an unusual parameter
+    torch-pruning does not see, a reshape to a fixed width) is reported and the copy rebuilt from ``model``.
     """
-    import copy
     import warnings
 
     if not leaders:
         return []
     bad: list[int] = []
-    ref_shape = None
-    work = dg = None
+    with torch.no_grad():
+        ref_shape = tuple(work(torch.zeros(input_shape)).shape)
     for gid, leader in leaders.items():
         if work is None:
             work = copy.deepcopy(model).eval()
             dg = dependency_graph(work, input_shape)
-            if ref_shape is None:
-                with torch.no_grad():
-                    ref_shape = tuple(work(torch.zeros(input_shape)).shape)
         mod = work.get_submodule(leader)
         try:
             with warnings.catch_warnings():
