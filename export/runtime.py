@@ -33,12 +33,16 @@ def available_providers() -> dict[str, bool]:
     return {name: name in have for name in PROVIDERS.values()}
 
 
-def _session_options(threads: int | None, level: str = "all"):
+def _session_options(threads: int | None, level: str = "all", spin: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.inter_op_num_threads = 1
+    # ORT's intra-op threads busy-wait for a while after each run by default. With several sessions in one
+    # process (interleaved timing, the latency table) the idle session's spinning threads take the cores from
+    # the session being timed: on a 2-core machine that inflated medians 2-3x and reordered artifacts.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.graph_optimization_level = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -63,15 +67,19 @@ def _load(model: str | Path | bytes, so, providers: list[str]):
         raise HirelcError(f"ONNX Runtime cannot load {where}: {msg}") from None
 
 
-def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None):
-    """An ``InferenceSession`` on ``provider`` ("cpu", "cuda", "tensorrt"); threads default to all cores."""
+def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None, spin: bool = False):
+    """An ``InferenceSession`` on ``provider`` ("cpu", "cuda", "tensorrt"); threads default to all cores.
+
+    ``spin=False`` (the default) stops idle intra-op threads from busy-waiting, so that sessions timed side by
+    side do not slow each other down; a single latency-critical session in production may prefer ``True``.
+    """
     if provider not in PROVIDERS:
         raise HirelcError(f"unknown provider {provider!r} (use {', '.join(PROVIDERS)})")
     name = PROVIDERS[provider]
     if not available_providers()[name]:
         raise HirelcError(f"{name} is unavailable in this onnxruntime build (available: CPUExecutionProvider)")
     providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]  # CPU: ops the EP lacks
-    sess = _load(path, _session_options(threads), providers)
+    sess = _load(path, _session_options(threads, spin=spin), providers)
     if name not in sess.get_providers():
         raise HirelcError(f"{name} failed to initialise for {path if not isinstance(path, bytes) else 'model'}")
     return sess

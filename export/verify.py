@@ -13,7 +13,8 @@ key                            meaning
 ``created``                    ISO-8601 time the report was made (UTC)
 ``run_dir``                    the run directory verified
 ``data``                       dataset ``name``, ``fingerprint``, ``test_samples`` used for accuracy
-``machine``                    ``platform``, ``processor``, ``cpu_count``, ``python``, ``onnxruntime``, ``threads``
+``machine``                    ``platform``, ``processor``, ``cpu_count``, ``python``, ``onnxruntime``, ``threads``,
+                               ``intra_op_spinning`` (false: idle ORT threads do not busy-wait)
 ``providers``                  provider -> ``"used"`` (CPUExecutionProvider), ``"available, not used"`` or
                                ``"unavailable"`` (CUDAExecutionProvider, TensorrtExecutionProvider)
 ``artifacts.<name>``           for each of ``fp32``, ``ort_int8``, ``hirelc`` present: ``file``, ``bytes``,
@@ -85,7 +86,7 @@ def _machine(threads: int | None) -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "threads": threads or os.cpu_count()}
+            "threads": threads or os.cpu_count(), "intra_op_spinning": False}
 
 
 def _providers() -> dict[str, str]:

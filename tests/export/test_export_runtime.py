@@ -51,6 +51,13 @@ def test_providers_are_reported_and_never_faked():
         make_session(b"", provider="tpu")
 
 
+def test_sessions_do_not_spin_unless_asked(run_dir):
+    # Idle spinning threads of one session slow the next one down when artifacts are timed side by side.
+    key = "session.intra_op.allow_spinning"
+    assert make_session(run_dir / runs.FP32_ONNX).get_session_options().get_session_config_entry(key) == "0"
+    assert make_session(run_dir / runs.FP32_ONNX, spin=True).get_session_options().get_session_config_entry(key) == "1"
+
+
 def test_accuracy_and_fused_ops_of_hirelc_model(run_dir, bundle):
     sess = make_session(run_dir / runs.HIRELC_ONNX, threads=1)
     acc = ort_accuracy(sess, bundle.test.x[:100].numpy(), bundle.test.y[:100].numpy())
