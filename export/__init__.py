@@ -9,6 +9,7 @@ from hirelc.export.onnx_export import (
     lowered_graph,
     map_weight_dequantizers,
     strip_activation_qdq,
+    integer_adds,
     unfused_layers,
 )
 from hirelc.export.ort_baseline import ort_int8_baseline
@@ -41,6 +42,7 @@ __all__ = [
     "ort_int8_baseline",
     "ort_predict",
     "strip_activation_qdq",
+    "integer_adds",
     "unfused_layers",
     "verify_run",
 ]

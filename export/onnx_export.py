@@ -263,14 +263,11 @@ def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | P
     return {"path": str(path), "bytes": size, **graph_summary(proto), "layers": layers, "weight_only": weight_only}
 
 
-def unfused_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Quantized layers that ONNX Runtime (CPU) leaves as float Conv/MatMul/Gemm instead of an integer kernel.
+def _optimized(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, dict[str, str], list]:
+    """Export ``model`` (a frozen copy if still training) and let ORT optimize it (level "extended").
 
-    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head):
-    ORT only builds ``QLinearConv`` from ``DQ -> Conv -> Q``, so these run in float on weights dequantized at
-    every call. Giving them an output activation quantizer at lowering time makes them fuse. Call it after
-    activation calibration (uncalibrated layers export without Q/DQ, so nothing fuses); layers still in
-    quantization-aware training are checked on a frozen copy.
+    Returns the narrowed graph, a map from each node using a quantized weight to that layer, and ORT's
+    optimized (op_type, node name) list.
     """
     from hirelc.export.runtime import optimized_ops
 
@@ -284,10 +281,28 @@ def unfused_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     dq_layer = {n.output[0]: name for name, nodes in map_weight_dequantizers(proto.graph, model).items()
                 for n in nodes}
     narrow_weights(proto.graph, model)
-    weight_of = {n.name: dq_layer.get(n.input[1]) for n in proto.graph.node if len(n.input) > 1}
-    float_nodes = {name for op, name in optimized_ops(proto.SerializeToString(), level="extended")
-                   if op in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
-    return sorted({weight_of[n] for n in float_nodes if weight_of.get(n)})
+    weight_of = {n.name: dq_layer[n.input[1]] for n in proto.graph.node
+                 if len(n.input) > 1 and n.input[1] in dq_layer}
+    return proto, weight_of, optimized_ops(proto.SerializeToString(), level="extended")
+
+
+def unfused_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Quantized layers that ONNX Runtime (CPU) leaves as float Conv/MatMul/Gemm instead of an integer kernel.
+
+    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head):
+    ORT only builds ``QLinearConv`` from ``DQ -> Conv -> Q``, so these run in float on weights dequantized at
+    every call. Giving them an output activation quantizer at lowering time makes them fuse. Call it after
+    activation calibration (uncalibrated layers export without Q/DQ, so nothing fuses); layers still in
+    quantization-aware training are checked on a frozen copy.
+    """
+    _, weight_of, ops = _optimized(model, input_shape)
+    float_nodes = {name for op, name in ops if op in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+    return sorted({weight_of[n] for n in float_nodes if n in weight_of})
+
+
+def integer_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """How many adds ONNX Runtime (CPU) runs as integer ``QLinearAdd`` in the exported model."""
+    return sum(op == "QLinearAdd" for op, _ in _optimized(model, input_shape)[2])
 
 
 def export_fp32(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *,

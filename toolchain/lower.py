@@ -28,7 +28,14 @@ from hirelc import runs
 from hirelc.cost import group_keeps, kept_shape, policy_storage, storage_totals
 from hirelc.errors import HirelcError
 from hirelc.policy import LayerPolicy, PerGroup, Policy
-from hirelc.qmodules import ActQuant, QConv2d, QLinear, quant_layers
+from hirelc.qmodules import (
+    ActQuant,
+    QConv2d,
+    QLinear,
+    attach_block_quantizers,
+    detach_block_quantizers,
+    quant_layers,
+)
 from hirelc.topology import Topology, build_topology, dependency_graph, out_pruning_fn
 from hirelc.train import TrainConfig, evaluate, fit
 
@@ -46,6 +53,7 @@ class LowerConfig:
     act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
     percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
     fuse_outputs: bool = True  # quantize outputs of 5..8-bit convs ORT would not fuse (residual/pool inputs)
+    fuse_adds: bool = True  # quantize residual blocks' inputs so ORT runs their adds as integer QLinearAdd
     reduce_range: bool = True  # 7-bit codes for 8-bit symmetric weights (no int16 overflow on CPUs without VNNI)
     importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
@@ -214,6 +222,38 @@ def add_output_quantizers(model: nn.Module, input_shape: tuple[int, ...], cfg: L
     return names
 
 
+def add_block_quantizers(model: nn.Module, topo: Topology, out_quantized: list[str], cfg: LowerConfig) -> list[str]:
+    """Quantize the inputs of residual blocks so ONNX Runtime runs their adds in integer (``QLinearAdd``).
+
+    A block (a module with its own ``forward``, not a container) qualifies when one of its layers needed an
+    output quantizer (:func:`add_output_quantizers`: its result meets the shortcut in an add); the last such block also quantizes its output, which feeds the
+    head. Kept only if ORT's optimized graph really gains integer adds; otherwise undone. Call after a
+    calibration; returns the blocks that kept quantizers (calibrate again before use).
+    """
+    from hirelc.export import integer_adds
+
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # no shortcut, and they would run a new child
+    blocks = [b for b, names in topo.blocks.items() if len(names) > 1 and set(names) & set(out_quantized)
+              and not isinstance(model.get_submodule(b), containers)]
+    if not blocks:
+        return []
+
+    def fused_adds() -> int:  # on a copy calibrated on noise: any ranges do to see what ORT fuses
+        probe = copy.deepcopy(model)
+        calibrate(probe, [torch.randn(2, *topo.input_shape[1:])])
+        return integer_adds(probe, topo.input_shape)
+
+    before = fused_adds()
+    for i, b in enumerate(blocks):
+        attach_block_quantizers(model.get_submodule(b), output=i == len(blocks) - 1, signed=cfg.act_signed,
+                                percentile=cfg.percentile)
+    if fused_adds() > before:
+        return blocks
+    for b in blocks:
+        detach_block_quantizers(model.get_submodule(b))
+    return []
+
+
 def freeze(model: nn.Module) -> None:
     for q in quant_layers(model).values():
         q.freeze()
@@ -254,10 +294,14 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     folded = fold_batchnorm(m, topo.input_shape)
     swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile, cfg.reduce_range)
     calib = 0
+    outs: list[str] = []
+    blocks: list[str] = []
     if cfg.act_quant and swapped:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         calib = calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
-        if cfg.fuse_outputs and add_output_quantizers(m, topo.input_shape, cfg):
+        outs = add_output_quantizers(m, topo.input_shape, cfg) if cfg.fuse_outputs else []
+        if outs:
+            blocks = add_block_quantizers(m, topo, outs, cfg) if cfg.fuse_adds else []
             calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
     qat = {"steps": 0, "wall_s": 0.0, "loss": None}
     qat_kept = None
@@ -287,6 +331,8 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         "quantized_layers": len(swapped),
         "float_layers": len(topo.layers) - len(swapped),
         "calibration_batches": calib,
+        "output_quantized_layers": len(outs),
+        "input_quantized_blocks": len(blocks),
         "qat_steps": qat["steps"],
         "qat_wall_s": round(qat["wall_s"], 2),
         "qat_val_before": qat.get("val_before"),

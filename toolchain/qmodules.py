@@ -273,3 +273,40 @@ class QLinear(_QuantLayer):
 
 def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _QuantLayer)}
+
+
+# Block-level activation quantizers. A residual block's add runs as ONNX Runtime's integer ``QLinearAdd`` only
+# when both of its inputs come out of ``DequantizeLinear`` and its result goes into ``QuantizeLinear``; the
+# shortcut is the block's input, so the block input gets its own quantizer. They are attached as a submodule
+# plus a forward (pre-)hook rather than a wrapper, so every layer keeps its qualified name.
+BLOCK_IN, BLOCK_OUT = "hirelc_in_act", "hirelc_out_act"
+
+
+def _quantize_block_input(module: nn.Module, args: tuple):
+    return (getattr(module, BLOCK_IN)(args[0]), *args[1:])
+
+
+def _quantize_block_output(module: nn.Module, args: tuple, out):
+    return getattr(module, BLOCK_OUT)(out)
+
+
+def attach_block_quantizers(block: nn.Module, output: bool, signed: bool = False,
+                            percentile: float | None = None) -> None:
+    """Give ``block`` an input activation quantizer (and an output one if ``output``), uncalibrated."""
+    if isinstance(block, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise ValueError("block quantizers need a module with its own forward, not a container")
+    setattr(block, BLOCK_IN, ActQuant(signed=signed, percentile=percentile))
+    block.register_forward_pre_hook(_quantize_block_input)
+    if output:
+        setattr(block, BLOCK_OUT, ActQuant(signed=signed, percentile=percentile))
+        block.register_forward_hook(_quantize_block_output)
+
+
+def detach_block_quantizers(block: nn.Module) -> None:
+    """Undo :func:`attach_block_quantizers`."""
+    for hooks, fn, attr in ((block._forward_pre_hooks, _quantize_block_input, BLOCK_IN),
+                            (block._forward_hooks, _quantize_block_output, BLOCK_OUT)):
+        for k in [k for k, h in hooks.items() if h is fn]:
+            del hooks[k]
+        if hasattr(block, attr):
+            delattr(block, attr)

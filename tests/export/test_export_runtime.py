@@ -74,6 +74,27 @@ def test_unfused_layers_are_the_convs_feeding_residual_adds(lower):
     assert unfused_layers(lower("test_resnet", "int8").model, (1, 1, 32, 32)) == []  # output quantizers fix it
 
 
+def test_residual_adds_run_in_integer_when_block_inputs_are_quantized(lower):
+    from hirelc.export import integer_adds
+
+    shape = (1, 1, 32, 32)
+    with_adds = lower("test_resnet", "int8")
+    without = lower("test_resnet", "int8", fuse_adds=False)
+    assert integer_adds(without.model, shape) == 0
+    assert with_adds.info["input_quantized_blocks"] > 0
+    assert integer_adds(with_adds.model, shape) == 4  # layer1.0 .. layer4.0: every residual add
+    assert unfused_layers(with_adds.model, shape) == []  # the convs still fuse
+    names = {n for n, _ in with_adds.model.named_modules()}
+    assert "layer1.0.hirelc_in_act" in names and "layer1.0.conv1" in names  # layer names unchanged
+
+
+def test_block_quantizers_are_undone_where_ort_fuses_no_add(lower):
+    low = lower("test_vit", "int8")  # the attention/MLP outputs stay float: quantized inputs would buy nothing
+    assert low.info["input_quantized_blocks"] == 0
+    assert not [n for n, _ in low.model.named_modules() if n.endswith(("hirelc_in_act", "hirelc_out_act"))]
+    assert not any(m._forward_pre_hooks for m in low.model.modules())
+
+
 def test_benchmark_interleaved_reports_every_model_and_batch(run_dir):
     paths = {k: run_dir / f for k, f in (("fp32", runs.FP32_ONNX), ("hirelc", runs.HIRELC_ONNX))}
     res = benchmark_interleaved(paths, (1, 32, 32), batch_sizes=(1, 2), runs=3, warmup=1)
