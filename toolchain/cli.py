@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from hirelc.ablate import VARIANTS as ABLATION_VARIANTS
 from hirelc.bench import METHODS as BENCH_METHODS
 from hirelc.errors import HirelcError
 
@@ -249,6 +250,42 @@ def bench(
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
         report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_bench(report))
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise HirelcError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def ablate(
+    run_dir: Path = RunDir,
+    seeds: str = typer.Option("0,1,2", help="Comma-separated search seeds; every variant runs once per seed."),
+    variants: str = typer.Option(",".join(ABLATION_VARIANTS), help="Comma-separated subset of: "
+                                 + ", ".join(ABLATION_VARIANTS) + "."),
+    target_ratio: float = typer.Option(8.0, help="Search budget (effective storage and file bytes)."),
+    preset: str = typer.Option("quick", help="Search effort of every run: quick | standard | thorough."),
+    qat_epochs: float = typer.Option(0.0, help="Fine-tuning epochs of each run's winner (0: calibration only)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
+                                       "finished ablation. An interrupted one resumes."),
+):
+    """What each part of the search buys: the full search against no surrogate, uniform (not Fisher-guided)
+    sensitivity and a single agent per level, over several seeds -> ablation.json/.md with mean ± std,
+    ablation.png, and surrogate_scatter.png (predicted vs real accuracy, Spearman).
+
+    Needs a trained baseline in RUN_DIR (`hirelc train`). Each winner is lowered, exported and scored on ORT.
+    """
+    from hirelc.ablate import AblateConfig, format_ablation
+    from hirelc.ablate import ablate as run_ablate
+
+    with _user_errors():
+        cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs,
+                           seeds=_int_list(seeds, "--seeds"),
+                           variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+        report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)
+        typer.echo(format_ablation(report))
 
 
 @app.command()

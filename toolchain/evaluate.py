@@ -65,7 +65,8 @@ class RealEvaluator:
         self.eval_seconds: list[float] = []
 
     def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
-        cfg = LowerConfig(**{**self.cfg.__dict__, "max_steps": 0})
+        # the proxy is called for every agent step: skip the ORT graph probes that only decide what fuses
+        cfg = LowerConfig(**{**self.cfg.__dict__, "max_steps": 0, "fuse_outputs": False, "fuse_adds": False})
         lowered, _ = lower_model(self.model, self.topo, layers, self._sub, cfg, progress=False)
         mse = F.mse_loss(predict_logits(lowered, self.calib_x), self.base_logits).item()
         return min(20.0 * mse, 50.0)

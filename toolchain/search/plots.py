@@ -138,3 +138,24 @@ def plot_bench(rows: dict[str, dict], x: str, path: str | Path, xlabel: str) -> 
     ax.set(xlabel=xlabel, ylabel="ORT top-1 (%)", title=f"accuracy vs {xlabel.split(' (')[0]}")
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def plot_ablation(summary: dict[str, dict], path: str | Path) -> Path:
+    """Ablation variants side by side: final ORT top-1 and the evaluation that found the winner, mean ± std."""
+    plt = _pyplot()
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, metric, label in ((axes[0], "final_top1", "final ORT top-1 (%)"),
+                              (axes[1], "evals_to_best", "real evaluation that found the winner")):
+        mean = [summary[n][metric]["mean"] or 0.0 for n in names]
+        std = [summary[n][metric]["std"] or 0.0 for n in names]
+        ax.bar(range(len(names)), mean, yerr=std, capsize=4, color=["C3" if n == "full" else "C0" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        if metric == "final_top1" and any(mean):
+            lo = min(m - s for m, s in zip(mean, std, strict=True))
+            ax.set_ylim(max(0.0, lo - 2.0), min(100.0, max(m + s for m, s in zip(mean, std, strict=True)) + 1.0))
+    n = max(summary[k]["final_top1"]["n"] for k in names)
+    fig.suptitle(f"search ablation: mean ± std over {n} seed(s)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,190 @@
+"""`hirelc ablate`: what each part of the HiReLC search buys, repeated over seeds (mean ± std).
+
+Every variant is the hierarchical search with one part switched off, on the same baseline, budget, effort
+and number of real evaluations:
+
+=======================  =============================================================================
+full                     the search as shipped
+no-surrogate             the logit-MSE proxy shapes rewards throughout; no surrogate is trained
+uniform-sensitivity      no Fisher guidance: every layer and block gets the same neutral sensitivity
+single-agent             one PPO agent per level instead of an ensemble of three with voting
+=======================  =============================================================================
+
+For each (variant, seed) the winner is lowered (``qat_epochs`` of fine-tuning), exported and scored on the
+full test split with ONNX Runtime. Reported per run: final ORT top-1, the best real validation accuracy of
+the search, effective storage ratio, real evaluations spent and the evaluation at which the winner was
+found, search wall time, surrogate rank correlation. Per variant: mean and sample standard deviation over
+seeds. Also a scatter of surrogate-predicted against real accuracy pooled over every surrogate-using run,
+with its Spearman correlation. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
+``surrogate_scatter.png``; one folder per run (finished runs are reused, so an interrupted call resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hirelc import runs
+from hirelc.errors import HirelcError
+
+VARIANTS: dict[str, dict] = {
+    "full": {},
+    "no-surrogate": {"use_surrogate": False},
+    "uniform-sensitivity": {"fisher_guided": False},
+    "single-agent": {"ensemble": False},
+}
+ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
+METRICS = ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s")
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    target_ratio: float = 8.0
+    preset: str = "quick"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    qat_epochs: float = 0.0  # fine-tuning of each winner (0: calibration only)
+    search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
+    lower_max_steps: int | None = None
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise HirelcError(f"unknown ablation variant(s) {', '.join(unknown)} (use {', '.join(VARIANTS)})")
+        if not self.variants or not self.seeds:
+            raise HirelcError("give at least one variant and one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise HirelcError("seeds must be distinct")
+        if self.target_ratio <= 0 or self.qat_epochs < 0:
+            raise HirelcError("target ratio must be positive and fine-tuning epochs >= 0")
+
+
+def evals_to_best(history: list[dict]) -> int | None:
+    """1-based index of the first real evaluation that reached the best accuracy within the budget."""
+    ok = [(i, h["real_acc"]) for i, h in enumerate(history) if h.get("meets_budget", True)]
+    if not ok:
+        return None
+    best = max(a for _, a in ok)
+    return next(i for i, a in ok if a == best) + 1
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for a single value) of the values that exist."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def _read_history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
+             echo) -> dict:
+    from hirelc.bench import _link_baseline
+    from hirelc.export.runtime import make_session, ort_accuracy
+    from hirelc.lower import LowerConfig
+    from hirelc.pipeline import export_stage, lower_stage, search_stage
+
+    _link_baseline(rd, sub)
+    if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
+        echo(f"  {variant} seed {seed}: searching")
+        search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
+                     overrides={**cfg.search_overrides, **VARIANTS[variant]})
+    summary = runs.read_json(sub / "search.json", "search summary")
+    if not (sub / runs.HIRELC_ONNX).exists():
+        echo(f"  {variant} seed {seed}: lowering the winner")
+        lower_stage(sub, str(sub / runs.POLICY),
+                    LowerConfig(epochs=cfg.qat_epochs, max_steps=cfg.lower_max_steps, seed=seed), progress=progress)
+        export_stage(sub)
+    top1 = ort_accuracy(make_session(sub / runs.HIRELC_ONNX), bundle.test.x.numpy(), bundle.test.y.numpy())
+    history = _read_history(sub / "search.jsonl")
+    report = runs.read_json(sub / runs.LOWER_REPORT, "lower report")
+    return {
+        "variant": variant, "seed": seed, "final_top1": top1, "best_val": summary["best_acc"],
+        "effective_ratio": report["effective_ratio"], "real_evals": summary["n_real_evals"],
+        "evals_to_best": evals_to_best(history), "search_wall_s": summary["wall_s"],
+        "surrogate_spearman": summary.get("surrogate_spearman"),
+        "surrogate_points": [[h["predicted_acc"], h["real_acc"]] for h in history
+                             if h.get("predicted_acc") is not None],
+    }
+
+
+def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str | Path | None = None,
+           progress: bool = True, echo=print) -> dict:
+    """Run every (variant, seed), then write ablation.json, ablation.md and the plots into ``out_dir``."""
+    from hirelc.pipeline import run_bundle
+    from hirelc.search.plots import plot_ablation, plot_surrogate
+    from hirelc.search.surrogate import spearman
+    from hirelc.train import set_threads
+
+    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
+    out = Path(out_dir) if out_dir is not None else rd / "ablation"
+    if (out / ABLATION_JSON).exists():
+        raise HirelcError(f"{out} already holds a finished ablation ({ABLATION_JSON}); give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads()
+    t0 = time.time()
+    bundle = run_bundle(rd)
+    rows = [_one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
+            for v in cfg.variants for s in cfg.seeds]
+    summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
+               for v in cfg.variants}
+    pooled = [p for r in rows if VARIANTS[r["variant"]].get("use_surrogate", True) for p in r["surrogate_points"]]
+    pred, real = [p for p, _ in pooled], [r for _, r in pooled]
+    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
+    report = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(rd),
+        "model": meta.get("model"),
+        "baseline_test_acc": meta.get("test_acc"),
+        "config": {**dataclasses.asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
+        "wall_s": round(time.time() - t0, 1),
+        "runs": rows,
+        "summary": summary,
+        "surrogate": {"points": len(pooled), "spearman": spearman(pred, real) if len(pooled) >= 2 else None},
+    }
+    plot_ablation(summary, out / "ablation.png")
+    if len(pooled) >= 2:
+        plot_surrogate(pred, real, out / "surrogate_scatter.png")
+    runs.atomic_write_json(out / ABLATION_JSON, report)
+    runs.atomic_write_text(out / ABLATION_MD, format_ablation(report))
+    return report
+
+
+def _ms(d: dict, spec: str) -> str:
+    if d["mean"] is None:
+        return "-"
+    return f"{d['mean']:{spec}} ± {d['std']:{spec}}"
+
+
+def format_ablation(report: dict) -> str:
+    """The ablation as a Markdown table of mean ± std over seeds."""
+    c = report["config"]
+    name = report["model"]["name"] if report.get("model") else ""
+    lines = [
+        f"# hirelc ablate - {name}",
+        "",
+        f"{report['created']} - budget {c['target_ratio']}x, search effort {c['preset']}, seeds "
+        f"{', '.join(map(str, c['seeds']))}, {c['qat_epochs']} fine-tuning epochs per winner; baseline test "
+        f"{report.get('baseline_test_acc')} %",
+        "",
+        "| variant | final ORT top-1 % | best search val % | effective ratio | real evals | winner found at eval "
+        "| search s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, s in report["summary"].items():
+        lines.append(f"| {v} | {_ms(s['final_top1'], '.2f')} | {_ms(s['best_val'], '.2f')} | "
+                     f"{_ms(s['effective_ratio'], '.2f')} | {_ms(s['real_evals'], '.1f')} | "
+                     f"{_ms(s['evals_to_best'], '.1f')} | {_ms(s['search_wall_s'], '.0f')} |")
+    sur = report["surrogate"]
+    rho = "-" if sur["spearman"] is None else f"{sur['spearman']:.2f}"
+    lines += ["", f"Mean ± sample std over seeds. Surrogate predicted vs real accuracy, pooled over the runs that "
+              f"use it: Spearman {rho} on {sur['points']} points (each predicted before the surrogate saw it)."]
+    return "\n".join(lines) + "\n"
