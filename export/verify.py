@@ -24,7 +24,8 @@ key                            meaning
                                ``median_ms``, ``p90_ms``, ``mean_ms``, ``runs``; interleaved)
 ``parity``                     hirelc ONNX vs the PyTorch lowered model: ``status`` (``"ok"`` or ``"skipped"``),
                                ``note``, ``samples``, ``top1_agreement`` (%), ``max_abs_diff``,
-                               ``mean_abs_diff``, ``logit_scale`` (max |PyTorch logit|)
+                               ``mean_abs_diff``, ``logit_scale`` (max |PyTorch logit|), ``pytorch_top1`` and
+                               ``onnx_top1`` (% on the same samples)
 ``accuracy_drop``              fp32 ``top1`` - hirelc ``top1`` (points; ORT both)
 ``size_ratio``                 fp32 bytes / hirelc bytes
 ``effective_storage_ratio``    from ``lower_report.json`` (bits actually needed, e.g. 3-bit codes count 3)
@@ -105,7 +106,7 @@ def _check_input(sess, path: Path, shape: tuple[int, ...]) -> None:
         raise HirelcError(f"{path} expects inputs of shape {tuple(want)}, the data gives {shape}")
 
 
-def _parity(rd: Path, sess, x: np.ndarray, eval_batch: int) -> dict:
+def _parity(rd: Path, sess, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
     """hirelc ONNX (ORT) vs the lowered PyTorch model on the same samples."""
     import torch
 
@@ -115,7 +116,8 @@ def _parity(rd: Path, sess, x: np.ndarray, eval_batch: int) -> dict:
 
     if not (rd / runs.LOWERED_MODEL).is_file():
         return {"status": "skipped", "note": f"{runs.LOWERED_MODEL} missing", "samples": 0,
-                "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None}
+                "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None,
+                "pytorch_top1": None, "onnx_top1": None}
     model = load_lowered(rd / runs.LOWERED_MODEL)["model"]
     ref = predict_logits(model, torch.from_numpy(x), eval_batch).numpy()
     got = ort_predict(sess, x, eval_batch)
@@ -126,7 +128,9 @@ def _parity(rd: Path, sess, x: np.ndarray, eval_batch: int) -> dict:
     return {"status": "ok", "note": "", "samples": int(len(x)),
             "top1_agreement": float(100.0 * (got.argmax(1) == ref.argmax(1)).mean()),
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "logit_scale": float(np.abs(ref).max())}
+            "logit_scale": float(np.abs(ref).max()),
+            "pytorch_top1": float(100.0 * (ref.argmax(1) == y).mean()),
+            "onnx_top1": float(100.0 * (got.argmax(1) == y).mean())}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -156,8 +160,9 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
                         "latency": {}}
     parity = None
     if "hirelc" in present:
-        px = x if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples).x.numpy()
-        parity = _parity(rd, sessions["hirelc"], px, cfg.eval_batch)
+        sub = None if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples)
+        px, py = (x, y) if sub is None else (sub.x.numpy(), sub.y.numpy())
+        parity = _parity(rd, sessions["hirelc"], px, py, cfg.eval_batch)
     del sessions
     lat = benchmark_interleaved({k: str(p) for k, p in present.items()}, shape, cfg.batch_sizes, cfg.runs,
                                 cfg.warmup, cfg.threads)
@@ -285,6 +290,7 @@ def format_markdown(report: dict) -> str:
         md.append("## Parity (hirelc ONNX vs PyTorch lowered model)\n")
         if p["status"] == "ok":
             md.append(f"- samples: {p['samples']}\n- top-1 agreement: {p['top1_agreement']:.2f} %\n"
+                      f"- top-1 accuracy: PyTorch {p['pytorch_top1']:.2f} %, ONNX Runtime {p['onnx_top1']:.2f} %\n"
                       f"- max / mean abs logit diff: {p['max_abs_diff']:.3e} / {p['mean_abs_diff']:.3e} "
                       f"(logit scale {p['logit_scale']:.3f})\n")
         else:

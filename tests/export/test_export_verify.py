@@ -39,6 +39,7 @@ def test_report_has_documented_keys_and_files(run_dir, report):
     p = report["parity"]
     assert p["status"] == "ok" and p["samples"] == 200 and p["top1_agreement"] >= 99.0
     assert p["max_abs_diff"] <= 0.05 * p["logit_scale"]
+    assert abs(p["pytorch_top1"] - p["onnx_top1"]) <= 100.0 - p["top1_agreement"] + 1e-9  # disagreements bound it
     assert set(report["speedup"]["fp32_over_hirelc"]) == {"1", "8"}
     md = (run_dir / runs.REPORT_MD).read_text()
     assert "| hirelc |" in md and "| ort-int8 |" in md and "| fp32 |" in md
