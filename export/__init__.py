@@ -6,10 +6,10 @@
 from hirelc.export.onnx_export import (
     export_fp32,
     export_lowered,
+    integer_adds,
     lowered_graph,
     map_weight_dequantizers,
     strip_activation_qdq,
-    integer_adds,
     unfused_layers,
 )
 from hirelc.export.ort_baseline import ort_int8_baseline

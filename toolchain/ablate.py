@@ -87,12 +87,11 @@ def _read_history(path: Path) -> list[dict]:
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
-    from hirelc.bench import _link_baseline
     from hirelc.export.runtime import make_session, ort_accuracy
     from hirelc.lower import LowerConfig
     from hirelc.pipeline import export_stage, lower_stage, search_stage
 
-    _link_baseline(rd, sub)
+    runs.link_baseline(rd, sub)
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
         search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
@@ -124,11 +123,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str
     from hirelc.search.surrogate import spearman
     from hirelc.train import set_threads
 
-    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
-    out = Path(out_dir) if out_dir is not None else rd / "ablation"
-    if (out / ABLATION_JSON).exists():
-        raise HirelcError(f"{out} already holds a finished ablation ({ABLATION_JSON}); give another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation")
     set_threads()
     t0 = time.time()
     bundle = run_bundle(rd)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,19 +56,6 @@ class BenchConfig:
             raise HirelcError("prune-int8 is sized to hirelc's parameter count: include the hirelc method")
         if self.target_ratio <= 0 or self.runs < 1 or self.qat_epochs < 0:
             raise HirelcError("target ratio must be positive, runs >= 1 and fine-tuning epochs >= 0")
-
-
-def _link_baseline(rd: Path, sub: Path) -> None:
-    """A method's own run directory sharing the baseline (hard links where the filesystem allows)."""
-    sub.mkdir(parents=True, exist_ok=True)
-    for name in (runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG):
-        dst = sub / name
-        if dst.exists():
-            continue
-        try:
-            os.link(rd / name, dst)
-        except OSError:
-            shutil.copy2(rd / name, dst)
 
 
 def uniform_keep_for_params(specs, bits: int, target_params: int):
@@ -127,7 +112,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
 
     def lowered(method: str, policy: str, weight_only: bool = False, search: dict | None = None) -> None:
         sub = out / method
-        _link_baseline(rd, sub)
+        runs.link_baseline(rd, sub)
         onnx_path = sub / runs.HIRELC_ONNX
         if not onnx_path.exists():
             echo(f"  {method}: lowering {policy if '/' not in policy else 'the searched policy'}")
@@ -138,7 +123,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
     for method in order:
         sub = out / method
-        _link_baseline(rd, sub)  # the search reads the baseline before lowering does
+        runs.link_baseline(rd, sub)  # the search reads the baseline before lowering does
         summary_path = sub / "search.json"
         if summary_path.exists() and (sub / runs.POLICY).exists():
             summary = runs.read_json(summary_path, "search summary")
@@ -170,11 +155,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
     from hirelc.pipeline import run_bundle
     from hirelc.train import set_threads
 
-    rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
-    out = Path(out_dir) if out_dir is not None else rd / "bench"
-    if (out / BENCH_JSON).exists():
-        raise HirelcError(f"{out} already holds a finished comparison ({BENCH_JSON}); give another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison")
     set_threads()
     t0 = time.time()
     arts = _build(rd, out, cfg, progress, echo)

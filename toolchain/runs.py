@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -98,3 +99,31 @@ def require_run_dir(run_dir: str | Path, *needs: str) -> Path:
         if not (rd / n).exists():
             raise HirelcError(f"{rd / n} is missing: run the stage that writes it first")
     return rd
+
+
+def link_baseline(run_dir: Path, sub: Path) -> None:
+    """Give ``sub`` the baseline of ``run_dir`` (hard links where the filesystem allows, else copies)."""
+    sub.mkdir(parents=True, exist_ok=True)
+    for name in (BASELINE_META, BASELINE_CKPT, CONFIG):
+        dst = sub / name
+        if dst.exists():
+            continue
+        try:
+            os.link(run_dir / name, dst)
+        except OSError:
+            shutil.copy2(run_dir / name, dst)
+
+
+def open_study_dir(run_dir: str | Path, out_dir: str | Path | None, default: str, finished: str,
+                   what: str) -> tuple[Path, Path]:
+    """(run dir, output folder) of a study over a trained baseline (``hirelc bench``, ``hirelc ablate``).
+
+    The output folder defaults to ``run_dir/default``; one that already holds ``finished`` is refused so a
+    finished study is never overwritten (an interrupted one, without it, resumes).
+    """
+    rd = require_run_dir(run_dir, BASELINE_META, BASELINE_CKPT, CONFIG)
+    out = Path(out_dir) if out_dir is not None else rd / default
+    if (out / finished).exists():
+        raise HirelcError(f"{out} already holds a finished {what} ({finished}); give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return rd, out
