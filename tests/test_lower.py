@@ -393,3 +393,33 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
     same = all(torch.equal(low.get_submodule(n).qweight, ref.get_submodule(n).qweight) for n in quant_layers(ref))
     assert info["qat_kept"] is (val_after >= val_before)
     assert same is (val_after < val_before)  # undone: exactly the calibrated integers; kept: the changed ones
+
+
+def test_pruned_channel_counts_match_the_cost_model(built, bundle):
+    """lower.prune and cost.kept_shape agree (multiples of 8 on wide layers) so predictions are the files."""
+    from hirelc.cost import group_keeps, kept_shape
+
+    b = built("test_resnet")
+    layers = PRESETS["w8-prune30"].resolve(list(b.topo.layers))
+    m, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, calib_batches=1), progress=False)
+    keeps = group_keeps(list(b.topo.layers), layers)
+    qls = quant_layers(m)
+    for s in b.topo.layers:
+        out, inn = kept_shape(s, layers, keeps)
+        assert tuple(qls[s.name].qweight.shape[:2]) == (out, inn), s.name
+        if s.out_features >= 32 and s.out_features % 8 == 0:
+            assert out % 8 == 0, s.name
+
+
+def test_per_group_scales_need_4_bits_or_fewer(built):
+    """ONNX Runtime fuses 8-bit blocked weights into kernels that take per-channel scales only, then fails."""
+    b = built("test_resnet")
+    spec = b.topo.layers[4]
+    assert spec.in_features % 16 == 0
+    with pytest.raises(HirelcError, match="per-group scales need 2..4-bit weights"):
+        Policy.from_layers({spec.name: LayerPolicy(bits=6, granularity=PerGroup(16))}).resolve(list(b.topo.layers))
+    assert Policy.from_layers({spec.name: LayerPolicy(bits=4, granularity=PerGroup(16))}).resolve(
+        list(b.topo.layers))[spec.name].granularity == PerGroup(16)
+    # a blanket default falls back to per-channel where it cannot apply
+    blanket = Policy(default=LayerPolicy(bits=8, granularity=PerGroup(16))).resolve(list(b.topo.layers))
+    assert all(not isinstance(lp.granularity, PerGroup) for lp in blanket.values())

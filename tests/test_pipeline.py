@@ -100,8 +100,8 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
     assert after == log_before
 
 
-def test_latency_table_predicts_fp32_and_faster_int8(compressed):
-    from hirelc.latency import measure_latency_table, predict_latency
+def test_latency_table_times_every_format_and_predicts_its_anchors(compressed):
+    from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency, uniform_layers
     from hirelc.policy import PRESETS
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
@@ -109,11 +109,31 @@ def test_latency_table_predicts_fp32_and_faster_int8(compressed):
     model, mcfg, _ = load_baseline(compressed[0])
     topo = build_topology(model, (1, 1, 32, 32))
     table = measure_latency_table(model, topo, batch=8, runs_=5, progress=False)
-    assert set(table["layers"]) == set(topo.names)
-    fp32 = predict_latency(table, topo, PRESETS["fp32"].resolve(list(topo.layers)))
-    pruned = predict_latency(table, topo, PRESETS["w8-prune30"].resolve(list(topo.layers)))
-    assert fp32 == pytest.approx(table["rest_ms"] + sum(r["fp32"] for r in table["layers"].values()))
-    assert 0 < pruned and fp32 > 0
+    assert table["version"] == TABLE_VERSION and set(table["layers"]) == set(topo.names)
+    for s in topo.layers:  # every format the search can pick ran on ONNX Runtime
+        row = table["layers"][s.name]
+        assert {"fp32", "w8", "w8-asym", "w4", "w4-asym"} <= set(row) and min(row.values()) > 0
+        assert ("w4-group" in row) == (s.in_features % 32 == 0 and s.kind != "dwconv"), s.name
+        assert not any(k.startswith("w8") and k.endswith("-group") for k in row)  # masked: ORT cannot run it
+
+    def predict(layers):
+        return predict_latency(table, topo, layers)
+
+    # the whole-model anchors are predicted exactly: the rest of the network is calibrated on them
+    assert predict(PRESETS["fp32"].resolve(list(topo.layers))) == pytest.approx(table["fp32_model_ms"])
+    assert predict(uniform_layers(topo, 8)) == pytest.approx(table["int8_model_ms"])
+    assert predict(uniform_layers(topo, 8, ANCHOR_KEEP)) == pytest.approx(table["pruned_int8_model_ms"])
+    assert 0 < predict(PRESETS["w4-group32"].resolve(list(topo.layers)))
+
+
+def test_latency_formats():
+    from hirelc.latency import variant
+    from hirelc.policy import LayerPolicy, PerGroup, PerTensor, Scheme
+
+    assert variant(LayerPolicy(bits=None)) == "fp32"
+    assert variant(LayerPolicy(bits=6, granularity=PerTensor())) == "w8"
+    assert variant(LayerPolicy(bits=5, scheme=Scheme.ASYMMETRIC)) == "w8-asym"
+    assert variant(LayerPolicy(bits=3, scheme=Scheme.ASYMMETRIC, granularity=PerGroup(32))) == "w4-asym-group"
 
 
 def test_predicted_onnx_bytes_match_the_exported_file(compressed):

@@ -379,3 +379,22 @@ def test_kept_shape_depthwise_and_heads():
     assert kept_shape(dw, layers, keeps) == (8, 1)  # depthwise follows its group, one input per channel
     assert kept_shape(qkv, layers, keeps) == (96, 64)  # two of four heads
     assert kept_shape(proj, layers, keeps) == (64, 32)
+
+
+@pytest.mark.parametrize(
+    "n,keep,kept",
+    [(64, 0.6, 40), (64, 0.4, 24), (512, 0.6, 304), (128, 0.95, 120), (64, 0.95, 64), (64, 0.05, 8),  # multiples of 8
+     (16, 0.5, 8), (16, 0.4, 6), (20, 0.5, 10), (30, 0.01, 1), (64, 1.0, 64)],  # small or unaligned: plain rounding
+)
+def test_kept_channels_rounds_large_aligned_layers_to_multiples_of_8(n, keep, kept):
+    from hirelc.cost import kept_channels
+
+    assert kept_channels(n, keep) == kept
+
+
+def test_kept_shape_uses_the_same_rounding_on_both_sides():
+    a = _spec("a", 8, 64, group=0, prunable=True)
+    b = _spec("b", 64, 96, kernel=(1, 1), input_group=0)
+    layers = {"a": LayerPolicy(keep_ratio=0.6), "b": LayerPolicy()}
+    keeps = group_keeps([a, b], layers)
+    assert kept_shape(a, layers, keeps) == (40, 8) and kept_shape(b, layers, keeps) == (96, 40)

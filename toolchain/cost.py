@@ -4,8 +4,9 @@ lowering report states.
 effective storage ratio = 32 * N_fp32 / sum_l(bits_l * kept_params_l + scale/zero-point bits_l)
 
 A layer's kept weight count is its parameter count times its own output keep ratio times the keep ratio of
-the prune group feeding its input (``LayerSpec.input_group``); depthwise convs follow their group's keep on
-both sides. Biases are counted as 32-bit floats, including those BatchNorm folding gives a conv. Float layers cost 32 bits a parameter.
+the prune group feeding its input (``LayerSpec.input_group``), channel counts rounded as :func:`kept_channels`
+says; depthwise convs follow their group's keep on both sides. Biases are counted as 32-bit floats, including
+those BatchNorm folding gives a conv. Float layers cost 32 bits a parameter.
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ from hirelc.policy import LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme
 from hirelc.topology import LayerSpec
 
 SCALE_BITS = 32  # fp32 scales (ONNX DequantizeLinear x_scale)
+CHANNEL_MULTIPLE = 8  # pruned channel counts are rounded to this on layers with >= 4x as many (a multiple of it)
+
+
+def kept_channels(n: int, keep: float) -> int:
+    """How many of ``n`` channels pruning at ``keep`` leaves.
+
+    Layers of at least ``4 * CHANNEL_MULTIPLE`` channels, a multiple of ``CHANNEL_MULTIPLE``, keep a multiple
+    of it: ONNX Runtime's integer conv kernels run aligned channel counts much faster (resnet18 int8 at 32x32,
+    batch 8: 24/48/96/192 channels in 1.7 ms, 26/51/102/205 in 2.9 ms). Smaller layers round to one channel.
+    """
+    if keep >= 1.0:
+        return n
+    m = CHANNEL_MULTIPLE
+    if n >= 4 * m and n % m == 0:
+        return min(n, max(m, m * round(keep * n / m)))
+    return max(1, min(n, round(keep * n)))
 
 
 def group_keeps(specs: list[LayerSpec], layers: dict[str, LayerPolicy]) -> dict[int, float]:
@@ -34,11 +51,11 @@ def kept_shape(spec: LayerSpec, layers: dict[str, LayerPolicy], keeps: dict[int,
         heads = max(1, round(k_out * spec.num_heads))
         out = spec.out_features * heads // spec.num_heads
     else:
-        out = max(1, round(k_out * spec.out_features)) if k_out < 1.0 else spec.out_features
+        out = kept_channels(spec.out_features, k_out)
     if spec.kind == "dwconv":
         return out, spec.in_features
     k_in = keeps.get(spec.input_group, 1.0) if spec.input_group >= 0 else 1.0
-    inn = max(1, round(k_in * spec.in_features)) if k_in < 1.0 else spec.in_features
+    inn = kept_channels(spec.in_features, k_in)
     return out, inn
 
 

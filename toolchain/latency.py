@@ -1,11 +1,21 @@
 """Latency budgets: a per-layer ONNX Runtime latency table, measured once per model, predicts a policy's
 batch latency so the search can respect ``--max-latency-ms`` without exporting every candidate.
 
-Each compressible layer is exported alone (fp32, 8-bit and 4-bit weights with uint8 input Q/DQ, exactly as
-the real exporter writes them) and timed on ONNX Runtime at the budget's batch size. A policy's predicted
-latency is the time the rest of the network takes (fp32 whole-model latency minus the fp32 layer times) plus,
-per layer, the measured time of its container scaled by the fraction of its multiply-accumulates that
-pruning keeps. The final artifact's measured latency is always reported beside the prediction.
+**Layer times.** Each compressible layer is exported alone in every weight *format* the action space can
+give it and timed on ONNX Runtime at the budget's batch size. A format is what decides which kernel ORT runs:
+the container (``fp32``, ``w8`` for 5..8 bits, ``w4`` for 2..4 bits), the scheme (``-asym``) and per-group
+scales (``-group``). Each is exported exactly as lowering writes it (uint8 input Q/DQ; 8-bit convs with an
+output quantizer, so ORT fuses ``QLinearConv`` where it can; per-group convs and 4-bit weights stay
+``DequantizeLinear`` + float kernel). A layer's predicted time is its format's time scaled by the fraction of
+its multiply-accumulates that pruning keeps.
+
+**The rest of the network** (activations, pooling, residual adds, the Q/DQ between layers) is calibrated
+against whole models lowered the real way (output and residual-block quantizers included, ranges from
+noise): the fp32 model, uniform int8, and uniform int8 with every prunable group cut to ``anchor_keep``.
+``rest = whole - sum(layer times)`` at each anchor; a policy's rest interpolates between the fp32 and the
+int8 rest by its quantized share of the fp32 layer time, and linearly in its mean kept output fraction. The
+three anchors are therefore predicted exactly, and the final artifact's measured latency is always reported
+beside the prediction.
 """
 
 from __future__ import annotations
@@ -19,17 +29,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from hirelc import kernels as K
 from hirelc import runs
 from hirelc.cost import group_keeps, kept_shape
-from hirelc.policy import LayerPolicy
-from hirelc.topology import Topology
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, check_layer
+from hirelc.topology import LayerSpec, Topology
 
 LATENCY_TABLE = "latency_table.json"
-CONTAINERS = {"fp32": None, "w8": 8, "w4": 4}
+TABLE_VERSION = 2
+GROUP_SIZES = (32, 64)  # per-group formats are timed at the smallest of these the layer accepts
+ANCHOR_KEEP = 0.5
 
 
-def _container(bits: int | None) -> str:
-    return "fp32" if bits is None else ("w4" if bits <= 4 else "w8")
+def variant(lp: LayerPolicy) -> str:
+    """The table key of a layer policy's weight format: ``fp32`` or ``w{8,4}[-asym][-group]``."""
+    if lp.bits is None:
+        return "fp32"
+    v = f"w{K.container_bits(lp.bits)}"
+    if lp.scheme is Scheme.ASYMMETRIC:
+        v += "-asym"
+    if isinstance(lp.granularity, PerGroup):
+        v += "-group"
+    return v
+
+
+def _formats(spec: LayerSpec, group_sizes: tuple[int, ...]) -> dict[str, LayerPolicy | None]:
+    """One representative policy per format this layer can take (per-group only where a group size fits)."""
+    out: dict[str, LayerPolicy | None] = {"fp32": None}
+    for bits in (8, 4):
+        for scheme in Scheme:
+            grans = [PerChannel()] + [PerGroup(g) for g in sorted(group_sizes)
+                                      if check_layer(spec, LayerPolicy(bits=bits, granularity=PerGroup(g))) is None][:1]
+            for gran in grans:
+                lp = LayerPolicy(bits=bits, scheme=scheme, granularity=gran)
+                out[variant(lp)] = lp
+    return out
 
 
 def _input_shapes(model: nn.Module, topo: Topology) -> dict[str, tuple[int, ...]]:
@@ -62,73 +96,133 @@ def _time_onnx(path: Path, shape: tuple[int, ...], runs_: int) -> float:
     return float(np.median(times))
 
 
-def _single_layer(mod: nn.Module, bits: int | None, in_shape: tuple[int, ...]) -> nn.Module:
+def _single_layer(mod: nn.Module, lp: LayerPolicy | None, in_shape: tuple[int, ...]) -> nn.Module:
+    """``mod`` alone, quantized as lowering would quantize it inside the network."""
     from hirelc.lower import calibrate, freeze, swap_quantized
+    from hirelc.qmodules import ActQuant, QConv2d, quant_layers
 
     wrap = nn.Sequential(copy.deepcopy(mod))
-    if bits is not None:
-        swap_quantized(wrap, {"0": LayerPolicy(bits=bits)})
+    if lp is not None:
+        swap_quantized(wrap, {"0": lp})
+        q = quant_layers(wrap)["0"]
+        if isinstance(q, QConv2d) and K.container_bits(lp.bits) == 8:
+            q.out_act = ActQuant()  # inside the network its output is quantized (next layer or lowering)
         calibrate(wrap, [torch.randn(in_shape)])
         freeze(wrap)
     return wrap.eval()
 
 
+class _NoiseData:
+    """Stands in for a data bundle when a model is lowered only to be timed: one batch of noise."""
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        self.input_shape = input_shape
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((batch_size, *self.input_shape[1:]), generator=g)
+        return [(x, torch.zeros(batch_size, dtype=torch.long))]
+
+
+def uniform_layers(topo: Topology, bits: int | None = 8, keep: float = 1.0) -> dict[str, LayerPolicy]:
+    """Every layer at ``bits`` (default format), prunable layers at ``keep``."""
+    return {s.name: LayerPolicy(bits=bits, keep_ratio=keep if s.prunable else 1.0) for s in topo.layers}
+
+
+def time_lowered(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], batch: int, runs_: int,
+                 path: Path) -> float:
+    """Lower ``model`` for ``layers`` the real way (no fine-tuning, ranges from noise), export, time it."""
+    from hirelc.export import export_lowered
+    from hirelc.lower import LowerConfig, lower_model
+
+    lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
+                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False)
+    export_lowered(lowered, topo.input_shape, path)
+    return _time_onnx(path, (batch, *topo.input_shape[1:]), runs_)
+
+
+def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> tuple[float, float]:
+    """(quantized share, mean kept output fraction) of a policy, both weighted by the layers' fp32 time."""
+    keeps = group_keeps(list(topo.layers), layers)
+    w = {s.name: table["layers"][s.name]["fp32"] for s in topo.layers}
+    total = sum(w.values()) or 1.0
+    q = sum(w[s.name] for s in topo.layers if layers[s.name].bits is not None) / total
+    k = sum(w[s.name] * kept_shape(s, layers, keeps)[0] / s.out_features for s in topo.layers) / total
+    return q, k
+
+
+def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> float:
+    keeps = group_keeps(list(topo.layers), layers)
+    total = 0.0
+    for s in topo.layers:
+        out, inn = kept_shape(s, layers, keeps)
+        frac = (out * inn) / max(1, s.out_features * s.in_features)
+        row = table["layers"][s.name]
+        key = variant(layers[s.name])
+        if key not in row:  # a per-group format the layer was not timed in: nearest timed format
+            key = key.removesuffix("-group")
+        total += row[key] * frac
+    return total
+
+
 def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs_: int = 20,
-                          progress: bool = True) -> dict:
-    """Time every layer alone in each container, and the whole fp32 model, at ``batch``."""
+                          progress: bool = True, group_sizes: tuple[int, ...] = GROUP_SIZES,
+                          anchor_keep: float = ANCHOR_KEEP) -> dict:
+    """Time every layer alone in each format, and the whole model at the three anchors, at ``batch``."""
     from tqdm.auto import tqdm
 
     from hirelc.export import export_fp32, export_lowered
 
+    model = model.eval()
     shapes = _input_shapes(model, topo)
-    table: dict[str, dict[str, float]] = {}
+    table: dict = {"version": TABLE_VERSION, "batch": batch, "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "full.onnx"
         export_fp32(model, topo.input_shape, full)
-        whole = _time_onnx(full, (batch, *topo.input_shape[1:]), runs_)
+        table["fp32_model_ms"] = _time_onnx(full, (batch, *topo.input_shape[1:]), runs_)
         bar = tqdm(topo.layers, desc="latency table", disable=not progress, leave=False)
         for s in bar:
             in_shape = shapes[s.name]
             row = {}
-            for cname, bits in CONTAINERS.items():
-                wrap = _single_layer(model.get_submodule(s.name), bits, in_shape)
-                path = Path(tmp) / f"{cname}.onnx"
-                (export_fp32 if bits is None else export_lowered)(wrap, in_shape, path)
-                row[cname] = _time_onnx(path, (batch, *in_shape[1:]), runs_)
-            table[s.name] = row
-    layer_sum = sum(r["fp32"] for r in table.values())
-    return {"batch": batch, "fp32_model_ms": whole, "rest_ms": max(whole - layer_sum, 0.0), "layers": table}
+            for key, lp in _formats(s, group_sizes).items():
+                wrap = _single_layer(model.get_submodule(s.name), lp, in_shape)
+                path = Path(tmp) / f"{key}.onnx"
+                (export_fp32 if lp is None else export_lowered)(wrap, in_shape, path)
+                row[key] = _time_onnx(path, (batch, *in_shape[1:]), runs_)
+            table["layers"][s.name] = row
+        int8 = uniform_layers(topo, 8)
+        table["int8_model_ms"] = time_lowered(model, topo, int8, batch, runs_, Path(tmp) / "int8.onnx")
+        if any(s.prunable for s in topo.layers):
+            pruned = uniform_layers(topo, 8, anchor_keep)
+            table["pruned_int8_model_ms"] = time_lowered(model, topo, pruned, batch, runs_, Path(tmp) / "p.onnx")
+            table["anchor_keep"] = _shares(table, topo, pruned)[1]
+            table["pruned_int8_rest_ms"] = table["pruned_int8_model_ms"] - _layer_sum(table, topo, pruned)
+    fp32 = {s.name: LayerPolicy(bits=None) for s in topo.layers}
+    table["rest_ms"] = table["fp32_model_ms"] - _layer_sum(table, topo, fp32)
+    table["int8_rest_ms"] = table["int8_model_ms"] - _layer_sum(table, topo, int8)
+    return table
 
 
 def predict_latency(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> float:
     """Predicted latency (ms, at the table's batch size) of the lowered model for ``layers``."""
-    specs = list(topo.layers)
-    keeps = group_keeps(specs, layers)
-    total = table["rest_ms"]
-    for s in specs:
-        out, inn = kept_shape(s, layers, keeps)
-        frac = (out * inn) / max(1, s.out_features * s.in_features)
-        total += table["layers"][s.name][_container(layers[s.name].bits)] * frac
-    return float(total)
+    q, k = _shares(table, topo, layers)
+    rest_int = table["int8_rest_ms"]
+    if "anchor_keep" in table and table["anchor_keep"] < 1.0:
+        slope = (table["int8_rest_ms"] - table["pruned_int8_rest_ms"]) / (1.0 - table["anchor_keep"])
+        rest_int -= slope * (1.0 - k)
+    rest = (1.0 - q) * table["rest_ms"] * k + q * rest_int
+    return float(max(_layer_sum(table, topo, layers) + rest, 0.0))
 
 
 def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
                     progress: bool = True) -> dict:
-    """The run directory's latency table, measured and saved on first use."""
+    """The run directory's latency table, measured and saved on first use (or when its format is older)."""
     path = Path(run_dir) / LATENCY_TABLE
     if path.exists():
         table = runs.read_json(path, "latency table")
-        if table.get("batch") == batch and set(table.get("layers", {})) == set(topo.names):
+        if (table.get("version") == TABLE_VERSION and table.get("batch") == batch
+                and set(table.get("layers", {})) == set(topo.names)):
             return table
     table = measure_latency_table(model, topo, batch=batch, progress=progress)
     runs.atomic_write_json(path, table)
     return table
-
-
-def min_latency(table: dict, topo: Topology, max_prune: float) -> float:
-    """A lower bound on what any policy can reach: fastest container per layer at the deepest pruning."""
-    total = table["rest_ms"]
-    for s in topo.layers:
-        frac = (1 - max_prune) if s.prunable or s.input_group >= 0 else 1.0
-        total += min(table["layers"][s.name].values()) * frac
-    return float(total)

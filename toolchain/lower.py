@@ -25,7 +25,7 @@ from torch import nn
 
 from hirelc import kernels as K
 from hirelc import runs
-from hirelc.cost import group_keeps, kept_shape, policy_storage, storage_totals
+from hirelc.cost import group_keeps, kept_channels, kept_shape, policy_storage, storage_totals
 from hirelc.errors import HirelcError
 from hirelc.policy import LayerPolicy, PerGroup, Policy
 from hirelc.qmodules import (
@@ -103,7 +103,7 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
             idxs = K.head_channel_indices(drop_heads, heads, w.shape[0] // 3)
         else:
             n_out = w.shape[0]
-            n_keep = max(1, round(keep * n_out))
+            n_keep = kept_channels(n_out, keep)
             if n_keep >= n_out:
                 continue
             if f is not None:

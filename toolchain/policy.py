@@ -153,6 +153,9 @@ FLOAT = LayerPolicy(bits=None)
 def check_layer(spec: "LayerSpec", lp: LayerPolicy) -> str | None:
     """Why ``lp`` cannot be applied to ``spec`` (None when it can): the export could not represent it."""
     if isinstance(lp.granularity, PerGroup) and lp.quantized:
+        if lp.bits > 4:
+            return ("per-group scales need 2..4-bit weights (ONNX Runtime's 8-bit integer kernels, QLinearConv and "
+                    "MatMulIntegerToFloat, take only per-tensor or per-channel scales)")
         if spec.kind == "dwconv":
             return "per-group granularity on a depthwise conv (one input channel per group)"
         if spec.in_features % lp.granularity.group_size != 0:
@@ -193,7 +196,7 @@ class Policy:
 
         Rules are strict: an exact-name rule must name a real layer, and a rule that asks for something the
         layer cannot do (prune a non-prunable layer, a group size that does not divide its input dim, per-group
-        on a depthwise conv) raises, naming the layer. A glob rule's keep ratio passes over the layers that
+        on a depthwise conv or with more than 4 bits) raises, naming the layer. A glob rule's keep ratio passes over the layers that
         follow a group (their channels are cut by the group's leading layer). The default is a blanket: where
         it cannot apply, the layer keeps all its channels and falls back to per-channel scales.
         """

@@ -4,7 +4,7 @@ from search_synth import SENS, make_specs
 
 from hirelc.cost import effective_ratio
 from hirelc.errors import HirelcError
-from hirelc.policy import PerChannel, PerGroup, check_layer
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, check_layer
 from hirelc.search.config import Budget, SearchConfig
 from hirelc.search.space import (
     Constraints,
@@ -47,13 +47,13 @@ def test_random_policies_are_always_valid(specs, min_bits, strategy):
                 assert lp.bits == 8
             if strategy == Strategy.QUANTIZE or not s.prunable:
                 assert lp.keep_ratio == 1.0
-            if s.kind == "dwconv" or s.in_features == 3:
+            if s.kind == "dwconv" or s.in_features == 3 or lp.bits > 4:
                 assert not isinstance(lp.granularity, PerGroup)
             seen_bits.add(lp.bits)
             seen_keep.add(lp.keep_ratio)
             seen_group |= isinstance(lp.granularity, PerGroup)
         assert layers["head.fc"].keep_ratio == 1.0
-    assert seen_group  # the mask does not forbid more than it must
+    assert seen_group == (min_bits <= 4 and strategy != Strategy.PRUNE)  # the mask forbids no more than it must
     if strategy != Strategy.PRUNE:
         assert min(seen_bits) == min_bits
     if strategy != Strategy.QUANTIZE:
@@ -67,7 +67,12 @@ def test_decode_maps_an_invalid_raw_action_to_the_nearest_valid_choice(specs):
     lp = decode(dw, np.array([3, 0, 0, g32]), c)  # 4 bits < min_bits; per-group on a depthwise conv
     assert lp.bits == 6 and lp.granularity == PerChannel()
     assert decode(head, np.array([0, 6, 1, 0]), c).keep_ratio == 1.0  # classifier is not prunable
-    assert decode(pw, np.array([0, 6, 1, g32]), c).granularity == PerGroup(32)  # valid choices pass through
+    low = c.narrowed(4, Strategy.BOTH)
+    valid = decode(pw, np.array([3, 6, 1, g32]), low)  # valid choices pass through
+    assert valid == LayerPolicy(4, c.keeps[6], Scheme.ASYMMETRIC, PerGroup(32))
+    assert decode(pw, np.array([1, 6, 1, g32]), c).granularity == PerChannel()  # min 6 bits: no per-group at all
+    # per-group with 8 bits: ONNX Runtime's int8 kernels cannot run it, so it decodes to per-channel
+    assert decode(pw, np.array([0, 6, 1, g32]), low).granularity == PerChannel()
     assert decode(pw, np.array([2, 0, 0, 0]), c.narrowed(4, Strategy.PRUNE)).bits == 8
     assert nearest_valid(1, np.array([True, False, True])) == 0  # ties go to the milder level
     assert nearest_valid(3, np.array([False, True, False, False])) == 1

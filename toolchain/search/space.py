@@ -14,7 +14,8 @@ granularity    per-tensor, per-channel, per-group(g) for g descending (coarse to
 
 **Masking.** A choice is invalid when the export cannot represent it (:func:`hirelc.policy.check_layer`:
 per-group on a depthwise conv, a group size that does not divide the input dim, keep < 1 on a layer whose
-channels cannot be pruned) or when the block's HLA decision forbids it (bits below ``min_bits``; the strategy).
+channels cannot be pruned; per-group with 5..8 bits, which ONNX Runtime's integer kernels cannot run, is
+decoded as per-channel) or when the block's HLA decision forbids it (bits below ``min_bits``; the strategy).
 The axes are independent, so the mask is one boolean vector per axis. An invalid raw index is mapped to the
 nearest valid index on its axis (ties go to the lower, i.e. milder, index); the agent is never penalised for it.
 
@@ -109,7 +110,10 @@ def valid_mask(spec: LayerSpec, c: Constraints) -> tuple[np.ndarray, np.ndarray,
     may_prune = spec.prunable and c.strategy != Strategy.QUANTIZE
     keep = np.array([k == 1.0 or may_prune for k in c.keeps])
     scheme = np.ones(len(SCHEMES), dtype=bool)
-    gran = np.array([check_layer(spec, LayerPolicy(8, 1.0, Scheme.SYMMETRIC, g)) is None for g in c.granularities])
+    # per-group also needs <= 4 bits: decode() turns it into per-channel where the bits chosen are higher
+    low_bits = any(ok and b <= 4 for b, ok in zip(c.bits, bits, strict=True))
+    gran = np.array([check_layer(spec, LayerPolicy(4, 1.0, Scheme.SYMMETRIC, g)) is None
+                     and (low_bits or not isinstance(g, PerGroup)) for g in c.granularities])
     return bits, keep, scheme, gran
 
 
@@ -123,7 +127,10 @@ def decode(spec: LayerSpec, action: np.ndarray, c: Constraints) -> LayerPolicy:
     """Map one layer's raw action ``[bits, keep, scheme, granularity]`` to the nearest valid LayerPolicy."""
     masks = valid_mask(spec, c)
     i_b, i_k, i_s, i_g = (nearest_valid(int(a), m) for a, m in zip(action, masks, strict=True))
-    return LayerPolicy(c.bits[i_b], c.keeps[i_k], SCHEMES[i_s], c.granularities[i_g])
+    gran = c.granularities[i_g]
+    if isinstance(gran, PerGroup) and c.bits[i_b] > 4:  # 8-bit containers take per-channel scales at most
+        gran = PerChannel()
+    return LayerPolicy(c.bits[i_b], c.keeps[i_k], SCHEMES[i_s], gran)
 
 
 def encode(spec: LayerSpec, lp: LayerPolicy, c: Constraints) -> np.ndarray:
