@@ -31,6 +31,9 @@ key                            meaning
 ``effective_storage_ratio``    from ``lower_report.json`` (bits actually needed, e.g. 3-bit codes count 3)
 ``effective_bits_per_param``   from ``lower_report.json``
 ``speedup``                    ``fp32_over_hirelc`` / ``ort_int8_over_hirelc``: batch -> median latency ratio
+``latency_prediction``         null, or when lowering had a latency table (``hirelc search --max-latency-ms``):
+                               ``batch``, ``predicted_ms`` (per-layer table), ``measured_ms`` (hirelc median
+                               here), ``measured_over_predicted``
 ``verify_config``              the :class:`VerifyConfig` used (batch sizes, runs, warm-up, threads, bounds)
 ``gate``                       ``passed`` (bool), ``failures`` (one line each), ``bounds`` (the limits checked)
 =============================  ===============================================================================
@@ -171,7 +174,7 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
     lower = runs.read_json(rd / runs.LOWER_REPORT, "lower report") if (rd / runs.LOWER_REPORT).is_file() else {}
 
     def median(k: str, b: int) -> float | None:
-        return lat[k][b]["median_ms"] if k in lat else None
+        return lat[k][b]["median_ms"] if k in lat and b in lat[k] else None
 
     h = artifacts.get("hirelc")
     report = {
@@ -192,6 +195,7 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
             "ort_int8_over_hirelc": {str(b): _ratio(median("ort_int8", b), median("hirelc", b))
                                      for b in cfg.batch_sizes},
         },
+        "latency_prediction": _latency_prediction(lower, median),
         "verify_config": asdict(cfg),
     }
     failures = check_gate(report, cfg)
@@ -199,6 +203,16 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
     runs.atomic_write_json(rd / runs.REPORT_JSON, report)
     runs.atomic_write_text(rd / runs.REPORT_MD, format_markdown(report))
     return report
+
+
+def _latency_prediction(lower: dict, median) -> dict | None:
+    """The lowering report's predicted latency beside this run's measured median at the same batch."""
+    pred = lower.get("predicted_latency")
+    if not pred:
+        return None
+    measured = median("hirelc", pred["batch"])
+    return {"batch": pred["batch"], "predicted_ms": pred["ms"], "measured_ms": measured,
+            "measured_over_predicted": _ratio(measured, pred["ms"])}
 
 
 def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
@@ -298,6 +312,10 @@ def format_markdown(report: dict) -> str:
     if report.get("effective_storage_ratio"):
         md.append(f"Effective storage ratio (from the lowering report): {report['effective_storage_ratio']:.2f}x, "
                   f"{report['effective_bits_per_param']:.2f} bits/param.\n")
+    lp = report.get("latency_prediction")
+    if lp and lp["measured_ms"] is not None:
+        md.append(f"Latency at batch {lp['batch']}: predicted {lp['predicted_ms']:.3f} ms by the per-layer table, "
+                  f"measured {lp['measured_ms']:.3f} ms (measured / predicted {lp['measured_over_predicted']:.2f}).\n")
     md.append("## Fused ops after ONNX Runtime optimisation\n")
     for k, a in report["artifacts"].items():
         ops = ", ".join(f"{op} {n}" for op, n in a["fused_ops"].items() if n) or "none"

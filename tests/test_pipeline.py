@@ -100,7 +100,7 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
     assert after == log_before
 
 
-def test_latency_table_times_every_format_and_predicts_its_anchors(compressed):
+def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path):
     from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency, uniform_layers
     from hirelc.policy import PRESETS
     from hirelc.topology import build_topology
@@ -124,6 +124,20 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed):
     assert predict(uniform_layers(topo, 8)) == pytest.approx(table["int8_model_ms"])
     assert predict(uniform_layers(topo, 8, ANCHOR_KEEP)) == pytest.approx(table["pruned_int8_model_ms"])
     assert 0 < predict(PRESETS["w4-group32"].resolve(list(topo.layers)))
+
+    # lowering in a run directory with this table records the prediction; verify sets it beside the measurement
+    from hirelc.export.verify import _latency_prediction
+    from hirelc.latency import LATENCY_TABLE, stored_prediction
+
+    rd = tmp_path / "with_table"
+    rd.mkdir()
+    assert stored_prediction(rd, topo, uniform_layers(topo, 8)) is None
+    runs.atomic_write_json(rd / LATENCY_TABLE, table)
+    stored = stored_prediction(rd, topo, uniform_layers(topo, 8))
+    assert stored == {"batch": 8, "ms": pytest.approx(table["int8_model_ms"])}
+    lp = _latency_prediction({"predicted_latency": stored}, lambda k, b: 2 * stored["ms"] if b == 8 else None)
+    assert lp["measured_over_predicted"] == pytest.approx(2.0) and lp["batch"] == 8
+    assert _latency_prediction({}, lambda k, b: 1.0) is None
 
 
 def test_latency_formats():

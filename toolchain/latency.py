@@ -226,3 +226,14 @@ def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch
     table = measure_latency_table(model, topo, batch=batch, progress=progress)
     runs.atomic_write_json(path, table)
     return table
+
+
+def stored_prediction(run_dir: str | Path, topo: Topology, layers: dict[str, LayerPolicy]) -> dict | None:
+    """``{"batch", "ms"}`` predicted from the run directory's latency table, None when it has no usable one."""
+    path = Path(run_dir) / LATENCY_TABLE
+    if not path.is_file():
+        return None
+    table = runs.read_json(path, "latency table")
+    if table.get("version") != TABLE_VERSION or set(table.get("layers", {})) != set(topo.names):
+        return None
+    return {"batch": int(table["batch"]), "ms": predict_latency(table, topo, layers)}

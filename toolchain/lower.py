@@ -384,6 +384,7 @@ def load_lowered(path: str | Path) -> dict:
 
 def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, progress: bool = True) -> dict:
     """The `hirelc lower` stage: baseline of ``run_dir`` + ``policy`` -> lowered.pt + lower_report.json."""
+    from hirelc.latency import stored_prediction
     from hirelc.train import load_baseline
 
     rd = Path(run_dir)
@@ -411,6 +412,8 @@ def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, pro
             "test_drop": meta["test_acc"] - test,
         },
         **info,
+        # from the run directory's latency table (the one a --max-latency-ms search used), when there is one
+        "predicted_latency": stored_prediction(rd, topo, layers),
         "layers": {k: v.to_dict() for k, v in layers.items()},
     }
     save_lowered(rd / runs.LOWERED_MODEL, lowered, mcfg, policy, layers, topo, cfg)
