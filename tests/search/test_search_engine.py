@@ -140,3 +140,31 @@ def test_random_mode_resumes_to_the_same_policy(tmp_path):
 def test_unknown_search_mode_is_refused():
     with pytest.raises(HirelcError, match="unknown search mode 'haq'"):
         SearchConfig(mode="haq")
+
+
+class _SlowLowBitsEvaluator(SyntheticEvaluator):
+    """Predicts latency the way ONNX Runtime behaves on CPUs here: 2..4-bit layers run slower than 8-bit ones."""
+
+    def predict_latency_ms(self, layers):
+        from hirelc.cost import group_keeps, kept_shape
+
+        keeps = group_keeps(self.specs, layers)
+        total = 0.0
+        for s in self.specs:
+            out, inn = kept_shape(s, layers, keeps)
+            slow = 2.0 if (layers[s.name].bits or 32) <= 4 else 1.0
+            total += slow * out * inn / (s.out_features * s.in_features)
+        return total
+
+
+def test_a_latency_budget_search_explores_beyond_its_anchor():
+    """Candidates are repaired into a latency budget by pruning (not by cutting bits, which slows layers)."""
+    specs = make_specs()
+    ev = _SlowLowBitsEvaluator(specs)
+    full = ev.predict_latency_ms({s.name: LayerPolicy(8) for s in specs})
+    budget = Budget(target_ratio=6.0, max_latency_ms=0.6 * full)
+    result = run_search(specs, SENSITIVITY, ev, CFG, budget, run_dir=None, progress=False)
+    assert ev.predict_latency_ms(result.layers) <= budget.max_latency_ms
+    meeting = [h for h in result.history if h["meets_budget"]]
+    assert len(meeting) >= 4, [h["kind"] for h in meeting]
+    assert {h["kind"] for h in meeting} - {"warmup-uniform"}

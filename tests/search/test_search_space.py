@@ -114,6 +114,36 @@ def test_tighten_meets_a_ratio_cheapest_layers_first(specs):
     assert out["stem.conv"].bits >= out["blocks.1.mlp.fc1"].bits  # sensitive stem is spared
 
 
+def _synthetic_latency(specs):
+    """A latency where 4-bit layers run twice as slow as 8-bit ones (DQ + float kernel) and scale with MACs."""
+    from hirelc.cost import group_keeps, kept_shape
+
+    def latency(layers) -> float:
+        keeps = group_keeps(specs, layers)
+        total = 0.0
+        for s in specs:
+            out, inn = kept_shape(s, layers, keeps)
+            total += (2.0 if (layers[s.name].bits or 32) <= 4 else 1.0) * out * inn / (s.out_features * s.in_features)
+        return total
+
+    return latency
+
+
+def test_tighten_on_latency_prunes_instead_of_cutting_bits(specs):
+    latency = _synthetic_latency(specs)
+    start = uniform_policy(specs, 8, 1.0)
+    budget = 0.7 * latency(start)
+    out = tighten(specs, start, BASE, SENS, lambda lay: latency(lay) <= budget, cost=latency)
+    assert latency(out) <= budget
+    assert all(lp.bits == 8 for lp in out.values())  # 4 bits would be slower: never taken for latency
+    assert any(lp.keep_ratio < 1.0 for lp in out.values())
+    # storage tightening that may not break the latency budget afterwards
+    fits = lambda lay: latency(lay) <= budget  # noqa: E731
+    both = tighten(specs, out, BASE, SENS, lambda lay: effective_ratio(specs, lay) >= 6.0 and fits(lay), allowed=fits)
+    assert effective_ratio(specs, both) >= 6.0 and fits(both)
+    assert all(check_layer(s, both[s.name]) is None for s in specs)
+
+
 def test_pruning_that_breaks_a_group_size_masks_it_to_per_channel():
     from hirelc.policy import LayerPolicy, PerChannel, PerGroup
     from hirelc.search.space import share_group_keeps

@@ -235,7 +235,7 @@ class _Search:
         ok = [p for p in grid if self.meets_budget(p)]
         if ok:
             return max(ok, key=lambda p: storage_fraction(self.specs, p))
-        lay = tighten(self.specs, grid[0], self.base, self.layer_sens, self.meets_budget)
+        lay = self.repair(grid[0], self._base_constraints())
         if not self.meets_budget(lay):
             raise HirelcError(f"no policy in the action space meets all of the budget {self.budget}")
         return lay
@@ -447,13 +447,32 @@ class _Search:
         return share_group_keeps(self.specs, {**layers, s.name: decode(s, action, c)})
 
     def repair(self, layers: Layers, block_c: Mapping[str, Constraints]) -> Layers:
-        """Bring a candidate inside the budget: first within its blocks' HLA constraints, then the whole space."""
+        """Bring a candidate inside the budget: first within its blocks' HLA constraints, then the whole space.
+
+        With a latency budget the latency is fixed first, by moves that lower the predicted latency (pruning,
+        coarser scales: fewer bits can make a layer slower); then storage, by moves that keep it in budget.
+        """
         if self.meets_budget(layers):
             return layers
-        lay = tighten(self.specs, layers, block_c, self.layer_sens, self.meets_budget)
-        if self.meets_budget(lay):
-            return lay
-        return tighten(self.specs, lay, self.base, self.layer_sens, self.meets_budget)
+        lay, fits = layers, None
+        if self.budget.max_latency_ms is not None:
+            def latency(p: Layers) -> float:
+                v = self.ev.predict_latency_ms(p)
+                return math.inf if v is None else float(v)
+
+            def fits(p: Layers) -> bool:
+                return latency(p) <= self.budget.max_latency_ms
+
+            for c in (block_c, self.base):
+                if not fits(lay):
+                    lay = tighten(self.specs, lay, c, self.layer_sens, fits, cost=latency)
+            if not fits(lay):
+                return lay
+        for c in (block_c, self.base):
+            if self.meets_budget(lay):
+                break
+            lay = tighten(self.specs, lay, c, self.layer_sens, self.meets_budget, allowed=fits)
+        return lay
 
     def result(self) -> SearchResult:
         best = self.best()

@@ -289,13 +289,16 @@ def _bits(spec: LayerSpec, lp: LayerPolicy, layers: Layers, keeps: dict[int, flo
 
 def tighten(
     specs: list[LayerSpec], layers: Layers, constraints: ConstraintsArg, sensitivity: Mapping[str, float],
-    done: Callable[[Layers], bool], max_steps: int = 10_000,
+    done: Callable[[Layers], bool], max_steps: int = 10_000, cost: Callable[[Layers], float] | None = None,
+    allowed: Callable[[Layers], bool] | None = None,
 ) -> Layers:
     """Greedily compress ``layers`` until ``done(layers)``, cheapest accuracy first; returns the last policy.
 
     Each step takes the single valid move (one bit level down; one keep level down on a prune-group leader; a
-    coarser granularity) with the lowest ``sensitivity of the touched layers / storage bits saved``, and stops
-    when ``done`` holds or no move saves bits. Brings a candidate inside the budget instead of discarding it.
+    coarser granularity) with the lowest ``sensitivity of the touched layers / cost saved``, and stops when
+    ``done`` holds or no move saves anything. The cost is storage bits, or ``cost(policy)`` when given (e.g.
+    predicted latency, which fewer bits can raise); moves whose result fails ``allowed`` are never taken.
+    Brings a candidate inside the budget instead of discarding it.
     """
     leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
     coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
@@ -304,6 +307,7 @@ def tighten(
         if done(cur):
             break
         keeps = group_keeps(specs, cur)
+        cur_cost = cost(cur) if cost is not None else 0.0
         best: tuple[float, LayerSpec, LayerPolicy] | None = None
         for s in specs:
             c = _for(s, constraints)
@@ -323,7 +327,10 @@ def tighten(
                     saved = sum(_bits(t, cur[t.name], cur, keeps) - _bits(t, cur[t.name], cur, tk) for t in touched)
                 else:
                     touched, saved = [s], _bits(s, cur[s.name], cur, keeps) - _bits(s, lp, cur, keeps)
-                if saved <= 0:
+                new = {**cur, s.name: lp} if cost is not None or allowed is not None else None
+                if cost is not None:
+                    saved = cur_cost - cost(new)
+                if saved <= 0 or (allowed is not None and not allowed(new)):
                     continue
                 score = (sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6) / saved
                 if best is None or score < best[0]:
