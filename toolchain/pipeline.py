@@ -132,13 +132,13 @@ class CompressConfig:
     run_dir: str = "hirelc-run"
     model: str = "resnet18"
     data: DataOptions = field(default_factory=lambda: DataOptions(spec="fashion-mnist-mini"))
-    train_epochs: int = 8
+    train_epochs: int = 4
     policy: str | None = None  # preset or policy JSON; None = run the HiReLC search
     target_ratio: float = 8.0
     search_preset: str = "quick"
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
-    qat_epochs: float = 2.0
+    qat_epochs: float = 1.0
     verify_runs: int = 50
     resume: bool = False
     seed: int = 0
