@@ -168,3 +168,25 @@ def test_a_latency_budget_search_explores_beyond_its_anchor():
     meeting = [h for h in result.history if h["meets_budget"]]
     assert len(meeting) >= 4, [h["kind"] for h in meeting]
     assert {h["kind"] for h in meeting} - {"warmup-uniform"}
+
+
+def test_the_proxy_sees_whole_policy_masks():
+    """A block's per-group choice whose input another block prunes to 48 channels reaches the evaluator
+    (which lowers it) as per-channel, not as a policy the lowering would refuse."""
+    from hirelc.policy import PerChannel, PerGroup
+    from hirelc.search.engine import _Search
+
+    specs = make_specs()
+    seen = []
+
+    class Recording(SyntheticEvaluator):
+        def proxy_drop(self, layers):
+            seen.append(layers)
+            return super().proxy_drop(layers)
+
+    search = _Search(specs, SENSITIVITY, Recording(specs), CFG, BUDGET, None)
+    layers = {s.name: LayerPolicy(8) for s in specs}
+    layers["blocks.0.pw"] = LayerPolicy(8, keep_ratio=0.5)  # 96 -> 48 outputs, read by blocks.0.proj
+    layers["blocks.0.proj"] = LayerPolicy(4, granularity=PerGroup(32))
+    search.proxy_drop(layers)
+    assert seen[-1]["blocks.0.proj"].granularity == PerChannel()

@@ -210,7 +210,12 @@ class _Search:
 
     # ---- budget and predictions ----------------------------------------------------------------------------
     def proxy_drop(self, layers: Layers) -> float:
-        """The evaluator's cold-start proxy, memoised, run with the caller's thread count (RL runs on one)."""
+        """The evaluator's cold-start proxy, memoised, run with the caller's thread count (RL runs on one).
+
+        Agents compose one block's choice with the incumbent elsewhere; the whole-policy masks (tied keeps,
+        group sizes that another block's pruning stopped dividing) are applied here, before anything is lowered.
+        """
+        layers = share_group_keeps(self.specs, layers)
         key = policy_key(self.specs, layers)
         if key not in self._proxy:
             with torch_threads(self._threads):
