@@ -101,8 +101,9 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
 
 
 def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path):
-    from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency, uniform_layers
+    from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency
     from hirelc.policy import PRESETS
+    from hirelc.search.space import uniform_policy
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
 
@@ -121,8 +122,8 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
 
     # the whole-model anchors are predicted exactly: the rest of the network is calibrated on them
     assert predict(PRESETS["fp32"].resolve(list(topo.layers))) == pytest.approx(table["fp32_model_ms"])
-    assert predict(uniform_layers(topo, 8)) == pytest.approx(table["int8_model_ms"])
-    assert predict(uniform_layers(topo, 8, ANCHOR_KEEP)) == pytest.approx(table["pruned_int8_model_ms"])
+    assert predict(uniform_policy(list(topo.layers), 8, 1.0)) == pytest.approx(table["int8_model_ms"])
+    assert predict(uniform_policy(list(topo.layers), 8, ANCHOR_KEEP)) == pytest.approx(table["pruned_int8_model_ms"])
     assert 0 < predict(PRESETS["w4-group32"].resolve(list(topo.layers)))
 
     # lowering in a run directory with this table records the prediction; verify sets it beside the measurement
@@ -131,9 +132,9 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
 
     rd = tmp_path / "with_table"
     rd.mkdir()
-    assert stored_prediction(rd, topo, uniform_layers(topo, 8)) is None
+    assert stored_prediction(rd, topo, uniform_policy(list(topo.layers), 8, 1.0)) is None
     runs.atomic_write_json(rd / LATENCY_TABLE, table)
-    stored = stored_prediction(rd, topo, uniform_layers(topo, 8))
+    stored = stored_prediction(rd, topo, uniform_policy(list(topo.layers), 8, 1.0))
     assert stored == {"batch": 8, "ms": pytest.approx(table["int8_model_ms"])}
     lp = _latency_prediction({"predicted_latency": stored}, lambda k, b: 2 * stored["ms"] if b == 8 else None)
     assert lp["measured_over_predicted"] == pytest.approx(2.0) and lp["batch"] == 8

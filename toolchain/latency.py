@@ -124,11 +124,6 @@ class _NoiseData:
         return [(x, torch.zeros(batch_size, dtype=torch.long))]
 
 
-def uniform_layers(topo: Topology, bits: int | None = 8, keep: float = 1.0) -> dict[str, LayerPolicy]:
-    """Every layer at ``bits`` (default format), prunable layers at ``keep``."""
-    return {s.name: LayerPolicy(bits=bits, keep_ratio=keep if s.prunable else 1.0) for s in topo.layers}
-
-
 def time_lowered(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], batch: int, runs_: int,
                  path: Path) -> float:
     """Lower ``model`` for ``layers`` the real way (no fine-tuning, ranges from noise), export, time it."""
@@ -141,9 +136,8 @@ def time_lowered(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy
     return _time_onnx(path, (batch, *topo.input_shape[1:]), runs_)
 
 
-def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> tuple[float, float]:
+def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> tuple[float, float]:
     """(quantized share, mean kept output fraction) of a policy, both weighted by the layers' fp32 time."""
-    keeps = group_keeps(list(topo.layers), layers)
     w = {s.name: table["layers"][s.name]["fp32"] for s in topo.layers}
     total = sum(w.values()) or 1.0
     q = sum(w[s.name] for s in topo.layers if layers[s.name].bits is not None) / total
@@ -151,8 +145,7 @@ def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> tupl
     return q, k
 
 
-def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> float:
-    keeps = group_keeps(list(topo.layers), layers)
+def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> float:
     total = 0.0
     for s in topo.layers:
         out, inn = kept_shape(s, layers, keeps)
@@ -172,6 +165,7 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
     from tqdm.auto import tqdm
 
     from hirelc.export import export_fp32, export_lowered
+    from hirelc.search.space import uniform_policy
 
     model = model.eval()
     shapes = _input_shapes(model, topo)
@@ -190,28 +184,30 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
                 (export_fp32 if lp is None else export_lowered)(wrap, in_shape, path)
                 row[key] = _time_onnx(path, (batch, *in_shape[1:]), runs_)
             table["layers"][s.name] = row
-        int8 = uniform_layers(topo, 8)
+        int8 = uniform_policy(list(topo.layers), 8, 1.0)
         table["int8_model_ms"] = time_lowered(model, topo, int8, batch, runs_, Path(tmp) / "int8.onnx")
         if any(s.prunable for s in topo.layers):
-            pruned = uniform_layers(topo, 8, anchor_keep)
+            pruned = uniform_policy(list(topo.layers), 8, anchor_keep)
             table["pruned_int8_model_ms"] = time_lowered(model, topo, pruned, batch, runs_, Path(tmp) / "p.onnx")
-            table["anchor_keep"] = _shares(table, topo, pruned)[1]
-            table["pruned_int8_rest_ms"] = table["pruned_int8_model_ms"] - _layer_sum(table, topo, pruned)
+            keeps = group_keeps(list(topo.layers), pruned)
+            table["anchor_keep"] = _shares(table, topo, pruned, keeps)[1]
+            table["pruned_int8_rest_ms"] = table["pruned_int8_model_ms"] - _layer_sum(table, topo, pruned, keeps)
     fp32 = {s.name: LayerPolicy(bits=None) for s in topo.layers}
-    table["rest_ms"] = table["fp32_model_ms"] - _layer_sum(table, topo, fp32)
-    table["int8_rest_ms"] = table["int8_model_ms"] - _layer_sum(table, topo, int8)
+    table["rest_ms"] = table["fp32_model_ms"] - _layer_sum(table, topo, fp32, {})
+    table["int8_rest_ms"] = table["int8_model_ms"] - _layer_sum(table, topo, int8, {})
     return table
 
 
 def predict_latency(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> float:
     """Predicted latency (ms, at the table's batch size) of the lowered model for ``layers``."""
-    q, k = _shares(table, topo, layers)
+    keeps = group_keeps(list(topo.layers), layers)  # once: predictions sit in the search's repair loop
+    q, k = _shares(table, topo, layers, keeps)
     rest_int = table["int8_rest_ms"]
     if "anchor_keep" in table and table["anchor_keep"] < 1.0:
         slope = (table["int8_rest_ms"] - table["pruned_int8_rest_ms"]) / (1.0 - table["anchor_keep"])
         rest_int -= slope * (1.0 - k)
     rest = (1.0 - q) * table["rest_ms"] * k + q * rest_int
-    return float(max(_layer_sum(table, topo, layers) + rest, 0.0))
+    return float(max(_layer_sum(table, topo, layers, keeps) + rest, 0.0))
 
 
 def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
