@@ -121,10 +121,21 @@ def test_uniform_keep_matches_a_parameter_budget(benched):
     ({"methods": ("fp32", "tflite")}, "unknown bench method"),
     ({"methods": ("prune-int8",)}, "include the hirelc method"),
     ({"runs": 0}, "runs >= 1"),
+    ({"max_latency_ms": 0.0}, "latency budget must be positive"),
 ])
 def test_bad_bench_options_are_one_line_errors(kw, match):
     with pytest.raises(HirelcError, match=match):
         BenchConfig(**kw)
+
+
+def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
+    rd = _trained(tmp_path_factory)
+    cfg = BenchConfig(**{**TINY.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0})
+    report = bench(rd, cfg, progress=False, echo=lambda s: None)
+    summary = runs.read_json(rd / "bench" / "hirelc" / "search.json", "search summary")
+    assert summary["budget"]["max_latency_ms"] == 50.0 and summary["predicted_latency_ms_b8"] <= 50.0
+    assert report["config"]["max_latency_ms"] == 50.0
+    assert "and 50.0 ms at batch 8" in (rd / "bench" / "bench.md").read_text()
 
 
 def test_bench_without_a_baseline_exits_2(tmp_path):

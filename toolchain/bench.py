@@ -39,6 +39,7 @@ BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 @dataclass(frozen=True)
 class BenchConfig:
     target_ratio: float = 8.0  # the search budget (effective storage and file bytes)
+    max_latency_ms: float | None = None  # optional search budget on ORT batch-8 latency (every searched method)
     preset: str = "quick"  # search effort, the same for every searched method
     qat_epochs: float = 1.0  # fine-tuning of every lowered artifact
     runs: int = 30  # timed runs per artifact and batch size
@@ -56,6 +57,8 @@ class BenchConfig:
             raise HirelcError("prune-int8 is sized to hirelc's parameter count: include the hirelc method")
         if self.target_ratio <= 0 or self.runs < 1 or self.qat_epochs < 0:
             raise HirelcError("target ratio must be positive, runs >= 1 and fine-tuning epochs >= 0")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise HirelcError(f"latency budget must be positive, got {self.max_latency_ms} ms")
 
 
 def uniform_keep_for_params(specs, bits: int, target_params: int):
@@ -129,8 +132,8 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
             summary = runs.read_json(summary_path, "search summary")
         else:
             echo(f"  {method}: searching ({SEARCHED[method]} mode, {cfg.preset} effort)")
-            summary = search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=cfg.seed,
-                                   progress=progress,
+            summary = search_stage(sub, target_ratio=cfg.target_ratio, max_latency_ms=cfg.max_latency_ms,
+                                   preset=cfg.preset, seed=cfg.seed, progress=progress,
                                    overrides={**cfg.search_overrides, "mode": SEARCHED[method]})
         lowered(method, str(sub / runs.POLICY), search=summary)
     for method, preset, weight_only in (("uniform-w4", "w4", True), ("uniform-int8", "int8", False)):
@@ -224,7 +227,9 @@ def format_bench(report: dict) -> str:
     lines = [
         f"# hirelc bench - {report['model']['name'] if report.get('model') else ''} on {report['data']['name']}",
         "",
-        f"{report['created']} - budget {report['config']['target_ratio']}x, search effort "
+        f"{report['created']} - budget {report['config']['target_ratio']}x"
+        + (f" and {lat} ms at batch 8" if (lat := report["config"].get("max_latency_ms")) else "")
+        + ", search effort "
         f"{report['config']['preset']}, {report['config']['qat_epochs']} fine-tuning epochs, "
         f"{report['config']['runs']} interleaved runs",
         "",

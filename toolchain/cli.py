@@ -229,6 +229,8 @@ def compress(
 def bench(
     run_dir: Path = RunDir,
     target_ratio: float = typer.Option(8.0, help="Search budget of the searched methods (storage and file bytes)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Also a latency budget for every searched method: "
+                                                   "ORT batch-8 latency (ms), as in `hirelc search`."),
     preset: str = typer.Option("quick", help="Search effort of every searched method: quick | standard | thorough."),
     qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of every lowered artifact."),
     runs: int = typer.Option(30, help="Timed runs per artifact and batch size (interleaved)."),
@@ -246,7 +248,7 @@ def bench(
     from hirelc.bench import bench as run_bench
 
     with _user_errors():
-        cfg = BenchConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
+        cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
         report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_bench(report))
@@ -286,6 +288,32 @@ def ablate(
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_ablation(report))
+
+
+@app.command()
+def results(
+    reports: list[Path] = typer.Argument(..., help="bench.json / ablation.json files, or the folders holding "
+                                         "them (`hirelc bench` / `hirelc ablate` outputs), in the order to show."),
+    readme: Optional[Path] = typer.Option(None, help="Write the section into this Markdown file, between the "
+                                          "lines <!-- hirelc-results:start --> and <!-- hirelc-results:end --> "
+                                          "(appended with them when absent)."),
+    plots: Optional[Path] = typer.Option(None, help="Copy each report's PNG plots into this folder and show "
+                                         "them in the section (with --readme: linked relative to it)."),
+):
+    """The results section of the README from finished comparisons and ablations: the exact command of each,
+    date, machine, the tables, and the goal figures checked against what was measured (met / not met)."""
+    from hirelc.results import copy_plots, results_section, write_into
+
+    with _user_errors():
+        reports = list(reports)
+        figures = None
+        if plots is not None:
+            figures = copy_plots(reports, plots, readme.parent if readme is not None else Path.cwd())
+        section = results_section(reports, plots=figures)
+        if readme is None:
+            typer.echo(section)
+        else:
+            typer.echo(f"results section written into {write_into(readme, section)}")
 
 
 @app.command()

@@ -1,0 +1,163 @@
+"""`hirelc results`: the README section rebuilt from bench / ablation reports, with the goal figures checked."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hirelc.ablate import mean_std
+from hirelc.cli import app
+from hirelc.errors import HirelcError
+from hirelc.results import END, START, bench_command, bench_goals, load, results_section, write_into
+
+INFO = {"cpu": "Test CPU", "cores": 2, "system": "Linux", "onnxruntime": "1.0", "torch": "2.0"}
+
+
+def _row(top1, nbytes, b1, b8, eff, evals=None, wall=None):
+    return {"file": "x.onnx", "top1": top1, "bytes": nbytes, "effective_ratio": eff,
+            "latency_ms": {"1": b1, "8": b8}, "search_wall_s": wall, "real_evals": evals}
+
+
+def _bench_report() -> dict:
+    rows = {
+        "fp32": _row(90.0, 40_000_000, 2.0, 8.0, 1.0),
+        "ort-int8": _row(89.8, 10_000_000, 2.4, 9.6, 4.0),
+        "uniform-w4": _row(88.0, 6_000_000, 5.0, 20.0, 7.9),
+        "uniform-int8": _row(89.5, 10_500_000, 2.3, 9.0, 4.0),
+        "prune-int8": _row(87.0, 4_000_000, 1.2, 4.5, 11.0),
+        "random": _row(88.5, 4_100_000, 1.5, 5.0, 10.5, evals=9, wall=300.0),
+        "hirelc": _row(89.2, 3_900_000, 1.1, 4.4, 11.5, evals=9, wall=320.0),
+    }
+    for r in rows.values():
+        r["size_ratio"] = rows["fp32"]["bytes"] / r["bytes"]
+        r["speedup_vs_fp32"] = {b: rows["fp32"]["latency_ms"][b] / v for b, v in r["latency_ms"].items()}
+        r["speedup_vs_ort_int8"] = {b: rows["ort-int8"]["latency_ms"][b] / v for b, v in r["latency_ms"].items()}
+    return {"created": "2026-11-25T18:00:00+00:00", "run_dir": "runs/r18", "model": {"name": "resnet18"},
+            "data": {"name": "fashion-mnist"}, "build_wall_s": 1.0, "methods": rows,
+            "config": {"target_ratio": 8.0, "max_latency_ms": 4.93, "preset": "quick", "qat_epochs": 1.0,
+                       "runs": 50, "batch_sizes": [1, 8], "seed": 0}}
+
+
+def _ablation_report() -> dict:
+    runs_ = [{"variant": v, "seed": s, "final_top1": 85.0 + s, "best_val": 84.0, "effective_ratio": 10.0,
+              "real_evals": 9, "evals_to_best": 3, "search_wall_s": 300.0, "surrogate_spearman": 0.1,
+              "surrogate_points": []} for v in ("full", "no-surrogate") for s in (0, 1, 2)]
+    summary = {v: {m: mean_std([r[m] for r in runs_ if r["variant"] == v])
+                   for m in ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s",
+                             "real_evals")} for v in ("full", "no-surrogate")}
+    return {"created": "2026-11-25T19:00:00+00:00", "run_dir": "runs/r18_abl", "model": {"name": "resnet18"},
+            "baseline_test_acc": 87.41, "runs": runs_, "summary": summary, "surrogate": {"points": 0, "spearman": None},
+            "config": {"target_ratio": 8.0, "preset": "quick", "seeds": [0, 1, 2],
+                       "variants": ["full", "no-surrogate"], "qat_epochs": 0.1}}
+
+
+def _goals(report) -> dict:
+    return {g: ok for g, ok, _ in bench_goals(report)}
+
+
+def test_goals_are_judged_from_the_measured_rows():
+    rep = _bench_report()
+    g = _goals(rep)
+    assert g["≥ 10x effective storage at ≤ 1.0-point ORT top-1 drop"] is True  # 11.5x at -0.8
+    assert g["≥ 1.3x faster than ORT int8 on CPU at no worse accuracy"] is False  # 89.2 < 89.8 (speed is there)
+    assert g["beats random search at equal real evaluations"] is True
+    assert all(ok for name, ok in g.items() if "Pareto" in name)
+
+    worse = copy.deepcopy(rep)
+    worse["methods"]["prune-int8"].update(top1=89.5, bytes=3_800_000)  # smaller and more accurate than hirelc
+    worse["methods"]["hirelc"]["effective_ratio"] = 9.0
+    worse["methods"]["random"]["real_evals"] = 12
+    goals = bench_goals(worse)
+    g = {name: ok for name, ok, _ in goals}
+    assert g["≥ 10x effective storage at ≤ 1.0-point ORT top-1 drop"] is False
+    assert g["on or beyond the Pareto front of the uniform baselines (file bytes)"] is False
+    assert "dominated by prune-int8" in dict((n, f) for n, _, f in goals)[
+        "on or beyond the Pareto front of the uniform baselines (file bytes)"]
+    assert g["beats random search at equal real evaluations"] is None  # unequal budgets: no verdict
+
+    faster = copy.deepcopy(rep)
+    faster["methods"]["hirelc"]["top1"] = 89.9
+    assert _goals(faster)["≥ 1.3x faster than ORT int8 on CPU at no worse accuracy"] is True
+
+
+def test_section_restates_command_machine_tables_and_verdicts(tmp_path):
+    b, a = tmp_path / "bench.json", tmp_path / "ablation.json"
+    b.write_text(json.dumps(_bench_report()))
+    a.write_text(json.dumps(_ablation_report()))
+    text = results_section([b, a], info=INFO)
+    assert "hirelc bench -r runs/r18 --target-ratio 8 --max-latency-ms 4.93 --preset quick" in text
+    assert "hirelc ablate -r runs/r18_abl --seeds 0,1,2 --variants full,no-surrogate" in text
+    assert "Test CPU, 2 cores" in text and "ONNX Runtime 1.0" in text
+    assert "| hirelc | 89.20 |" in text and "| full | 86.00 ± 1.00 |" in text
+    assert "1.3x faster than ORT int8 on CPU at no worse accuracy: **not met**" in text
+    assert text.index("bench: resnet18") < text.index("ablation: resnet18")  # the order given
+
+
+def test_bench_command_without_latency_budget():
+    rep = _bench_report()
+    rep["config"]["max_latency_ms"] = None
+    assert "--max-latency-ms" not in bench_command(rep)
+
+
+def test_write_into_replaces_only_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    write_into(readme, "first")
+    assert readme.read_text() == f"# title\n\nintro\n\n{START}\nfirst\n{END}\n"
+    readme.write_text(readme.read_text() + "\n## after\n")
+    write_into(readme, "second\nsection")
+    assert readme.read_text() == f"# title\n\nintro\n\n{START}\nsecond\nsection\n{END}\n\n## after\n"
+
+
+def test_broken_markers_leave_the_file_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{START}\nold\n")
+    with pytest.raises(HirelcError, match="markers"):
+        write_into(readme, "new")
+    assert readme.read_text() == f"x\n{START}\nold\n"
+
+
+def test_load_tells_reports_apart_and_refuses_others(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(_bench_report()))
+    assert load(tmp_path)[0] == "bench"
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(HirelcError, match="not a bench.json or ablation.json"):
+        load(tmp_path / "other.json")
+    with pytest.raises(HirelcError, match="no such file"):
+        load(tmp_path / "missing.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HirelcError, match="holds neither"):
+        load(tmp_path / "empty")
+
+
+def test_cli_writes_the_readme_and_bad_input_exits_2(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bench.json").write_text(json.dumps(_bench_report()))
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n")
+    res = CliRunner().invoke(app, ["results", str(tmp_path / "b"), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    assert START in readme.read_text() and "| hirelc | 89.20 |" in readme.read_text()
+    (tmp_path / "bad.json").write_text("{not json")
+    res = CliRunner().invoke(app, ["results", str(tmp_path / "bad.json"), "--readme", str(readme)])
+    assert res.exit_code == 2 and "hirelc: error:" in res.output and "Traceback" not in res.output
+    assert "| hirelc | 89.20 |" in readme.read_text()  # the earlier section is untouched
+
+
+def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path):
+    run = tmp_path / "runs" / "bench"
+    run.mkdir(parents=True)
+    (run / "bench.json").write_text(json.dumps(_bench_report()))
+    (run / "bench_accuracy_vs_bytes.png").write_bytes(b"\x89PNG fake")
+    readme = tmp_path / "repo" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text("# r\n")
+    res = CliRunner().invoke(app, ["results", str(run), "--readme", str(readme),
+                                   "--plots", str(tmp_path / "repo" / "docs" / "results")])
+    assert res.exit_code == 0, res.output
+    copied = tmp_path / "repo" / "docs" / "results" / "resnet18-bench-bench_accuracy_vs_bytes.png"
+    assert copied.read_bytes() == b"\x89PNG fake"
+    assert "](docs/results/resnet18-bench-bench_accuracy_vs_bytes.png)" in readme.read_text()

@@ -1,0 +1,216 @@
+"""The README's results section, generated from finished `hirelc bench` and `hirelc ablate` runs.
+
+``results_section`` reads bench.json / ablation.json files, restates the exact command that produced each
+one (from its recorded config), the date and the machine, the tables, and checks the project's goal figures
+against what was measured (met / not met, never asserted). ``write_into`` replaces the text between two
+marker lines of a Markdown file, atomically, so the section can be regenerated at any time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from hirelc import runs
+from hirelc.ablate import ABLATION_JSON, format_ablation
+from hirelc.bench import BENCH_JSON, format_bench
+from hirelc.errors import HirelcError
+
+START, END = "<!-- hirelc-results:start -->", "<!-- hirelc-results:end -->"
+UNIFORM = ("ort-int8", "uniform-w4", "uniform-int8", "prune-int8")  # the one-setting-for-all baselines
+
+
+def machine() -> dict:
+    """What the figures were measured on (this machine: the section is generated where the runs were made)."""
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(terse=True),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
+def load(path: str | Path) -> tuple[str, dict]:
+    """``("bench" | "ablation", report)`` from a report file or the folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        hits = [p / n for n in (BENCH_JSON, ABLATION_JSON) if (p / n).is_file()]
+        if not hits:
+            raise HirelcError(f"{p}: holds neither {BENCH_JSON} nor {ABLATION_JSON} (run `hirelc bench` or "
+                              "`hirelc ablate` first)")
+        p = hits[0]
+    if not p.is_file():
+        raise HirelcError(f"{p}: no such file")
+    report = runs.read_json(p, "report")
+    if isinstance(report, dict) and isinstance(report.get("methods"), dict):
+        return "bench", report
+    if isinstance(report, dict) and isinstance(report.get("summary"), dict) and "runs" in report:
+        return "ablation", report
+    raise HirelcError(f"{p}: not a bench.json or ablation.json report")
+
+
+def bench_command(report: dict) -> str:
+    c = report["config"]
+    cmd = f"hirelc bench -r {report['run_dir']} --target-ratio {c['target_ratio']:g}"
+    if c.get("max_latency_ms"):
+        cmd += f" --max-latency-ms {c['max_latency_ms']:g}"
+    cmd += f" --preset {c['preset']} --qat-epochs {c['qat_epochs']:g} --runs {c['runs']} --seed {c['seed']}"
+    return cmd
+
+
+def ablation_command(report: dict) -> str:
+    c = report["config"]
+    return (f"hirelc ablate -r {report['run_dir']} --seeds {','.join(map(str, c['seeds']))} "
+            f"--variants {','.join(c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
+            f"--qat-epochs {c['qat_epochs']:g}")
+
+
+def _dominates(a: dict, b: dict, x) -> bool:
+    """a is at least as good as b on both axes (accuracy up, x down) and better on one."""
+    return a["top1"] >= b["top1"] and x(a) <= x(b) and (a["top1"] > b["top1"] or x(a) < x(b))
+
+
+def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
+    """The goal figures of a comparison: ``(goal, met or None when not measurable, the measured figures)``."""
+    rows = report["methods"]
+    h = rows.get("hirelc")
+    if h is None:
+        return []
+    goals: list[tuple[str, bool | None, str]] = []
+    if "fp32" in rows:
+        drop = rows["fp32"]["top1"] - h["top1"]
+        goals.append(("≥ 10x effective storage at ≤ 1.0-point ORT top-1 drop",
+                      h["effective_ratio"] >= 10.0 and drop <= 1.0,
+                      f"{h['effective_ratio']:.2f}x at a drop of {drop:+.2f} points"))
+    for axis, x, what, better in (("bytes", lambda r: r["bytes"], "file bytes", "smaller"),
+                                  ("latency", lambda r: r["latency_ms"]["8"], "batch-8 latency", "faster")):
+        if axis == "latency" and "8" not in h["latency_ms"]:
+            continue
+        others = [m for m in UNIFORM if m in rows]
+        beaten_by = [m for m in others if _dominates(rows[m], h, x)]
+        goals.append((f"on or beyond the Pareto front of the uniform baselines ({what})", not beaten_by,
+                      "dominated by " + ", ".join(beaten_by) if beaten_by else
+                      f"no uniform baseline ({', '.join(others)}) is both {better} and more accurate"))
+    if "ort-int8" in rows:
+        o = rows["ort-int8"]
+        sp = h["speedup_vs_ort_int8"]
+        fast = all(v is not None and v >= 1.3 for v in sp.values())
+        goals.append(("≥ 1.3x faster than ORT int8 on CPU at no worse accuracy",
+                      fast and h["top1"] >= o["top1"],
+                      ", ".join(f"b{b} {v:.2f}x" for b, v in sp.items()) +
+                      f"; top-1 {h['top1']:.2f} vs {o['top1']:.2f} %"))
+    if "random" in rows:
+        r = rows["random"]
+        same = r.get("real_evals") == h.get("real_evals")
+        goals.append(("beats random search at equal real evaluations",
+                      (h["top1"] > r["top1"]) if same else None,
+                      f"{h['top1']:.2f} vs {r['top1']:.2f} % ORT top-1 after "
+                      f"{h.get('real_evals')} / {r.get('real_evals')} real evaluations"))
+    return goals
+
+
+def _goal_lines(goals) -> list[str]:
+    mark = {True: "met", False: "**not met**", None: "not comparable"}
+    return [f"- {g}: {mark[ok]} ({fig})" for g, ok, fig in goals]
+
+
+def _demote(md: str) -> list[str]:
+    """A report's own Markdown under this section: its title becomes a level-4 heading."""
+    lines = md.rstrip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines[0] = "####" + lines[0][1:]
+    return lines
+
+
+def _report_file(path: str | Path) -> Path:
+    p = Path(path)
+    return next((p / n for n in (BENCH_JSON, ABLATION_JSON) if (p / n).is_file()), p) if p.is_dir() else p
+
+
+def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> dict[Path, list[Path]]:
+    """Copy each report's PNG plots into ``dest`` (named after model and kind); their paths relative to
+    ``base`` (where the Markdown file lies), per report file."""
+    import shutil
+
+    dest, out = Path(dest), {}
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        kind, rep = load(p)
+        f = _report_file(p)
+        name = (rep.get("model") or {}).get("name", "model")
+        copied = []
+        for png in sorted(f.parent.glob("*.png")):
+            target = dest / f"{name}-{kind}-{png.name}"
+            shutil.copyfile(png, target)
+            copied.append(Path(os.path.relpath(target, base)))
+        out[f] = copied
+    return out
+
+
+def results_section(paths: list[str | Path], info: dict | None = None,
+                    plots: dict[Path, list[Path]] | None = None) -> str:
+    """The Markdown results section for the given bench / ablation reports (in the order given); ``plots``
+    (from ``copy_plots``) adds each report's figures below its table."""
+    if not paths:
+        raise HirelcError("give at least one bench.json or ablation.json (or the folder holding it)")
+    info = info or machine()
+    loaded = [load(p) for p in paths]
+    figures = [(plots or {}).get(_report_file(p), []) for p in paths]
+    lines = [
+        "### Generated results (`hirelc results`)",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['system']}; ONNX Runtime {info['onnxruntime']}, "
+        f"torch {info['torch']}. Every table below is a report file rendered as it was written; rerun the "
+        "command above a table to regenerate it, and `hirelc results` to rebuild this section.",
+    ]
+    for (kind, rep), pngs in zip(loaded, figures, strict=True):
+        name = (rep.get("model") or {}).get("name", "?")
+        data = (rep.get("data") or {}).get("name", "")
+        lines += ["", f"#### {kind}: {name}{' on ' + data if data else ''} ({rep['created'][:10]})", "", "```bash",
+                  bench_command(rep) if kind == "bench" else ablation_command(rep), "```", ""]
+        body = _demote(format_bench(rep) if kind == "bench" else format_ablation(rep))
+        lines += body[2:]  # the report's own title repeats the heading above
+        for png in pngs:
+            lines += ["", f"![{png.stem}]({png.as_posix()})"]
+        if kind == "bench":
+            goals = bench_goals(rep)
+            if goals:
+                lines += ["", "Goal figures (measured, not asserted):", *_goal_lines(goals)]
+        else:
+            lines += ["", "Per run: " + "; ".join(
+                f"{r['variant']} s{r['seed']} {r['final_top1']:.2f} % ({r['effective_ratio']:.2f}x, "
+                f"{r['search_wall_s']:.0f} s)" for r in rep["runs"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_into(path: str | Path, section: str) -> Path:
+    """Replace what lies between the marker lines of a Markdown file (appending them at the end when absent)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HirelcError(f"{p}: no such file")
+    text = p.read_text()
+    block = f"{START}\n{section.rstrip()}\n{END}"
+    if text.count(START) != text.count(END) or text.count(START) > 1:
+        raise HirelcError(f"{p}: the markers {START} / {END} must appear once each, in that order")
+    if START in text:
+        head, rest = text.split(START, 1)
+        if END not in rest:
+            raise HirelcError(f"{p}: {START} without {END} after it")
+        tail = rest.split(END, 1)[1]
+        new = head + block + tail
+    else:
+        new = text.rstrip("\n") + "\n\n" + block + "\n"
+    runs.atomic_write_text(p, new)
+    return p
+
+
+__all__ = ["START", "END", "machine", "load", "results_section", "bench_goals", "write_into", "copy_plots",
+           "bench_command", "ablation_command"]
