@@ -68,7 +68,8 @@ def train(
     seed: int = SeedOpt,
     max_train: Optional[int] = typer.Option(None, help="Cap the training split (stratified)."),
 ):
-    """Train the fp32 baseline (or load --checkpoint); a second identical call reuses it."""
+    """Train the fp32 baseline (or load --checkpoint); a second identical call reuses it, and an interrupted one
+    continues where it stopped (the state is saved every 2 minutes and every epoch)."""
     from hirelc.pipeline import DataOptions, train_stage
     from hirelc.train import TrainConfig
 

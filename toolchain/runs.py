@@ -20,6 +20,7 @@ from hirelc.errors import HirelcError
 # File names inside a run directory (one place, so stages and tests agree).
 BASELINE_CKPT = "baseline.pt"
 BASELINE_META = "baseline.json"
+BASELINE_STATE = "baseline_state.pt"  # an unfinished baseline training (resumed by the next identical call)
 POLICY = "policy.json"
 LOWERED_MODEL = "lowered.pt"
 LOWER_REPORT = "lower_report.json"
