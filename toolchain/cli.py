@@ -173,6 +173,8 @@ def search(
                                                    "predicted from a per-layer table measured once per model."),
     seed: int = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
+    fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
+                                     "give the most sensitive layers back bits / channels while it still fits."),
 ):
     """Run the HiReLC search (Fisher sensitivity, hierarchical ensemble agents, surrogate active learning).
 
@@ -182,7 +184,8 @@ def search(
 
     with _user_errors():
         s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
-                         max_latency_ms=max_latency_ms, seed=seed, resume=resume)
+                         max_latency_ms=max_latency_ms, seed=seed, resume=resume,
+                         overrides={"fill_budget": True} if fill_budget else None)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
                        "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])

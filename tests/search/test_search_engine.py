@@ -190,3 +190,22 @@ def test_the_proxy_sees_whole_policy_masks():
     layers["blocks.0.proj"] = LayerPolicy(4, granularity=PerGroup(32))
     search.proxy_drop(layers)
     assert seen[-1]["blocks.0.proj"].granularity == PerChannel()
+
+
+def test_fill_budget_spends_a_latency_budget_the_repair_overshot():
+    """Repairing into a latency budget prunes candidates past what the storage budget needs; with fill_budget
+    they get the leftover back (lower effective ratio, still inside both budgets) and evaluate better."""
+    import dataclasses
+
+    specs = make_specs()
+    seen = {}
+    for fill in (False, True):
+        ev = _SlowLowBitsEvaluator(specs)
+        full = ev.predict_latency_ms({s.name: LayerPolicy(8) for s in specs})
+        budget = Budget(target_ratio=6.0, max_latency_ms=0.6 * full)
+        result = run_search(specs, SENSITIVITY, ev, dataclasses.replace(CFG, fill_budget=fill), budget,
+                            run_dir=None, progress=False)
+        cycles = [h for h in result.history if h["cycle"] > 0]
+        assert cycles and all(h["meets_budget"] for h in cycles)
+        seen[fill] = (sum(h["effective_ratio"] for h in cycles) / len(cycles), max(h["real_acc"] for h in cycles))
+    assert seen[True][0] < seen[False][0] and seen[True][1] > seen[False][1], seen

@@ -12,6 +12,7 @@ from hirelc.search.space import (
     check_budget_feasible,
     decode,
     decode_block,
+    loosen,
     max_achievable_ratio,
     nearest_valid,
     random_policy,
@@ -157,3 +158,28 @@ def test_pruning_that_breaks_a_group_size_masks_it_to_per_channel():
     out = share_group_keeps([a, b], pruned)
     assert out["b"].granularity == PerChannel()
     assert out["a"] == pruned["a"]
+
+
+def test_loosen_spends_the_leftover_budget_on_the_most_sensitive_layers(specs):
+    fits = lambda lay: effective_ratio(specs, lay) >= 6.0  # noqa: E731
+    start = uniform_policy(specs, 2, 1.0 - CFG.max_prune)  # far past the 6x budget
+    assert effective_ratio(specs, start) > 12.0
+    out = loosen(specs, start, BASE, SENS, fits)
+    assert fits(out) and effective_ratio(specs, out) < 7.0  # ends near the budget's edge, not past it
+    assert all(check_layer(s, out[s.name]) is None for s in specs)
+    assert out["stem.conv"].bits > out["blocks.1.mlp.fc1"].bits  # the sensitive stem got its bits back first
+    # no move left that would still fit: one more bit on the least sensitive layer breaks the budget
+    again = loosen(specs, out, BASE, SENS, fits)
+    assert again == out
+
+
+def test_loosen_respects_the_constraints_and_leaves_misfits_alone(specs):
+    fits = lambda lay: effective_ratio(specs, lay) >= 4.5  # noqa: E731
+    start = uniform_policy(specs, 4, 1.0)  # about 8x
+    assert fits(start)
+    quant_only = BASE.narrowed(4, Strategy.QUANTIZE)
+    out = loosen(specs, start, quant_only, SENS, fits)
+    assert out != start and fits(out)
+    assert all(lp.keep_ratio == 1.0 and lp.bits >= 4 for lp in out.values())
+    heavy = uniform_policy(specs, 8, 1.0)
+    assert not fits(heavy) and loosen(specs, heavy, BASE, SENS, fits) == heavy

@@ -68,6 +68,7 @@ class SearchConfig:
     ensemble: bool = True  # three agents per level (PPO, A2C, PPO with other weights) vs one PPO
     use_surrogate: bool = True  # False: the logit-MSE proxy shapes rewards throughout (ablation)
     fisher_guided: bool = True  # False: uniform sensitivity everywhere in the search (ablation)
+    fill_budget: bool = False  # after repair, loosen the most sensitive layers while the budget still holds
     surrogate_members: int = 5  # bootstrap ensemble size (uncertainty = std across members)
     rewards: RewardConfig = field(default_factory=RewardConfig)
 

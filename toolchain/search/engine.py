@@ -49,6 +49,7 @@ from hirelc.search.space import (
     check_budget_feasible,
     decode,
     encode,
+    loosen,
     policy_key,
     predicted_bytes,
     random_policy,
@@ -456,7 +457,15 @@ class _Search:
 
         With a latency budget the latency is fixed first, by moves that lower the predicted latency (pruning,
         coarser scales: fewer bits can make a layer slower); then storage, by moves that keep it in budget.
+        With ``fill_budget`` a candidate inside the budget then spends what is left of it (:func:`loosen`,
+        within its blocks' constraints).
         """
+        lay = self._into_budget(layers, block_c)
+        if self.config.fill_budget and self.meets_budget(lay):
+            lay = loosen(self.specs, lay, block_c, self.layer_sens, self.meets_budget)
+        return lay
+
+    def _into_budget(self, layers: Layers, block_c: Mapping[str, Constraints]) -> Layers:
         if self.meets_budget(layers):
             return layers
         lay, fits = layers, None

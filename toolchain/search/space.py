@@ -339,3 +339,55 @@ def tighten(
             break
         cur = share_group_keeps(specs, {**cur, best[1].name: best[2]})
     return cur
+
+
+def loosen(
+    specs: list[LayerSpec], layers: Layers, constraints: ConstraintsArg, sensitivity: Mapping[str, float],
+    fits: Callable[[Layers], bool], max_steps: int = 2_000,
+) -> Layers:
+    """Spend what a candidate leaves of its budget: the reverse of :func:`tighten`.
+
+    Each step takes, among the valid moves back (one bit level up; one keep level up on a prune-group leader;
+    a finer granularity), the one with the most ``sensitivity of the touched layers / storage bits added`` whose
+    result still ``fits``; it stops when none fits. A repaired candidate far inside its budget (compressed
+    further than the budget asks, so less accurate than it need be) ends next to the budget's edge instead.
+    """
+    leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
+    coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
+    cur = dict(layers)
+    if not fits(cur):
+        return cur
+    for _ in range(max_steps):
+        keeps = group_keeps(specs, cur)
+        moves: list[tuple[float, str, LayerPolicy]] = []
+        for s in specs:
+            c = _for(s, constraints)
+            idx, masks = encode(s, cur[s.name], c), valid_mask(s, c)
+            for axis in (0, 1, 3):
+                if axis == 1 and leaders.get(s.prune_group) != s.name:
+                    continue
+                ok = np.flatnonzero(masks[axis])
+                back = ok[ok > idx[axis]] if axis == 3 else ok[ok < idx[axis]]
+                if back.size == 0:
+                    continue
+                step = idx.copy()
+                step[axis] = back.min() if axis == 3 else back.max()
+                lp = decode(s, step, c)
+                if lp == cur[s.name]:
+                    continue
+                if axis == 1:
+                    touched, tk = coupled[s.prune_group], {**keeps, s.prune_group: lp.keep_ratio}
+                    added = sum(_bits(t, cur[t.name], cur, tk) - _bits(t, cur[t.name], cur, keeps) for t in touched)
+                else:
+                    touched, added = [s], _bits(s, lp, cur, keeps) - _bits(s, cur[s.name], cur, keeps)
+                gain = sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6
+                moves.append((gain / max(added, 1), s.name, lp))
+        moves.sort(key=lambda m: -m[0])
+        for _, name, lp in moves:
+            new = share_group_keeps(specs, {**cur, name: lp})
+            if new != cur and fits(new):  # (a move the group's shared keep undoes is no move)
+                cur = new
+                break
+        else:
+            break
+    return cur
