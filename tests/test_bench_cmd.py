@@ -130,10 +130,12 @@ def test_bad_bench_options_are_one_line_errors(kw, match):
 
 def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
     rd = _trained(tmp_path_factory)
-    cfg = BenchConfig(**{**TINY.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0})
+    cfg = BenchConfig(**{**TINY.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0,
+                         "fill_budget": True})
     report = bench(rd, cfg, progress=False, echo=lambda s: None)
     summary = runs.read_json(rd / "bench" / "hirelc" / "search.json", "search summary")
     assert summary["budget"]["max_latency_ms"] == 50.0 and summary["predicted_latency_ms_b8"] <= 50.0
+    assert summary["config"]["fill_budget"] is True
     assert report["config"]["max_latency_ms"] == 50.0
     assert "and 50.0 ms at batch 8" in (rd / "bench" / "bench.md").read_text()
 

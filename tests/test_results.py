@@ -96,10 +96,11 @@ def test_section_restates_command_machine_tables_and_verdicts(tmp_path):
     assert text.index("bench: resnet18") < text.index("ablation: resnet18")  # the order given
 
 
-def test_bench_command_without_latency_budget():
+def test_bench_command_restates_the_options_used():
     rep = _bench_report()
-    rep["config"]["max_latency_ms"] = None
-    assert "--max-latency-ms" not in bench_command(rep)
+    assert "--fill-budget" not in bench_command(rep)
+    rep["config"].update(max_latency_ms=None, fill_budget=True)
+    assert "--max-latency-ms" not in bench_command(rep) and "--fill-budget" in bench_command(rep)
 
 
 def test_write_into_replaces_only_between_the_markers(tmp_path):

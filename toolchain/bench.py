@@ -40,6 +40,7 @@ BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 class BenchConfig:
     target_ratio: float = 8.0  # the search budget (effective storage and file bytes)
     max_latency_ms: float | None = None  # optional search budget on ORT batch-8 latency (every searched method)
+    fill_budget: bool = False  # every searched method's repair also spends the budget it left (SearchConfig)
     preset: str = "quick"  # search effort, the same for every searched method
     qat_epochs: float = 1.0  # fine-tuning of every lowered artifact
     runs: int = 30  # timed runs per artifact and batch size
@@ -134,7 +135,8 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
             echo(f"  {method}: searching ({SEARCHED[method]} mode, {cfg.preset} effort)")
             summary = search_stage(sub, target_ratio=cfg.target_ratio, max_latency_ms=cfg.max_latency_ms,
                                    preset=cfg.preset, seed=cfg.seed, progress=progress,
-                                   overrides={**cfg.search_overrides, "mode": SEARCHED[method]})
+                                   overrides={**cfg.search_overrides, "mode": SEARCHED[method],
+                                              "fill_budget": cfg.fill_budget})
         lowered(method, str(sub / runs.POLICY), search=summary)
     for method, preset, weight_only in (("uniform-w4", "w4", True), ("uniform-int8", "int8", False)):
         if method in cfg.methods:

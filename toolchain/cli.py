@@ -235,6 +235,8 @@ def bench(
     target_ratio: float = typer.Option(8.0, help="Search budget of the searched methods (storage and file bytes)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Also a latency budget for every searched method: "
                                                    "ORT batch-8 latency (ms), as in `hirelc search`."),
+    fill_budget: bool = typer.Option(False, "--fill-budget", help="Every searched method's repair also spends "
+                                     "the budget a candidate left, as in `hirelc search --fill-budget`."),
     preset: str = typer.Option("quick", help="Search effort of every searched method: quick | standard | thorough."),
     qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of every lowered artifact."),
     runs: int = typer.Option(30, help="Timed runs per artifact and batch size (interleaved)."),
@@ -252,7 +254,8 @@ def bench(
     from hirelc.bench import bench as run_bench
 
     with _user_errors():
-        cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
+        cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, fill_budget=fill_budget,
+                          preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
         report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_bench(report))

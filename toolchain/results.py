@@ -62,6 +62,8 @@ def bench_command(report: dict) -> str:
     cmd = f"hirelc bench -r {report['run_dir']} --target-ratio {c['target_ratio']:g}"
     if c.get("max_latency_ms"):
         cmd += f" --max-latency-ms {c['max_latency_ms']:g}"
+    if c.get("fill_budget"):
+        cmd += " --fill-budget"
     cmd += f" --preset {c['preset']} --qat-epochs {c['qat_epochs']:g} --runs {c['runs']} --seed {c['seed']}"
     return cmd
 
