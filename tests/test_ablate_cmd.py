@@ -108,3 +108,14 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and "--seeds must be comma-separated integers" in res.output
     res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path), "--variants", "nope"])
     assert res.exit_code == 2 and "unknown ablation variant" in res.output
+
+
+def test_fill_budget_reaches_every_runs_search(ablated, tmp_path):
+    rd, report, _ = ablated
+    assert report["config"]["fill_budget"] is False
+    assert json.loads((rd / "ablation" / "full-seed0" / "search.json").read_text())["config"]["fill_budget"] is False
+    cfg = AblateConfig(**{**TINY.__dict__, "variants": ("single-agent",), "seeds": (0,), "fill_budget": True})
+    filled = ablate(rd, cfg, out_dir=tmp_path / "filled", progress=False, echo=lambda *_: None)
+    search = json.loads((tmp_path / "filled" / "single-agent-seed0" / "search.json").read_text())
+    assert filled["config"]["fill_budget"] is True and search["config"]["fill_budget"] is True
+    assert search["config"]["ensemble"] is False  # the variant's own switch is kept beside it

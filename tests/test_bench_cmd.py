@@ -138,6 +138,9 @@ def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
     assert summary["config"]["fill_budget"] is True
     assert report["config"]["max_latency_ms"] == 50.0
     assert "and 50.0 ms at batch 8" in (rd / "bench" / "bench.md").read_text()
+    # the table is measured once, in the run directory, and every searched method predicts from that copy
+    table = (rd / "latency_table.json").read_text()
+    assert (rd / "bench" / "hirelc" / "latency_table.json").read_text() == table
 
 
 def test_bench_without_a_baseline_exits_2(tmp_path):

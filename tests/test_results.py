@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from hirelc.ablate import mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.results import END, START, bench_command, bench_goals, load, results_section, write_into
+from hirelc.results import (END, START, ablation_command, bench_command, bench_goals, load, results_section,
+                            write_into)
 
 INFO = {"cpu": "Test CPU", "cores": 2, "system": "Linux", "onnxruntime": "1.0", "torch": "2.0"}
 
@@ -101,6 +102,10 @@ def test_bench_command_restates_the_options_used():
     assert "--fill-budget" not in bench_command(rep)
     rep["config"].update(max_latency_ms=None, fill_budget=True)
     assert "--max-latency-ms" not in bench_command(rep) and "--fill-budget" in bench_command(rep)
+    abl = _ablation_report()
+    assert "--fill-budget" not in ablation_command(abl)
+    abl["config"]["fill_budget"] = True
+    assert ablation_command(abl).endswith("--qat-epochs 0.1 --fill-budget")
 
 
 def test_write_into_replaces_only_between_the_markers(tmp_path):

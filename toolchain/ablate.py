@@ -49,6 +49,7 @@ class AblateConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = tuple(VARIANTS)
     qat_epochs: float = 0.0  # fine-tuning of each winner (0: calibration only)
+    fill_budget: bool = False  # every run's repair also spends the budget a candidate left (SearchConfig)
     search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
     lower_max_steps: int | None = None
 
@@ -95,7 +96,7 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
         search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
-                     overrides={**cfg.search_overrides, **VARIANTS[variant]})
+                     overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")
@@ -167,7 +168,8 @@ def format_ablation(report: dict) -> str:
         f"# hirelc ablate - {name}",
         "",
         f"{report['created']} - budget {c['target_ratio']}x, search effort {c['preset']}, seeds "
-        f"{', '.join(map(str, c['seeds']))}, {c['qat_epochs']} fine-tuning epochs per winner; baseline test "
+        f"{', '.join(map(str, c['seeds']))}, {c['qat_epochs']} fine-tuning epochs per winner"
+        f"{', budget filled after repair' if c.get('fill_budget') else ''}; baseline test "
         f"{report.get('baseline_test_acc')} %",
         "",
         "| variant | final ORT top-1 % | best search val % | effective ratio | real evals | winner found at eval "

@@ -98,7 +98,8 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     arts: dict[str, dict] = {}
     model, mcfg, _ = load_baseline(rd)
     shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
-    specs = list(build_topology(model, shape).layers)
+    topo = build_topology(model, shape)
+    specs = list(topo.layers)
     fp32 = out / runs.FP32_ONNX
     if not fp32.exists():
         export_fp32(model, shape, fp32)
@@ -125,9 +126,18 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         arts[method] = {"path": onnx_path, "run_dir": sub, "search": search}
 
     order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
+    table = None
+    if cfg.max_latency_ms is not None and order:
+        # One latency table for every searched method: each judges its candidates by the same predictions.
+        from hirelc.latency import LATENCY_TABLE, load_or_measure
+
+        load_or_measure(rd, model, topo, batch=8, progress=progress)
+        table = rd / LATENCY_TABLE
     for method in order:
         sub = out / method
         runs.link_baseline(rd, sub)  # the search reads the baseline before lowering does
+        if table is not None:
+            runs.atomic_write_text(sub / table.name, table.read_text())
         summary_path = sub / "search.json"
         if summary_path.exists() and (sub / runs.POLICY).exists():
             summary = runs.read_json(summary_path, "search summary")

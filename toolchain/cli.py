@@ -277,6 +277,8 @@ def ablate(
     target_ratio: float = typer.Option(8.0, help="Search budget (effective storage and file bytes)."),
     preset: str = typer.Option("quick", help="Search effort of every run: quick | standard | thorough."),
     qat_epochs: float = typer.Option(0.0, help="Fine-tuning epochs of each run's winner (0: calibration only)."),
+    fill_budget: bool = typer.Option(False, "--fill-budget", help="Every run's repair also spends the budget a "
+                                     "candidate left, as in `hirelc search --fill-budget`."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
                                        "finished ablation. An interrupted one resumes."),
 ):
@@ -290,7 +292,7 @@ def ablate(
     from hirelc.ablate import ablate as run_ablate
 
     with _user_errors():
-        cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs,
+        cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, fill_budget=fill_budget,
                            seeds=_int_list(seeds, "--seeds"),
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)

@@ -72,7 +72,7 @@ def ablation_command(report: dict) -> str:
     c = report["config"]
     return (f"hirelc ablate -r {report['run_dir']} --seeds {','.join(map(str, c['seeds']))} "
             f"--variants {','.join(c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
-            f"--qat-epochs {c['qat_epochs']:g}")
+            f"--qat-epochs {c['qat_epochs']:g}" + (" --fill-budget" if c.get("fill_budget") else ""))
 
 
 def _dominates(a: dict, b: dict, x) -> bool:
