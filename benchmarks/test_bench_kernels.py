@@ -10,18 +10,35 @@ SHAPES = {"conv3x3_256": (256, 256, 3, 3), "linear_768x3072": (3072, 768)}
 GRANS = {"per-tensor": PerTensor(), "per-channel": PerChannel(), "per-group-64": PerGroup(64)}
 
 
+WIDTHS = [2, 3, 4, 5, 6, 8]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
 @pytest.mark.parametrize("gran", GRANS, ids=list(GRANS))
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_roundtrip(benchmark, shape, gran, bits):
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_quantize(benchmark, shape, gran, bits):
+    """Scale/zero-point choice and quantization of one layer's weights."""
     w = torch.randn(SHAPES[shape])
     g = GRANS[gran]
 
     def run():
         s, z = K.choose_qparams(w, bits, Scheme.SYMMETRIC, g)
-        return K.dequantize(K.quantize(w, s, z, bits, Scheme.SYMMETRIC, g), s, z, g)
+        return K.quantize(w, s, z, bits, Scheme.SYMMETRIC, g)
 
-    out = benchmark(run)
+    q = benchmark(run)
+    assert q.shape == w.shape and int(q.to(torch.int32).abs().max()) <= 2 ** (bits - 1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("gran", GRANS, ids=list(GRANS))
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_dequantize(benchmark, shape, gran, bits):
+    """Integer codes back to float, as a lowered layer does when it is materialised."""
+    w = torch.randn(SHAPES[shape])
+    g = GRANS[gran]
+    s, z = K.choose_qparams(w, bits, Scheme.ASYMMETRIC, g)
+    q = K.quantize(w, s, z, bits, Scheme.ASYMMETRIC, g)
+    out = benchmark(lambda: K.dequantize(q, s, z, g))
     assert out.shape == w.shape
 
 
