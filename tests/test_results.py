@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from hirelc.ablate import mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.results import (END, START, ablation_command, bench_command, bench_goals, load, results_section,
-                            write_into)
+from hirelc.results import (END, START, ablation_command, bench_command, bench_goals, copy_plots, load,
+                            results_section, write_into)
 
 INFO = {"cpu": "Test CPU", "cores": 2, "system": "Linux", "onnxruntime": "1.0", "torch": "2.0"}
 
@@ -164,6 +164,28 @@ def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path):
     res = CliRunner().invoke(app, ["results", str(run), "--readme", str(readme),
                                    "--plots", str(tmp_path / "repo" / "docs" / "results")])
     assert res.exit_code == 0, res.output
-    copied = tmp_path / "repo" / "docs" / "results" / "resnet18-bench-bench_accuracy_vs_bytes.png"
-    assert copied.read_bytes() == b"\x89PNG fake"
-    assert "](docs/results/resnet18-bench-bench_accuracy_vs_bytes.png)" in readme.read_text()
+    kept = tmp_path / "repo" / "docs" / "results" / "resnet18-bench"
+    assert (kept / "bench_accuracy_vs_bytes.png").read_bytes() == b"\x89PNG fake"
+    assert json.loads((kept / "bench.json").read_text()) == _bench_report()  # the report is kept beside them
+    text = readme.read_text()
+    assert "](docs/results/resnet18-bench/bench_accuracy_vs_bytes.png)" in text
+    # rebuilt later from the kept folder alone: same section, nothing copied over itself
+    res = CliRunner().invoke(app, ["results", str(kept), "--readme", str(readme),
+                                   "--plots", str(tmp_path / "repo" / "docs" / "results")])
+    assert res.exit_code == 0, res.output
+    assert readme.read_text() == text and sorted(p.name for p in kept.iterdir()) == [
+        "bench.json", "bench_accuracy_vs_bytes.png"]
+
+
+def test_two_reports_of_one_model_and_kind_get_their_own_folders(tmp_path):
+    paths = []
+    for i in range(2):
+        run = tmp_path / f"b{i}"
+        run.mkdir()
+        (run / "bench.json").write_text(json.dumps(_bench_report()))
+        (run / "bench_accuracy_vs_bytes.png").write_bytes(bytes([i]))
+        paths.append(run)
+    figs = copy_plots(paths, tmp_path / "kept", tmp_path)
+    assert [[str(p) for p in v] for v in figs.values()] == [["kept/resnet18-bench/bench_accuracy_vs_bytes.png"],
+                                                           ["kept/resnet18-bench-2/bench_accuracy_vs_bytes.png"]]
+    assert (tmp_path / "kept" / "resnet18-bench-2" / "bench_accuracy_vs_bytes.png").read_bytes() == b"\x01"

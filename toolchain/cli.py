@@ -306,8 +306,10 @@ def results(
     readme: Optional[Path] = typer.Option(None, help="Write the section into this Markdown file, between the "
                                           "lines <!-- hirelc-results:start --> and <!-- hirelc-results:end --> "
                                           "(appended with them when absent)."),
-    plots: Optional[Path] = typer.Option(None, help="Copy each report's PNG plots into this folder and show "
-                                         "them in the section (with --readme: linked relative to it)."),
+    plots: Optional[Path] = typer.Option(None, help="Keep each report, its Markdown and its PNG plots in a "
+                                         "folder of its own under this one (MODEL-KIND) and show the plots in "
+                                         "the section (with --readme: linked relative to it); the section can "
+                                         "later be rebuilt from those folders alone."),
 ):
     """The results section of the README from finished comparisons and ablations: the exact command of each,
     date, machine, the tables, and the goal figures checked against what was measured (met / not met)."""

@@ -138,22 +138,27 @@ def _report_file(path: str | Path) -> Path:
 
 
 def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> dict[Path, list[Path]]:
-    """Copy each report's PNG plots into ``dest`` (named after model and kind); their paths relative to
-    ``base`` (where the Markdown file lies), per report file."""
+    """Keep each report beside its figures in ``dest``: one folder per report, ``<model>-<kind>`` (numbered
+    when taken in this call), holding the report file, its Markdown and its PNG plots, so the section can be
+    rebuilt later from ``dest`` alone. Returns the plots' paths relative to ``base`` (where the Markdown file
+    lies), per report file. A report already inside its folder there is used in place."""
     import shutil
 
-    dest, out = Path(dest), {}
-    dest.mkdir(parents=True, exist_ok=True)
+    dest, out, used = Path(dest), {}, set()
     for p in paths:
         kind, rep = load(p)
         f = _report_file(p)
-        name = (rep.get("model") or {}).get("name", "model")
-        copied = []
-        for png in sorted(f.parent.glob("*.png")):
-            target = dest / f"{name}-{kind}-{png.name}"
-            shutil.copyfile(png, target)
-            copied.append(Path(os.path.relpath(target, base)))
-        out[f] = copied
+        stem = f"{(rep.get('model') or {}).get('name', 'model')}-{kind}"
+        folder, n = dest / stem, 2
+        while folder in used:
+            folder, n = dest / f"{stem}-{n}", n + 1
+        used.add(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in [f, f.with_suffix(".md"), *sorted(f.parent.glob("*.png"))]:
+            target = folder / src.name
+            if src.is_file() and not (target.exists() and target.samefile(src)):
+                shutil.copyfile(src, target)
+        out[f] = [Path(os.path.relpath(folder / png.name, base)) for png in sorted(f.parent.glob("*.png"))]
     return out
 
 
