@@ -140,3 +140,16 @@ def test_load_baseline_reports_missing_or_corrupt_run(tmp_path, broken, match):
         (rd / runs.BASELINE_CKPT).write_bytes(b"")
     with pytest.raises(HirelcError, match=match):
         load_baseline(rd)
+
+
+def test_learning_rate_defaults_to_the_model_family_and_an_explicit_one_is_kept(trained, tmp_path, bundle):
+    rd, mcfg, meta = trained
+    assert meta["key"]["train"]["lr"] == train_mod.CNN_LR == 2e-3  # test_resnet: a CNN
+    vit = model_config("test_vit", bundle.num_classes, bundle.in_chans, 32)
+    assert train_mod.default_lr(vit) == train_mod.VIT_LR == 1e-3
+    vmeta = train_baseline(tmp_path / "vit", vit, bundle, TrainConfig(epochs=1, max_steps=1), progress=False)
+    assert vmeta["key"]["train"]["lr"] == 1e-3
+    again = train_baseline(tmp_path / "vit", vit, bundle, TrainConfig(epochs=1, max_steps=1, lr=1e-3), progress=False)
+    assert again["reused"] is True  # the default resolved to the same config as giving it
+    cnn = train_baseline(tmp_path / "cnn", mcfg, bundle, TrainConfig(epochs=1, max_steps=1, lr=5e-4), progress=False)
+    assert cnn["key"]["train"]["lr"] == 5e-4

@@ -59,7 +59,8 @@ def train(
     run_dir: Path = RunDir,
     epochs: int = typer.Option(3, help="Training epochs for the fp32 baseline."),
     batch_size: int = typer.Option(128, help="Batch size."),
-    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (cosine schedule)."),
+    lr: Optional[float] = typer.Option(None, help="AdamW peak learning rate (cosine schedule); default 2e-3 for "
+                                       "CNNs, 1e-3 for Vision Transformers."),
     img_size: int = ImgOpt,
     patch_size: Optional[int] = typer.Option(None, help="ViT patch size (default img_size // 4)."),
     in_chans: Optional[int] = typer.Option(None, help="Model input channels (default: the data's)."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,13 +19,23 @@ from hirelc.errors import HirelcError
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 2e-3  # AdamW peak; cosine decay to 1% with one warm-up epoch fraction
+    lr: float | None = None  # AdamW peak (None: default_lr of the model); cosine decay to 1% after warm-up
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_frac: float = 0.05
     augment: bool = True  # random 4-px shifts + horizontal flips, done in torch
     seed: int = 0
     max_steps: int | None = None  # cap on optimizer steps (tests, quick evaluations)
+
+
+CNN_LR, VIT_LR = 2e-3, 1e-3
+
+
+def default_lr(model_cfg) -> float:
+    """The AdamW peak learning rate of a baseline when none is given. Vision Transformers get half the CNNs'
+    rate: deit_tiny (patch 8) on the embedded subset, 4 epochs, reached 51.3 / 62.5 / 58.5 % validation accuracy
+    at 2e-3 / 1e-3 / 5e-4."""
+    return VIT_LR if "patch_size" in model_cfg.kwargs else CNN_LR
 
 
 def set_threads() -> None:
@@ -77,7 +87,7 @@ def fit(model: nn.Module, loader, cfg: TrainConfig, desc: str = "train", progres
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else CNN_LR, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * len(loader)
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
@@ -193,6 +203,9 @@ def train_baseline(run_dir: str | Path, model_cfg, bundle, cfg: TrainConfig, pro
     ``checkpoint`` loads given weights instead of training (``epochs`` is then ignored).
     """
     from hirelc.models import build_model, load_checkpoint
+
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=default_lr(model_cfg))
 
     rd = Path(run_dir)
     meta_path, ckpt_path = rd / runs.BASELINE_META, rd / runs.BASELINE_CKPT
