@@ -13,7 +13,9 @@ key                            meaning
 ``created``                    ISO-8601 time the report was made (UTC)
 ``run_dir``                    the run directory verified
 ``data``                       dataset ``name``, ``fingerprint``, ``test_samples`` used for accuracy
-``machine``                    ``platform``, ``processor``, ``cpu_count``, ``python``, ``onnxruntime``, ``threads``,
+``machine``                    ``platform``, ``processor``, ``cpu`` (model name), ``isa`` (the int8-relevant
+                               instruction sets it has: avx2, avx512f, avx512_vnni, avx_vnni, amx_int8),
+                               ``cpu_count``, ``python``, ``onnxruntime``, ``threads``,
                                ``intra_op_spinning`` (false: idle ORT threads do not busy-wait)
 ``providers``                  provider -> ``"used"`` (CPUExecutionProvider), ``"available, not used"`` or
                                ``"unavailable"`` (CUDAExecutionProvider, TensorrtExecutionProvider)
@@ -88,8 +90,11 @@ class VerifyConfig:
 def _machine(threads: int | None) -> dict:
     import onnxruntime as ort
 
+    from hirelc.machine import cpu
+
+    c = cpu()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "cpu": c["model"], "isa": c["isa"], "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
             "threads": threads or os.cpu_count(), "intra_op_spinning": False}
 
 

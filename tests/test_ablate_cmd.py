@@ -57,6 +57,7 @@ def test_every_variant_runs_once_per_seed_with_the_same_evaluations(ablated):
         assert 0 <= r["final_top1"] <= 100 and r["effective_ratio"] >= 6.0
         assert (rd / "ablation" / f"{r['variant']}-seed{r['seed']}" / "model.onnx").is_file()
     assert all(not r["surrogate_points"] for r in rows if r["variant"] == "no-surrogate")
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"] and "isa" in report["machine"]
     assert any("searching" in line for line in lines)
 
 

@@ -47,6 +47,7 @@ def test_every_method_is_built_and_measured(benched):
         assert r["bytes"] == (rd / "bench" / r["file"]).stat().st_size
         assert 0 <= r["top1"] <= 100 and set(r["latency_ms"]) == {"1", "8"}
         assert all(v > 0 for v in r["latency_ms"].values())
+    assert report["machine"]["cpu"] and isinstance(report["machine"]["isa"], list)
     assert rows["fp32"]["size_ratio"] == 1.0 and rows["fp32"]["speedup_vs_fp32"]["1"] == 1.0
     h = rows["hirelc"]  # the searched method: its budget holds in storage and in file bytes
     assert h["real_evals"] == TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]

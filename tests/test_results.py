@@ -97,6 +97,33 @@ def test_section_restates_command_machine_tables_and_verdicts(tmp_path):
     assert text.index("bench: resnet18") < text.index("ablation: resnet18")  # the order given
 
 
+def test_section_names_the_machine_each_report_recorded(tmp_path):
+    here = {**INFO, "cpu": "CPU A", "isa": ["avx2", "avx512_vnni"]}
+    b, a = tmp_path / "bench.json", tmp_path / "ablation.json"
+    b.write_text(json.dumps({**_bench_report(), "machine": here}))
+    a.write_text(json.dumps({**_ablation_report(), "machine": here}))
+    text = results_section([b, a])
+    assert text.count("Machine: CPU A (avx2, avx512_vnni), 2 cores") == 1  # one machine: said once, at the top
+    a.write_text(json.dumps({**_ablation_report(), "machine": {**here, "cpu": "CPU B", "isa": []}}))
+    text = results_section([b, a])
+    assert "Machine: CPU A (avx2, avx512_vnni)" in text and "Machine: CPU B, 2 cores" in text
+    assert text.index("bench: resnet18") < text.index("CPU A") < text.index("ablation: resnet18") < text.index(
+        "CPU B")  # each under its own heading
+
+
+def test_machine_record_names_the_cpu_and_its_int8_instruction_sets(monkeypatch, tmp_path):
+    from hirelc import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 avx512_vnni amx_int8\n"
+                    "processor\t: 1\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 avx512_vnni amx_int8\n")
+    real = machine.Path
+    monkeypatch.setattr(machine, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert machine.cpu() == {"model": "Some CPU 9000", "isa": ["avx2", "avx512_vnni", "amx_int8"]}
+    d = machine.describe()
+    assert d["cpu"] == "Some CPU 9000" and d["cores"] >= 1 and {"system", "onnxruntime", "torch"} <= set(d)
+
+
 def test_bench_command_restates_the_options_used():
     rep = _bench_report()
     assert "--fill-budget" not in bench_command(rep)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hirelc import runs
 from hirelc.errors import HirelcError
+from hirelc.machine import describe
 
 VARIANTS: dict[str, dict] = {
     "full": {},
@@ -137,6 +138,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str
     meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
         "run_dir": str(rd),
         "model": meta.get("model"),
         "baseline_test_acc": meta.get("test_acc"),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hirelc import runs
 from hirelc.errors import HirelcError
+from hirelc.machine import describe
 
 METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "random", "flat", "hirelc")
 SEARCHED = {"random": "random", "flat": "flat", "hirelc": "hierarchical"}
@@ -210,6 +211,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
     meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe(),
         "run_dir": str(rd),
         "model": meta.get("model"),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},

@@ -9,7 +9,6 @@ marker lines of a Markdown file, atomically, so the section can be regenerated a
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 from hirelc import runs
@@ -22,20 +21,10 @@ UNIFORM = ("ort-int8", "uniform-w4", "uniform-int8", "prune-int8")  # the one-se
 
 
 def machine() -> dict:
-    """What the figures were measured on (this machine: the section is generated where the runs were made)."""
-    import onnxruntime
-    import torch
+    """This machine, for reports that do not record their own."""
+    from hirelc.machine import describe
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(terse=True),
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    return describe()
 
 
 def load(path: str | Path) -> tuple[str, dict]:
@@ -162,28 +151,38 @@ def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> d
     return out
 
 
+def _machine_line(m: dict) -> str:
+    isa = f" ({', '.join(m['isa'])})" if m.get("isa") else ""
+    return (f"{m['cpu']}{isa}, {m['cores']} cores, {m['system']}; ONNX Runtime {m['onnxruntime']}, "
+            f"torch {m['torch']}")
+
+
 def results_section(paths: list[str | Path], info: dict | None = None,
                     plots: dict[Path, list[Path]] | None = None) -> str:
     """The Markdown results section for the given bench / ablation reports (in the order given); ``plots``
     (from ``copy_plots``) adds each report's figures below its table."""
     if not paths:
         raise HirelcError("give at least one bench.json or ablation.json (or the folder holding it)")
-    info = info or machine()
     loaded = [load(p) for p in paths]
     figures = [(plots or {}).get(_report_file(p), []) for p in paths]
+    # the machine each report recorded when it ran (this one for reports too old to say)
+    recorded = [info or rep.get("machine") or machine() for _, rep in loaded]
+    one = all(m == recorded[0] for m in recorded)
     lines = [
         "### Generated results (`hirelc results`)",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['system']}; ONNX Runtime {info['onnxruntime']}, "
-        f"torch {info['torch']}. Every table below is a report file rendered as it was written; rerun the "
-        "command above a table to regenerate it, and `hirelc results` to rebuild this section.",
+        (f"Machine: {_machine_line(recorded[0])}. " if one else "")
+        + "Every table below is a report file rendered as it was written; rerun the command above a table to "
+        "regenerate it, and `hirelc results` to rebuild this section.",
     ]
-    for (kind, rep), pngs in zip(loaded, figures, strict=True):
+    for (kind, rep), pngs, m in zip(loaded, figures, recorded, strict=True):
         name = (rep.get("model") or {}).get("name", "?")
         data = (rep.get("data") or {}).get("name", "")
         lines += ["", f"#### {kind}: {name}{' on ' + data if data else ''} ({rep['created'][:10]})", "", "```bash",
                   bench_command(rep) if kind == "bench" else ablation_command(rep), "```", ""]
         body = _demote(format_bench(rep) if kind == "bench" else format_ablation(rep))
+        if not one:
+            lines += [f"Machine: {_machine_line(m)}.", ""]
         lines += body[2:]  # the report's own title repeats the heading above
         for png in pngs:
             lines += ["", f"![{png.stem}]({png.as_posix()})"]

@@ -29,6 +29,7 @@ def test_report_has_documented_keys_and_files(run_dir, report):
     on_disk = json.loads((run_dir / runs.REPORT_JSON).read_text())
     assert set(on_disk) == KEYS == set(report)
     assert set(report["artifacts"]) == {"fp32", "ort_int8", "hirelc"}
+    assert report["machine"]["cpu"] and isinstance(report["machine"]["isa"], list)
     for a in report["artifacts"].values():
         assert {"file", "bytes", "size_ratio", "top1", "fused_ops", "latency"} <= set(a)
         assert set(a["latency"]) == {"1", "8"} and a["latency"]["1"]["runs"] == 3

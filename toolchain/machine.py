@@ -1,0 +1,45 @@
+"""What a measurement ran on: CPU model, the instruction sets that decide ONNX Runtime's int8 speed, versions.
+
+int8 latency depends on the CPU far more than fp32 does: without VNNI, ORT's U8S8 kernels multiply in int16
+pairs; with AVX-512 VNNI / AVX-VNNI or AMX-INT8 integer convs and matmuls run much faster. Every report that
+holds latencies records these so figures from different machines are never compared blindly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+INT8_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str | None, set[str]]:
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu() -> dict:
+    """``model`` (the CPU's name) and ``isa`` (which of :data:`INT8_ISA` it has; empty where unknown)."""
+    model, flags = _cpuinfo()
+    return {"model": model or platform.processor() or platform.machine(),
+            "isa": [f for f in INT8_ISA if f in flags]}
+
+
+def describe() -> dict:
+    """The machine of a bench / ablation report: CPU, cores, system, ONNX Runtime and torch versions."""
+    import onnxruntime
+    import torch
+
+    c = cpu()
+    return {"cpu": c["model"], "isa": c["isa"], "cores": os.cpu_count(), "system": platform.platform(terse=True),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
