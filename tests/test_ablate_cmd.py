@@ -120,3 +120,10 @@ def test_fill_budget_reaches_every_runs_search(ablated, tmp_path):
     search = json.loads((tmp_path / "filled" / "single-agent-seed0" / "search.json").read_text())
     assert filled["config"]["fill_budget"] is True and search["config"]["fill_budget"] is True
     assert search["config"]["ensemble"] is False  # the variant's own switch is kept beside it
+
+
+def test_winners_are_fine_tuned_before_scoring_by_default():
+    # calibration alone can wreck a pruned winner the search scored after a short QAT
+    assert AblateConfig().qat_epochs == 0.25
+    res = CliRunner().invoke(app, ["ablate", "--help"])
+    assert res.exit_code == 0 and "0.25" in res.output

@@ -277,7 +277,8 @@ def ablate(
                                  + ", ".join(ABLATION_VARIANTS) + "."),
     target_ratio: float = typer.Option(8.0, help="Search budget (effective storage and file bytes)."),
     preset: str = typer.Option("quick", help="Search effort of every run: quick | standard | thorough."),
-    qat_epochs: float = typer.Option(0.0, help="Fine-tuning epochs of each run's winner (0: calibration only)."),
+    qat_epochs: float = typer.Option(0.25, help="Fine-tuning epochs of each run's winner before it is scored on ORT "
+                                     "(0: calibration only, which pruned winners may not survive)."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Every run's repair also spends the budget a "
                                      "candidate left, as in `hirelc search --fill-budget`."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
