@@ -94,7 +94,8 @@ def _machine(threads: int | None) -> dict:
 
     c = cpu()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu": c["model"], "isa": c["isa"], "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "cpu": c["model"], "isa": c["isa"], "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
             "threads": threads or os.cpu_count(), "intra_op_spinning": False}
 
 

@@ -11,8 +11,17 @@ from typer.testing import CliRunner
 from hirelc.ablate import mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.results import (END, START, ablation_command, bench_command, bench_goals, copy_plots, load,
-                            results_section, write_into)
+from hirelc.results import (
+    END,
+    START,
+    ablation_command,
+    bench_command,
+    bench_goals,
+    copy_plots,
+    load,
+    results_section,
+    write_into,
+)
 
 INFO = {"cpu": "Test CPU", "cores": 2, "system": "Linux", "onnxruntime": "1.0", "torch": "2.0"}
 
