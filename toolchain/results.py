@@ -15,16 +15,10 @@ from hirelc import runs
 from hirelc.ablate import ABLATION_JSON, format_ablation
 from hirelc.bench import BENCH_JSON, format_bench
 from hirelc.errors import HirelcError
+from hirelc.machine import describe
 
 START, END = "<!-- hirelc-results:start -->", "<!-- hirelc-results:end -->"
 UNIFORM = ("ort-int8", "uniform-w4", "uniform-int8", "prune-int8")  # the one-setting-for-all baselines
-
-
-def machine() -> dict:
-    """This machine, for reports that do not record their own."""
-    from hirelc.machine import describe
-
-    return describe()
 
 
 def load(path: str | Path) -> tuple[str, dict]:
@@ -143,11 +137,12 @@ def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> d
             folder, n = dest / f"{stem}-{n}", n + 1
         used.add(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for src in [f, f.with_suffix(".md"), *sorted(f.parent.glob("*.png"))]:
+        pngs = sorted(f.parent.glob("*.png"))
+        for src in [f, f.with_suffix(".md"), *pngs]:
             target = folder / src.name
             if src.is_file() and not (target.exists() and target.samefile(src)):
                 shutil.copyfile(src, target)
-        out[f] = [Path(os.path.relpath(folder / png.name, base)) for png in sorted(f.parent.glob("*.png"))]
+        out[f] = [Path(os.path.relpath(folder / png.name, base)) for png in pngs]
     return out
 
 
@@ -165,8 +160,9 @@ def results_section(paths: list[str | Path], info: dict | None = None,
         raise HirelcError("give at least one bench.json or ablation.json (or the folder holding it)")
     loaded = [load(p) for p in paths]
     figures = [(plots or {}).get(_report_file(p), []) for p in paths]
-    # the machine each report recorded when it ran (this one for reports too old to say)
-    recorded = [info or rep.get("machine") or machine() for _, rep in loaded]
+    # the machine each report recorded when it ran (this one, described once, for reports too old to say)
+    here = info or (None if all(rep.get("machine") for _, rep in loaded) else describe())
+    recorded = [info or rep.get("machine") or here for _, rep in loaded]
     one = all(m == recorded[0] for m in recorded)
     lines = [
         "### Generated results (`hirelc results`)",
@@ -218,5 +214,5 @@ def write_into(path: str | Path, section: str) -> Path:
     return p
 
 
-__all__ = ["START", "END", "machine", "load", "results_section", "bench_goals", "write_into", "copy_plots",
+__all__ = ["START", "END", "load", "results_section", "bench_goals", "write_into", "copy_plots",
            "bench_command", "ablation_command"]
