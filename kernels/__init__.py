@@ -9,6 +9,7 @@ from hirelc.kernels.importance import (
     fisher_channel_importance,
     head_channel_indices,
     head_importance,
+    taylor_channel_importance,
     topk_keep,
 )
 from hirelc.kernels.pack import container_bits, pack_int, packed_nbytes, unpack_int
@@ -41,6 +42,7 @@ __all__ = [
     "quantization_error_bound",
     "quantize",
     "storage_dtype",
+    "taylor_channel_importance",
     "topk_keep",
     "unpack_int",
 ]

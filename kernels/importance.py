@@ -32,6 +32,23 @@ def fisher_channel_importance(weight: Tensor, fisher: Tensor) -> Tensor:
     return s.reshape(weight.shape[0], -1).sum(dim=1)
 
 
+def taylor_channel_importance(act: Tensor, grad: Tensor, channel_dim: int = 1) -> Tensor:
+    """First-order Taylor saliency of each channel of an activation, shape ``(C,)``.
+
+    ``act`` and ``grad`` (the loss gradient with respect to ``act``) have the batch on dim 0 and channels on
+    ``channel_dim`` (1 for conv maps ``(B, C, H, W)``, -1 for token features ``(B, N, C)``). Removing channel
+    ``c`` of sample ``b`` changes the loss by about ``-sum(act * grad)`` over that channel's positions; the
+    score is the mean over the batch of that change's magnitude.
+    """
+    if act.shape != grad.shape:
+        raise HirelcError(f"activation shape {tuple(act.shape)} does not match gradient shape {tuple(grad.shape)}")
+    if act.dim() < 2:
+        raise HirelcError(f"taylor_channel_importance needs a batch and a channel dim, got shape {tuple(act.shape)}")
+    prod = (act.detach().float() * grad.detach().float()).movedim(channel_dim, 1)
+    per_sample = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(dim=2)  # (B, C)
+    return per_sample.abs().mean(dim=0)
+
+
 def head_importance(qkv_weight: Tensor, num_heads: int, fisher: Tensor | None = None) -> Tensor:
     """Saliency of each attention head, shape ``(num_heads,)``, from a fused ``qkv`` weight.
 

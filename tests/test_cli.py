@@ -182,3 +182,16 @@ def test_failed_lower_is_one_line_and_keeps_earlier_results(cli_run, tmp_path, p
     res = invoke("lower", "--run-dir", rd, "--policy", policy(tmp_path), "--max-steps", "2")
     _assert_user_error(res, match)
     assert {n: (rd / n).read_bytes() for n in before} == before
+
+
+def test_lower_with_an_unknown_importance_is_one_line_and_keeps_earlier_results(cli_run):
+    rd, _, _ = cli_run
+    before = {n: (rd / n).read_bytes() for n in (runs.LOWER_REPORT, runs.LOWERED_MODEL)}
+    res = invoke("lower", "--run-dir", rd, "--policy", "w4-prune50", "--importance", "l3", "--max-steps", "2")
+    _assert_user_error(res, "unknown pruning importance 'l3'")
+    assert {n: (rd / n).read_bytes() for n in before} == before
+
+
+def test_lower_records_the_importance_it_ranked_channels_by(cli_run):
+    rd, _, _ = cli_run
+    assert json.loads((rd / runs.LOWER_REPORT).read_text())["lower_config"]["importance"] == "taylor"

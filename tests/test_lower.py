@@ -12,6 +12,7 @@ from hirelc import kernels as K
 from hirelc.errors import HirelcError
 from hirelc.lower import (
     LowerConfig,
+    channel_saliency,
     fold_batchnorm,
     load_lowered,
     lower_model,
@@ -120,6 +121,58 @@ def test_vit_pruning_equals_zeroing_the_removed_heads_and_units(built):
                 zeroed.blocks[i].mlp.fc2.weight[:, j] = 0
         x = _x()
         torch.testing.assert_close(pruned.eval()(x), zeroed.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_channel_saliency_scores_each_layers_output_channels_and_leaves_the_model_alone(built, bundle):
+    b = built("test_resnet")
+    m = copy.deepcopy(b.model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    batches = [next(iter(bundle.loader("train", 16, shuffle=True, seed=0)))]
+    sal = channel_saliency(m, b.topo, batches)
+    for s in b.topo.layers:
+        assert sal[s.name].shape == (s.out_features,), s.name
+        assert torch.isfinite(sal[s.name]).all() and (sal[s.name] >= 0).all()
+    assert sal[b.topo.layers[0].name].sum() > 0  # the stem (timm zero-inits each block's last BN: those score 0)
+    assert all(p.grad is None and p.requires_grad for p in m.parameters())
+    assert not m.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_prune_removes_the_channels_the_saliency_ranks_lowest(built):
+    b = built("test_resnet")
+    layers = {s.name: LayerPolicy(bits=None) for s in b.topo.layers}
+    leader = "layer1.0.conv1"
+    layers[leader] = LayerPolicy(bits=None, keep_ratio=0.5)
+    n = b.model.get_submodule(leader).weight.shape[0]
+    low = {3, 5, 8, 9, 12, 20, 30, 31, 0, 1, 2, 4, 6, 7, 10, 11}  # half the channels, ranked lowest
+    sal = {leader: torch.tensor([0.0 if i in low else 1.0 + i for i in range(n)])}
+    pruned = copy.deepcopy(b.model)
+    prune(pruned, b.topo, layers, saliency=sal)
+    w0 = b.model.get_submodule(leader).weight.flatten(1)
+    kept = _row_sources(pruned.get_submodule(leader).weight.flatten(1), w0)
+    assert sorted(kept) == sorted(set(range(n)) - low)
+    # and magnitude ranking (no saliency) keeps the largest-norm rows instead
+    by_norm = copy.deepcopy(b.model)
+    prune(by_norm, b.topo, layers)
+    norms = K.channel_importance(b.model.get_submodule(leader).weight)
+    kept_norm = _row_sources(by_norm.get_submodule(leader).weight.flatten(1), w0)
+    assert sorted(kept_norm) == sorted(K.topk_keep(norms, n // 2))
+
+
+def test_lower_config_rejects_an_unknown_importance():
+    with pytest.raises(HirelcError, match="unknown pruning importance 'l3'"):
+        LowerConfig(importance="l3")
+
+
+@pytest.mark.parametrize("importance", ["taylor", "magnitude"])
+def test_both_importances_lower_a_pruned_model(built, bundle, importance):
+    b = built("test_resnet")
+    layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    cfg = LowerConfig(max_steps=0, batch_size=16, calib_batches=1, importance=importance)
+    m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+    assert m.get_submodule("layer1.0.conv1").qweight.shape[0] == 16
+    assert torch.isfinite(m.eval()(_x())).all()
 
 
 # ---------------------------------------------------------------- batchnorm folding

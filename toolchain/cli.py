@@ -94,6 +94,8 @@ def lower(
     act_int8: bool = typer.Option(False, "--act-int8", help="Signed int8 activations instead of uint8."),
     percentile: Optional[float] = typer.Option(None, help="Activation calibration percentile (default min-max)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap fine-tuning steps."),
+    importance: str = typer.Option("taylor", help="How channels are ranked for pruning: taylor (loss saliency "
+                                   "of each channel on 256 training images) | magnitude (weight norms)."),
 ):
     """Prune physically, swap in integer-weight layers, fine-tune (QAT) and save lowered.pt + lower_report.json."""
     from hirelc.lower import LowerConfig
@@ -105,7 +107,7 @@ def lower(
         if spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
         cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
-                          percentile=percentile, max_steps=max_steps)
+                          percentile=percentile, max_steps=max_steps, importance=importance)
         rep = lower_stage(run_dir, spec, cfg)
         typer.echo(json.dumps({
             "accuracy": rep["accuracy"], "params_before": rep["params_before"], "params_after": rep["params_after"],

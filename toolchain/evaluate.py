@@ -63,17 +63,33 @@ class RealEvaluator:
         self.base_logits = predict_logits(self.model, self.calib_x)
         self.baseline_accuracy = evaluate(self.model, self._sub.loader("val", 256))
         self.eval_seconds: list[float] = []
+        self._saliency: dict[str, torch.Tensor] | None = None
+
+    def saliency(self, layers: dict[str, LayerPolicy]) -> dict[str, torch.Tensor] | None:
+        """The baseline's channel saliency, measured once (every candidate prunes the same model)."""
+        if self.cfg.importance != "taylor" or all(lp.keep_ratio >= 1.0 for lp in layers.values()):
+            return None
+        if self._saliency is None:
+            import copy
+
+            from hirelc.lower import channel_saliency, saliency_batches
+
+            self._saliency = channel_saliency(copy.deepcopy(self.model), self.topo,
+                                              saliency_batches(self._sub, self.cfg))
+        return self._saliency
 
     def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
         # the proxy is called for every agent step: skip the ORT graph probes that only decide what fuses
         cfg = LowerConfig(**{**self.cfg.__dict__, "max_steps": 0, "fuse_outputs": False, "fuse_adds": False})
-        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, cfg, progress=False)
+        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, cfg, progress=False,
+                                 saliency=self.saliency(layers))
         mse = F.mse_loss(predict_logits(lowered, self.calib_x), self.base_logits).item()
         return min(20.0 * mse, 50.0)
 
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         t0 = time.time()
-        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False)
+        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
+                                 saliency=self.saliency(layers))
         acc = evaluate(lowered, self._sub.loader("val", 256))
         self.eval_seconds.append(time.time() - t0)
         return acc

@@ -3,8 +3,9 @@
 Steps, each a function of its own so the search can reuse them on candidates:
 
 1. :func:`prune` removes output channels / attention heads / MLP units of every prunable group per its keep
-   ratio (importance-ranked; coupled layers follow through torch-pruning's dependency graph; ViT attention
-   ``num_heads``/``attn_dim`` updated);
+   ratio (channels ranked by :func:`channel_saliency`, the loss's first-order Taylor sensitivity to each
+   channel on a few training batches, or by weight norms; heads by their qkv weights; coupled layers follow
+   through torch-pruning's dependency graph; ViT attention ``num_heads``/``attn_dim`` updated);
 2. :func:`fold_batchnorm` folds each BatchNorm that directly follows a conv into the conv, so the exported
    graph has ``DequantizeLinear -> Conv`` with nothing in between and ONNX Runtime can fuse integer convs;
 3. :func:`swap_quantized` replaces each quantized layer with a :class:`~hirelc.qmodules.QConv2d` /
@@ -55,11 +56,19 @@ class LowerConfig:
     fuse_outputs: bool = True  # quantize outputs of 5..8-bit convs ORT would not fuse (residual/pool inputs)
     fuse_adds: bool = True  # quantize residual blocks' inputs so ORT runs their adds as integer QLinearAdd
     reduce_range: bool = True  # 7-bit codes for 8-bit symmetric weights (no int16 overflow on CPUs without VNNI)
-    importance: str = "magnitude"  # "magnitude" or "fisher" channel ranking for pruning
+    importance: str = "taylor"  # channel ranking for pruning: "taylor" (loss saliency on training batches) | "magnitude"
+    importance_batches: int = 2  # training batches the Taylor saliency is measured on
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
     keep_best: bool = True  # keep the calibrated weights when fine-tuning lowers validation accuracy
     seed: int = 0
 
+    def __post_init__(self):
+        if self.importance not in IMPORTANCES:
+            raise HirelcError(f"unknown pruning importance {self.importance!r}; expected one of {', '.join(IMPORTANCES)}")
+
+
+IMPORTANCES = ("taylor", "magnitude")
+SALIENCY_BATCH = 128
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
@@ -82,8 +91,14 @@ def validate_layers(topo: Topology, layers: dict[str, LayerPolicy]) -> None:
 
 
 def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
-          fisher: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Physically remove channels/heads in place; returns the number of channels removed per group leader."""
+          fisher: dict[str, torch.Tensor] | None = None,
+          saliency: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Physically remove channels/heads in place; returns the number of channels removed per group leader.
+
+    Channels are ranked on ``fisher`` (per-weight Fisher of the leader) when given, else on ``saliency``
+    (:func:`channel_saliency` of the unpruned model: every layer writing a group's channels has a say), else
+    on the weight norms of those layers. Attention heads are ranked on their qkv weights.
+    """
     dg = dependency_graph(model, topo.input_shape)
     removed: dict[str, int] = {}
     for spec in topo.layers:
@@ -108,9 +123,8 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
                 continue
             if f is not None:
                 scores = K.fisher_channel_importance(w, f)
-            else:  # every layer writing these channels has a say (a residual stream has one writer per block)
-                scores = sum(_normalized_importance(model.get_submodule(o.name).weight.detach())
-                             for o in topo.layers if o.prune_group == spec.prune_group)
+            else:
+                scores = _group_scores(model, topo, spec.prune_group, n_out, saliency)
             kept = set(K.topk_keep(scores, n_keep))
             idxs = [i for i in range(n_out) if i not in kept]
         group = dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=idxs)
@@ -124,24 +138,96 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
     return removed
 
 
-def _normalized_importance(w: torch.Tensor) -> torch.Tensor:
-    imp = K.channel_importance(w)
+def _normalized(imp: torch.Tensor) -> torch.Tensor:
     return imp / imp.mean().clamp_min(1e-12)
 
 
+def _group_scores(model: nn.Module, topo: Topology, group: int, n: int,
+                  saliency: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Importance of a prune group's ``n`` channels: every layer writing them has a say (a residual stream
+    has one writer per block), by its Taylor saliency when measured, else by its weight norms."""
+    total = torch.zeros(n)
+    for o in topo.layers:
+        if o.prune_group != group:
+            continue
+        if saliency and o.name in saliency and saliency[o.name].numel() == n:
+            total += _normalized(saliency[o.name])
+        else:
+            total += _normalized(K.channel_importance(model.get_submodule(o.name).weight.detach()))
+    return total
+
+
+def saliency_batches(bundle, cfg: LowerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``cfg.importance_batches`` shuffled training batches of 128 (seeded: the same on every call)."""
+    out = []
+    for x, y in bundle.loader("train", SALIENCY_BATCH, shuffle=True, seed=cfg.seed + 7):
+        out.append((x, y))
+        if len(out) >= cfg.importance_batches:
+            break
+    return out
+
+
+def channel_saliency(model: nn.Module, topo: Topology, batches) -> dict[str, torch.Tensor]:
+    """First-order Taylor saliency of every conv/linear layer's output channels, from a few labelled batches.
+
+    The activation scored is what pruning a channel removes: the output of the BatchNorm (with its activation)
+    that follows a conv where there is one, else the layer's own output.
+    """
+    bn_of = dict(conv_bn_pairs(model, topo.input_shape))
+    named = dict(model.named_modules())
+    targets = {s.name: named[bn_of.get(s.name, s.name)] for s in topo.layers if s.kind != "attn_qkv"}
+    acts: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_m, _inp, out):
+            if out.requires_grad:
+                out.retain_grad()
+                acts[name] = out
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in targets.items()]
+    was_training = model.training
+    model.eval()
+    params = [p.requires_grad for p in model.parameters()]
+    n = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for x, y in batches:
+            x = x.clone().requires_grad_(True)  # gradients reach the activations with the weights frozen
+            with torch.enable_grad():
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            for name, a in acts.items():
+                if a.grad is None:
+                    continue
+                dim = 1 if a.dim() == 4 else -1
+                s = K.taylor_channel_importance(a, a.grad, channel_dim=dim) * len(y)
+                scores[name] = scores[name] + s if name in scores else s
+            n += len(y)
+            acts.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), params, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+    if n == 0:
+        raise HirelcError("channel_saliency got no batches")
+    return {k: v / n for k, v in scores.items()}
+
+
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Fold every BatchNorm2d that directly consumes a Conv2d's output into that conv; returns folded convs.
+def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str]]:
+    """(conv, BatchNorm2d) name pairs where the BN directly and alone consumes the conv's output.
 
     Pairs are found by running the model once and matching tensor identity (conv output is the BN input),
-    which works for any architecture. A BN with an activation attached (timm's BatchNormAct2d) keeps its
-    activation.
+    which works for any architecture; a conv read by two BNs is left out.
     """
     produced: dict[int, str] = {}
     pairs: list[tuple[str, str]] = []
     hooks = []
-    named = dict(model.named_modules())
-    for n, m in named.items():
+    for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(lambda _m, _i, out, n=n: produced.__setitem__(id(out), n)))
         elif isinstance(m, nn.BatchNorm2d):
@@ -151,19 +237,37 @@ def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
                     pairs.append((src, n))
 
             hooks.append(m.register_forward_pre_hook(pre))
+    was_training = model.training
     model.eval()
-    model(torch.zeros(input_shape))
-    for h in hooks:
-        h.remove()
+    try:
+        model(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
     consumers: dict[str, int] = {}
     for c, _ in pairs:
         consumers[c] = consumers.get(c, 0) + 1
+    return [(c, b) for c, b in pairs if consumers[c] == 1]
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel factor a BatchNorm applies in inference, ``gamma / sqrt(var + eps)``."""
+    inv = (bn.running_var + bn.eps).rsqrt()
+    return bn.weight * inv if bn.affine else inv
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Fold every BatchNorm2d that directly consumes a Conv2d's output into that conv; returns folded convs.
+
+    A BN with an activation attached (timm's BatchNormAct2d) keeps its activation.
+    """
+    named = dict(model.named_modules())
     folded = []
-    for conv_name, bn_name in pairs:
-        if consumers[conv_name] != 1:
-            continue
+    for conv_name, bn_name in conv_bn_pairs(model, input_shape):
         conv, bn = named[conv_name], named[bn_name]
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt() if bn.affine else (bn.running_var + bn.eps).rsqrt()
+        scale = _bn_scale(bn)
         shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -284,13 +388,21 @@ def storage_report(model: nn.Module, topo: Topology, layers: dict[str, LayerPoli
 
 
 def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], bundle, cfg: LowerConfig,
-                progress: bool = True, fisher: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
-    """Apply ``layers`` to a copy of ``model``: prune, fold BN, quantize, calibrate, fine-tune, freeze."""
+                progress: bool = True, fisher: dict[str, torch.Tensor] | None = None,
+                saliency: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+    """Apply ``layers`` to a copy of ``model``: prune, fold BN, quantize, calibrate, fine-tune, freeze.
+
+    ``saliency`` (from :func:`channel_saliency` on ``model``) saves measuring it again when the same model is
+    lowered many times; with ``cfg.importance == "taylor"`` it is measured here when a layer is pruned.
+    """
     validate_layers(topo, layers)
     t0 = time.time()
     m = copy.deepcopy(model).eval()
     params_before = sum(p.numel() for p in m.parameters())
-    removed = prune(m, topo, layers, fisher)
+    pruning = any(lp.keep_ratio < 1.0 for lp in layers.values())
+    if pruning and saliency is None and fisher is None and cfg.importance == "taylor":
+        saliency = channel_saliency(m, topo, saliency_batches(bundle, cfg))
+    removed = prune(m, topo, layers, fisher, saliency=saliency if cfg.importance == "taylor" else None)
     folded = fold_batchnorm(m, topo.input_shape)
     swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile, cfg.reduce_range)
     calib = 0

@@ -21,7 +21,7 @@ def test_public_api():
         "quant_range", "storage_dtype", "qparams_shape", "expand_qparams", "choose_qparams", "quantize",
         "dequantize", "fake_quantize", "quantization_error_bound", "pack_int", "unpack_int", "packed_nbytes",
         "container_bits", "channel_importance", "fisher_channel_importance", "head_importance",
-        "head_channel_indices", "topk_keep",
+        "head_channel_indices", "topk_keep", "taylor_channel_importance",
     }  # fmt: skip
     assert set(k.__all__) == expected
     assert all(callable(getattr(k, name)) for name in expected)

@@ -7,6 +7,7 @@ from hirelc.kernels import (
     fisher_channel_importance,
     head_channel_indices,
     head_importance,
+    taylor_channel_importance,
     topk_keep,
 )
 
@@ -125,3 +126,27 @@ def test_topk_keep_many_ties_and_empty():
     assert topk_keep(scores, 600) == list(range(100)) + list(range(500, 1000))
     with pytest.raises(HirelcError):
         topk_keep(torch.tensor([]), 1)
+
+
+def test_taylor_channel_importance_exact_on_hand_made_maps():
+    # 2 samples x 2 channels of 1x2 maps; per sample and channel sum(a * g), then |.| averaged over samples:
+    # channel 0: |1*2 + 3*(-1)| = 1 and |2 + 2| = 4 -> 2.5; channel 1: |0*5 + 2*1| = 2 and |-3 - 1| = 4 -> 3
+    act = torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]], [[[2.0, 2.0]], [[1.0, 1.0]]]])
+    grad = torch.tensor([[[[2.0, -1.0]], [[5.0, 1.0]]], [[[1.0, 1.0]], [[-3.0, -1.0]]]])
+    s = taylor_channel_importance(act, grad)
+    assert torch.allclose(s, torch.tensor([2.5, 3.0]))
+
+
+def test_taylor_channel_importance_tokens_last_dim():
+    act = torch.ones(2, 3, 4)  # (B, N, C)
+    grad = torch.zeros(2, 3, 4)
+    grad[:, :, 2] = 1.0  # only channel 2 matters: 3 tokens * 1 each
+    s = taylor_channel_importance(act, grad, channel_dim=-1)
+    assert s.tolist() == [0.0, 0.0, 3.0, 0.0]
+
+
+def test_taylor_channel_importance_rejects_bad_shapes():
+    with pytest.raises(HirelcError, match="does not match"):
+        taylor_channel_importance(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(HirelcError, match="batch and a channel"):
+        taylor_channel_importance(torch.ones(3), torch.ones(3))
