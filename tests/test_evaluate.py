@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from hirelc import lower as L
-from hirelc.evaluate import Predictors, RealEvaluator
+from hirelc.evaluate import FastProxy, Predictors, RealEvaluator
 from hirelc.policy import PRESETS
+from hirelc.train import predict_logits
 
 
 @pytest.fixture()
@@ -30,3 +34,33 @@ def test_saliency_is_measured_once_for_every_pruned_candidate(evaluator, monkeyp
     assert len(calls) == 1
     assert 0.0 <= acc <= 100.0
     assert set(ev.saliency(pruned)) >= {s.name for s in b.topo.layers if s.prunable}
+
+
+@pytest.mark.parametrize("model", ["test_resnet", "test_vit"])
+@pytest.mark.parametrize("preset", ["w4-prune50", "w8-prune30", "int8"])
+def test_fast_proxy_computes_what_the_weight_only_lowered_model_computes(built, bundle, model, preset):
+    """Masking + fake-quantizing the baseline must give the logits of the physically pruned, integer model
+    (weight-only, no fine-tuning): same channels removed, same scales, LayerNorm over the kept stream only."""
+    b = built(model)
+    layers = PRESETS[preset].resolve(list(b.topo.layers))
+    x = next(iter(bundle.loader("train", 16, shuffle=True, seed=3)))[0]
+    sal = L.channel_saliency(copy.deepcopy(b.model), b.topo, [next(iter(bundle.loader("train", 16, seed=1)))])
+    cfg = L.LowerConfig(max_steps=0, act_quant=False, fuse_outputs=False, fuse_adds=False)
+    lowered, _ = L.lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, saliency=sal)
+    ref = predict_logits(lowered, x)
+    fast = FastProxy(b.model, b.topo).logits(layers, x, saliency=sal)
+    assert (ref - predict_logits(b.model, x)).abs().max() > 1e-3  # the policy does change the model
+    torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_fast_proxy_leaves_the_baseline_alone_and_repeats_itself(built, bundle):
+    b = built("test_resnet")
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    x = next(iter(bundle.loader("train", 8, seed=0)))[0]
+    fp = FastProxy(b.model, b.topo)
+    layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    first = fp.logits(layers, x)
+    torch.testing.assert_close(fp.logits(layers, x), first, atol=0, rtol=0)  # from the weight cache
+    unpruned = fp.logits(PRESETS["fp32"].resolve(list(b.topo.layers)), x)
+    torch.testing.assert_close(unpruned, predict_logits(b.model, x), atol=1e-4, rtol=1e-4)  # no mask left behind
+    assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())

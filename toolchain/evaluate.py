@@ -1,7 +1,8 @@
 """How the search scores a candidate policy on the real model (the search itself never sees the model).
 
-* :meth:`RealEvaluator.proxy_drop` — cold start: lower without fine-tuning and compare logits with the
-  baseline on a calibration batch; ``20 * MSE`` capped at 50 points stands in for the accuracy drop.
+* :meth:`RealEvaluator.proxy_drop` — cold start: the candidate's logits on a calibration batch, computed by
+  :class:`FastProxy` on the baseline itself (pruning masked, weights fake-quantized) rather than by lowering it,
+  compared with the baseline's; ``20 * MSE`` capped at 50 points stands in for the accuracy drop.
 * :meth:`RealEvaluator.real_accuracy` — lower the candidate, run a short QAT fine-tune on a training subset,
   and measure validation accuracy. This is what decides the winner.
 * :meth:`RealEvaluator.predict_bytes` — bytes of the exported ONNX file, from the layer shapes and their
@@ -11,15 +12,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hirelc.cost import group_keeps, kept_shape
-from hirelc.kernels import container_bits
+from hirelc.kernels import choose_qparams, container_bits, fake_quantize
 from hirelc.lower import LowerConfig, lower_model
 from hirelc.policy import LayerPolicy, PerChannel, PerGroup
 from hirelc.topology import Topology
@@ -64,14 +67,13 @@ class RealEvaluator:
         self.baseline_accuracy = evaluate(self.model, self._sub.loader("val", 256))
         self.eval_seconds: list[float] = []
         self._saliency: dict[str, torch.Tensor] | None = None
+        self._fast: FastProxy | None = None
 
     def saliency(self, layers: dict[str, LayerPolicy]) -> dict[str, torch.Tensor] | None:
         """The baseline's channel saliency, measured once (every candidate prunes the same model)."""
         if self.cfg.importance != "taylor" or all(lp.keep_ratio >= 1.0 for lp in layers.values()):
             return None
         if self._saliency is None:
-            import copy
-
             from hirelc.lower import channel_saliency, saliency_batches
 
             self._saliency = channel_saliency(copy.deepcopy(self.model), self.topo,
@@ -79,11 +81,11 @@ class RealEvaluator:
         return self._saliency
 
     def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
-        # the proxy is called for every agent step: skip the ORT graph probes that only decide what fuses
-        cfg = LowerConfig(**{**self.cfg.__dict__, "max_steps": 0, "fuse_outputs": False, "fuse_adds": False})
-        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, cfg, progress=False,
-                                 saliency=self.saliency(layers))
-        mse = F.mse_loss(predict_logits(lowered, self.calib_x), self.base_logits).item()
+        # called for every agent step: emulated on the baseline, no copy, no dependency graph, no calibration
+        if self._fast is None:
+            self._fast = FastProxy(self.model, self.topo, reduce_range=self.cfg.reduce_range)
+        logits = self._fast.logits(layers, self.calib_x, saliency=self.saliency(layers))
+        mse = F.mse_loss(logits, self.base_logits).item()
         return min(20.0 * mse, 50.0)
 
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
@@ -122,6 +124,151 @@ def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_par
         total += n_scales * (4 + container_bits(lp.bits) / 8)  # fp32 scale + zero-point (always written)
         total += 8  # activation scale + zero-point
     return float(total)
+
+
+class FastProxy:
+    """A candidate's logits computed on the baseline itself, without lowering it.
+
+    BatchNorm is folded once into a private copy. A candidate's pruning is emulated by zeroing, at every layer
+    writing them, the output channels :func:`~hirelc.lower.select_channels` removes: that is what physical
+    removal computes, since a removed channel then contributes nothing downstream and every activation that
+    follows maps 0 to 0 (a removed head's q, k and v all vanish, so its output does). Quantization is emulated
+    by fake-quantizing each weight at its bits, scheme and granularity after zeroing the rows and input columns
+    pruning removes, so per-tensor and per-channel scales are those of the pruned layer (per-group blocks run
+    over the unpruned input dim). A LayerNorm over a pruned stream (a ViT's embedding) normalises over the kept
+    channels only, as it would after removal. Activation quantization is not emulated.
+    """
+
+    def __init__(self, model: nn.Module, topo: Topology, reduce_range: bool = True):
+        from hirelc.lower import fold_batchnorm
+
+        self.model, self.topo, self.reduce_range = model, topo, reduce_range
+        self.folded = copy.deepcopy(model).eval()
+        fold_batchnorm(self.folded, topo.input_shape)
+        self.mods = {s.name: self.folded.get_submodule(s.name) for s in topo.layers}
+        self._masks: dict[str, torch.Tensor] = {}
+        for name, m in self.mods.items():
+            m.register_forward_hook(lambda _m, _i, out, n=name: self._mask(n, out))
+        self.norms_of = self._stream_norms()
+        for names in self.norms_of.values():
+            for n in names:
+                self.folded.get_submodule(n).register_forward_hook(lambda m, i, out, n=n: self._norm(n, m, i[0], out))
+        # agents change one block at a time: most layers' weights repeat from call to call
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cached_elems = 0
+
+    CACHE_ELEMS = 64_000_000  # fake-quantized weights kept between calls (256 MB of fp32)
+
+    def _weight(self, name: str, lp: LayerPolicy, out_drop: tuple, in_drop: tuple) -> torch.Tensor:
+        from hirelc.qmodules import weight_code_bits
+
+        w = self.mods[name].weight.detach()
+        if lp.bits is None and not out_drop and not in_drop:
+            return w
+        key = (name, lp, out_drop, in_drop)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        w = w.clone()
+        if out_drop:
+            w[list(out_drop)] = 0
+        if in_drop:
+            w[:, list(in_drop)] = 0
+        if lp.bits is not None:
+            gran = lp.granularity
+            if isinstance(gran, PerGroup) and w.shape[1] % gran.group_size:
+                gran = PerChannel()
+            bits = weight_code_bits(lp, self.reduce_range)
+            scale, zp = choose_qparams(w, bits, lp.scheme, gran)
+            w = fake_quantize(w, scale, zp, bits, lp.scheme, gran)
+        self._cache[key] = w
+        self._cached_elems += w.numel()
+        while self._cached_elems > self.CACHE_ELEMS and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_elems -= old.numel()
+        return w
+
+    def _stream_norms(self) -> dict[str, list[str]]:
+        """LayerNorms inside each prunable group (those reading a pruned stream), by group leader."""
+        from hirelc.topology import dependency_graph, out_pruning_fn
+
+        leaders = [s.name for s in self.topo.layers if s.prunable and s.kind != "attn_qkv"]
+        if not any(isinstance(m, nn.LayerNorm) for m in self.model.modules()) or not leaders:
+            return {}
+        work = copy.deepcopy(self.model)
+        names = {m: n for n, m in work.named_modules()}
+        dg = dependency_graph(work, self.topo.input_shape)
+        out: dict[str, list[str]] = {}
+        for leader in leaders:
+            mod = work.get_submodule(leader)
+            found = [names[dep.target.module] for dep, _ in dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=[0])
+                     if isinstance(dep.target.module, nn.LayerNorm)]
+            if found:
+                out[leader] = sorted(set(found))
+        return out
+
+    def _norm(self, name: str, m: nn.LayerNorm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        mask = self._masks.get(name)
+        if mask is None:
+            return None
+        kept = mask.bool()
+        y = torch.zeros_like(out)
+        y[..., kept] = F.layer_norm(x[..., kept], (int(kept.sum()),), m.weight[kept] if m.weight is not None else None,
+                                    m.bias[kept] if m.bias is not None else None, m.eps)
+        return y
+
+    def _mask(self, name: str, out: torch.Tensor) -> torch.Tensor | None:
+        mask = self._masks.get(name)
+        if mask is None:
+            return None
+        shape = [1] * out.dim()
+        shape[1 if isinstance(self.mods[name], nn.Conv2d) else -1] = -1
+        return out * mask.reshape(shape)
+
+    @torch.no_grad()
+    def logits(self, layers: dict[str, LayerPolicy], x: torch.Tensor, saliency=None,
+               batch_size: int = 256) -> torch.Tensor:
+        from hirelc.lower import select_channels
+
+        specs = {s.name: s for s in self.topo.layers}
+        selection = select_channels(self.model, self.topo, layers, saliency=saliency)
+        out_drop: dict[str, list[int]] = {}
+        in_drop: dict[str, list[int]] = {}
+        for leader, (idxs, _) in selection.items():
+            spec = specs[leader]
+            if spec.kind == "attn_qkv":  # rows of q, k and v; the projection reads the heads' dims once
+                out_drop[leader] = idxs
+                dim = self.mods[leader].weight.shape[0] // 3
+                for s in self.topo.layers:
+                    if s.input_group == spec.prune_group:
+                        in_drop[s.name] = [i for i in idxs if i < dim]
+                continue
+            for s in self.topo.layers:
+                if s.prune_group == spec.prune_group:
+                    out_drop[s.name] = idxs
+                elif s.input_group == spec.prune_group and s.in_features == self.mods[s.name].weight.shape[1]:
+                    in_drop[s.name] = idxs  # a reader (grouped convs lose whole channels: they are writers)
+        params = {}
+        self._masks = {}
+        for name, m in self.mods.items():
+            od, idr = tuple(out_drop.get(name, ())), tuple(in_drop.get(name, ()))
+            if od:
+                mask = torch.ones(m.weight.shape[0], dtype=m.weight.dtype)
+                mask[list(od)] = 0
+                self._masks[name] = mask
+            params[f"{name}.weight"] = self._weight(name, layers[name], od, idr)
+        for leader, norms in self.norms_of.items():
+            if leader in selection:
+                mask = torch.ones(self.mods[leader].weight.shape[0])
+                mask[selection[leader][0]] = 0
+                for n in norms:
+                    self._masks[n] = mask
+        try:
+            outs = [torch.func.functional_call(self.folded, params, (x[i:i + batch_size],))
+                    for i in range(0, len(x), batch_size)]
+        finally:
+            self._masks = {}
+        return torch.cat(outs)
 
 
 class _SubsetBundle:

@@ -90,23 +90,23 @@ def validate_layers(topo: Topology, layers: dict[str, LayerPolicy]) -> None:
                 )
 
 
-def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
-          fisher: dict[str, torch.Tensor] | None = None,
-          saliency: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Physically remove channels/heads in place; returns the number of channels removed per group leader.
+def select_channels(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
+                    fisher: dict[str, torch.Tensor] | None = None,
+                    saliency: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[list[int], int]]:
+    """Which output channels every pruned group's leader loses: ``{leader: (removed indices, kept count)}``.
 
-    Channels are ranked on ``fisher`` (per-weight Fisher of the leader) when given, else on ``saliency``
-    (:func:`channel_saliency` of the unpruned model: every layer writing a group's channels has a say), else
-    on the weight norms of those layers. Attention heads are ranked on their qkv weights.
+    All groups are ranked on the unpruned ``model``, so the choice does not depend on the order groups are cut
+    in. Channels are ranked on ``fisher`` (per-weight Fisher of the leader) when given, else on ``saliency``
+    (:func:`channel_saliency`: every layer writing a group's channels has a say), else on the weight norms of
+    those layers. Attention heads are ranked on their qkv weights; for them the kept count is in heads and the
+    indices are qkv rows.
     """
-    dg = dependency_graph(model, topo.input_shape)
-    removed: dict[str, int] = {}
+    out: dict[str, tuple[list[int], int]] = {}
     for spec in topo.layers:
         keep = layers[spec.name].keep_ratio
         if not spec.prunable or keep >= 1.0:
             continue
-        mod = model.get_submodule(spec.name)
-        w = mod.weight.detach()  # (O, I, ...)
+        w = model.get_submodule(spec.name).weight.detach()  # (O, I, ...)
         f = fisher.get(spec.name) if fisher else None
         if spec.kind == "attn_qkv" and spec.num_heads:
             heads = spec.num_heads
@@ -115,20 +115,35 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
                 continue
             kept = set(K.topk_keep(K.head_importance(w, heads, f), n_keep))
             drop_heads = [h for h in range(heads) if h not in kept]
-            idxs = K.head_channel_indices(drop_heads, heads, w.shape[0] // 3)
+            out[spec.name] = (K.head_channel_indices(drop_heads, heads, w.shape[0] // 3), n_keep)
+            continue
+        n_out = w.shape[0]
+        n_keep = kept_channels(n_out, keep)
+        if n_keep >= n_out:
+            continue
+        if f is not None:
+            scores = K.fisher_channel_importance(w, f)
         else:
-            n_out = w.shape[0]
-            n_keep = kept_channels(n_out, keep)
-            if n_keep >= n_out:
-                continue
-            if f is not None:
-                scores = K.fisher_channel_importance(w, f)
-            else:
-                scores = _group_scores(model, topo, spec.prune_group, n_out, saliency)
-            kept = set(K.topk_keep(scores, n_keep))
-            idxs = [i for i in range(n_out) if i not in kept]
-        group = dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=idxs)
-        group.prune()
+            scores = _group_scores(model, topo, spec.prune_group, n_out, saliency)
+        kept = set(K.topk_keep(scores, n_keep))
+        out[spec.name] = ([i for i in range(n_out) if i not in kept], n_keep)
+    return out
+
+
+def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
+          fisher: dict[str, torch.Tensor] | None = None,
+          saliency: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Physically remove the channels/heads :func:`select_channels` picks, in place; returns the number of
+    channels removed per group leader."""
+    selection = select_channels(model, topo, layers, fisher, saliency)
+    dg = dependency_graph(model, topo.input_shape)
+    removed: dict[str, int] = {}
+    for spec in topo.layers:
+        if spec.name not in selection:
+            continue
+        idxs, n_keep = selection[spec.name]
+        mod = model.get_submodule(spec.name)
+        dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=idxs).prune()
         if spec.kind == "attn_qkv":
             attn = model.get_submodule(spec.name.rpartition(".")[0])
             attn.num_heads = n_keep

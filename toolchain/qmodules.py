@@ -127,6 +127,11 @@ class ActQuant(nn.Module):
         return _FakeQuantAct.apply(x, self.scale, self.zero_point, qmin, qmax)
 
 
+def weight_code_bits(lp: LayerPolicy, reduce_range: bool = True) -> int:
+    """Width of a quantized layer's integer codes: its bits, or 7 for reduced-range 8-bit symmetric weights."""
+    return 7 if reduce_range and lp.bits == 8 and lp.scheme == Scheme.SYMMETRIC else int(lp.bits)
+
+
 class _QuantLayer(nn.Module):
     """Shared state of QConv2d / QLinear: integer weight, scales, optional latent weight and input quantizer."""
 
@@ -137,7 +142,7 @@ class _QuantLayer(nn.Module):
         # 8-bit symmetric weights use 7-bit codes: x86 CPUs without VNNI multiply uint8 activations by int8
         # weights in pairs summed into int16 (ONNX Runtime's U8S8 kernels), and 2 * 255 * 127 overflows it;
         # 2 * 255 * 64 does not. The container (and the storage count) stays 8 bits.
-        self.code_bits = 7 if reduce_range and self.bits == 8 and lp.scheme == Scheme.SYMMETRIC else self.bits
+        self.code_bits = weight_code_bits(lp, reduce_range)
         self.scheme = lp.scheme.value
         self.granularity = lp.granularity.to_json()
         self.weight_shape = tuple(weight.shape)
