@@ -195,7 +195,7 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
     return runs.read_json(rd / runs.REPORT_JSON, "report")
 
 
-FILE_BUDGET_MARGIN = 0.005  # size predictions are within ~0.1 % of real files; keep the promise with room to spare
+FILE_BUDGET_MARGIN = 0.005  # size predictions (graph bytes measured) are within ~0.1 % of real files; keep room
 
 
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
@@ -207,7 +207,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
 
     import torch
 
-    from hirelc.evaluate import Predictors, RealEvaluator
+    from hirelc.evaluate import Predictors, RealEvaluator, load_or_measure_graph_bytes
     from hirelc.policy import get_policy
     from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
     from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
@@ -227,7 +227,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     model, mcfg, meta = load_baseline(rd)
     topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
     specs = list(topo.layers)
-    predictors = Predictors(model, topo)  # an impossible budget fails here, before any training
+    # an impossible budget fails here, before any training; the graph's own bytes are measured once per run dir
+    predictors = Predictors(model, topo, graph_bytes=load_or_measure_graph_bytes(rd, model, topo))
     if budget.max_latency_ms is not None:
         from hirelc.latency import load_or_measure
 
