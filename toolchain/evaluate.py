@@ -293,8 +293,8 @@ class FastProxy:
             for s in self.topo.layers:
                 if s.prune_group == spec.prune_group:
                     out_drop[s.name] = idxs
-                elif s.input_group == spec.prune_group and s.in_features == self.mods[s.name].weight.shape[1]:
-                    in_drop[s.name] = idxs  # a reader (grouped convs lose whole channels: they are writers)
+                elif s.input_group == spec.prune_group and getattr(self.mods[s.name], "groups", 1) == 1:
+                    in_drop[s.name] = idxs  # a reader (depthwise convs lose whole channels: they are writers)
         params = {}
         self._masks = {}
         for name, m in self.mods.items():
