@@ -89,6 +89,16 @@ def _read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _share_graph_bytes(rd: Path) -> None:
+    """Measure the baseline's graph bytes once in ``rd``; every run's folder links them."""
+    from hirelc.evaluate import load_or_measure_graph_bytes
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    model, mcfg, _ = load_baseline(rd)
+    load_or_measure_graph_bytes(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)))
+
+
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     from hirelc.export.runtime import make_session, ort_accuracy
@@ -131,6 +141,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str
     set_threads()
     t0 = time.time()
     bundle = run_bundle(rd)
+    _share_graph_bytes(rd)
     rows = [_one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
             for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}

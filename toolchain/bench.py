@@ -134,6 +134,10 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
 
         load_or_measure(rd, model, topo, batch=8, progress=progress)
         table = rd / LATENCY_TABLE
+    if order:  # measured once here, linked into every searched method's folder
+        from hirelc.evaluate import load_or_measure_graph_bytes
+
+        load_or_measure_graph_bytes(rd, model, topo)
     for method in order:
         sub = out / method
         runs.link_baseline(rd, sub)  # the search reads the baseline before lowering does

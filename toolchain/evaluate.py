@@ -29,7 +29,6 @@ from hirelc.topology import Topology
 from hirelc.train import evaluate, predict_logits
 
 ONNX_OVERHEAD_BYTES = 4096  # graph structure, names and attributes of a small model (when not measured)
-GRAPH_BYTES_FILE = "graph_bytes.json"
 
 
 class Predictors:
@@ -149,12 +148,11 @@ def measure_graph_bytes(model: nn.Module, topo: Topology) -> int:
     layers = get_policy("int8").resolve(list(topo.layers))
     lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
                              LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False)
-    other = sum(p.numel() for p in model.parameters()) - sum(s.params for s in topo.layers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
         export_lowered(lowered, topo.input_shape, path)
         size = path.stat().st_size
-    return max(0, int(size - predict_onnx_bytes(topo, layers, other, graph_bytes=0)))
+    return max(0, int(size - Predictors(model, topo, graph_bytes=0).predict_bytes(layers)))
 
 
 def load_or_measure_graph_bytes(run_dir, model: nn.Module, topo: Topology) -> int:
@@ -163,7 +161,7 @@ def load_or_measure_graph_bytes(run_dir, model: nn.Module, topo: Topology) -> in
 
     from hirelc import runs
 
-    path = Path(run_dir) / GRAPH_BYTES_FILE
+    path = Path(run_dir) / runs.GRAPH_BYTES
     if path.is_file():
         d = runs.read_json(path, "graph bytes")
         if d.get("layers") == list(topo.names) and isinstance(d.get("graph_bytes"), int):

@@ -33,6 +33,7 @@ SENSITIVITY = "sensitivity.json"
 SEARCH_LOG = "search.jsonl"
 SEARCH_STATE = "search_state.pt"
 CONFIG = "run_config.json"
+GRAPH_BYTES = "graph_bytes.json"  # the exported graph's own bytes (hirelc.evaluate.measure_graph_bytes)
 
 
 @contextlib.contextmanager
@@ -103,11 +104,12 @@ def require_run_dir(run_dir: str | Path, *needs: str) -> Path:
 
 
 def link_baseline(run_dir: Path, sub: Path) -> None:
-    """Give ``sub`` the baseline of ``run_dir`` (hard links where the filesystem allows, else copies)."""
+    """Give ``sub`` the baseline of ``run_dir`` (hard links where the filesystem allows, else copies), and its
+    measured graph bytes when there are some (they depend on the baseline alone)."""
     sub.mkdir(parents=True, exist_ok=True)
-    for name in (BASELINE_META, BASELINE_CKPT, CONFIG):
+    for name in (BASELINE_META, BASELINE_CKPT, CONFIG, GRAPH_BYTES):
         dst = sub / name
-        if dst.exists():
+        if dst.exists() or (name == GRAPH_BYTES and not (run_dir / name).exists()):
             continue
         try:
             os.link(run_dir / name, dst)
