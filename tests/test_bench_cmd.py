@@ -95,6 +95,7 @@ def test_outputs_and_refusal_to_overwrite(benched):
     assert json.loads((out / "bench.json").read_text())["methods"].keys() == report["methods"].keys()
     md = (out / "bench.md").read_text()
     assert all(f"| {m} |" in md for m in FAST_METHODS)
+    assert "pred b8 ms" not in md  # no latency budget: no predicted-latency column
     for png in ("bench_accuracy_vs_bytes.png", "bench_accuracy_vs_latency.png"):
         assert (out / png).stat().st_size > 1000
     assert any("searching" in ln for ln in lines)
@@ -138,7 +139,12 @@ def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
     assert summary["budget"]["max_latency_ms"] == 50.0 and summary["predicted_latency_ms_b8"] <= 50.0
     assert summary["config"]["fill_budget"] is True
     assert report["config"]["max_latency_ms"] == 50.0
-    assert "and 50.0 ms at batch 8" in (rd / "bench" / "bench.md").read_text()
+    md = (rd / "bench" / "bench.md").read_text()
+    assert "and 50.0 ms at batch 8" in md
+    # the prediction is kept beside the measurement, in the report and as a table column
+    assert report["methods"]["hirelc"]["predicted_latency_ms_b8"] == summary["predicted_latency_ms_b8"]
+    assert report["methods"]["fp32"]["predicted_latency_ms_b8"] is None
+    assert "| pred b8 ms |" in md and f"| {summary['predicted_latency_ms_b8']:.3f} |" in md
     # the table is measured once, in the run directory, and every searched method predicts from that copy
     table = (rd / "latency_table.json").read_text()
     assert (rd / "bench" / "hirelc" / "latency_table.json").read_text() == table

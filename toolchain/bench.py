@@ -205,6 +205,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
         r["search_wall_s"] = s["wall_s"] if s else None
         r["real_evals"] = s["n_real_evals"] if s else None
         r["surrogate_spearman"] = s.get("surrogate_spearman") if s else None
+        # what the latency table promised the search, beside what was measured (None without a budget)
+        r["predicted_latency_ms_b8"] = s.get("predicted_latency_ms_b8") if s else None
         if "keep_ratio" in a:
             r["keep_ratio"] = a["keep_ratio"]
     for r in rows.values():
@@ -241,6 +243,9 @@ def format_bench(report: dict) -> str:
     bs = [str(b) for b in report["config"]["batch_sizes"]]
     head = ["method", "ORT top-1 %", "effective", "bytes", "fp32/size"]
     head += [f"b{b} ms" for b in bs] + [f"b{b} fp32/x" for b in bs] + [f"b{b} ort-int8/x" for b in bs]
+    # the search's batch-8 prediction, for reports whose searched methods had a latency budget
+    pred = any(r.get("predicted_latency_ms_b8") is not None for r in report["methods"].values())
+    head += ["pred b8 ms"] if pred else []
     head += ["search s", "real evals"]
     lines = [
         f"# hirelc bench - {report['model']['name'] if report.get('model') else ''} on {report['data']['name']}",
@@ -260,8 +265,11 @@ def format_bench(report: dict) -> str:
         cells += [f"{r['latency_ms'][b]:.3f}" for b in bs]
         cells += [_f(r["speedup_vs_fp32"][b], ".2f", "x") for b in bs]
         cells += [_f(r["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs]
+        cells += [_f(r.get("predicted_latency_ms_b8"), ".3f")] if pred else []
         cells += [_f(r["search_wall_s"], ".0f"), _f(r["real_evals"], "d")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
               "Latency: ONNX Runtime CPU, medians of interleaved runs in one process."]
+    if pred:
+        lines.append("`pred b8 ms`: the batch-8 latency the search's latency table predicted for its winner.")
     return "\n".join(lines) + "\n"
