@@ -100,7 +100,7 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
     assert after == log_before
 
 
-def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path):
+def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path, monkeypatch):
     from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency
     from hirelc.policy import PRESETS
     from hirelc.search.space import uniform_policy
@@ -139,6 +139,18 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
     lp = _latency_prediction({"predicted_latency": stored}, lambda k, b: 2 * stored["ms"] if b == 8 else None)
     assert lp["measured_over_predicted"] == pytest.approx(2.0) and lp["batch"] == 8
     assert _latency_prediction({}, lambda k, b: 1.0) is None
+
+    # a table measured on another machine predicts nothing here, and the run directory measures its own
+    import hirelc.latency as L
+
+    assert table["machine"] == L.machine_key()
+    runs.atomic_write_json(rd / LATENCY_TABLE, {**table, "machine": {**table["machine"], "cpu": "another CPU"}})
+    assert stored_prediction(rd, topo, uniform_policy(list(topo.layers), 8, 1.0)) is None
+    calls = []
+    monkeypatch.setattr(L, "measure_latency_table", lambda *a, **k: calls.append(1) or table)
+    assert L.load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]
+    assert runs.read_json(rd / LATENCY_TABLE, "t")["machine"] == L.machine_key()
+    assert L.load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]  # reused
 
 
 def test_latency_formats():

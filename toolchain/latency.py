@@ -169,7 +169,7 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
 
     model = model.eval()
     shapes = _input_shapes(model, topo)
-    table: dict = {"version": TABLE_VERSION, "batch": batch, "layers": {}}
+    table: dict = {"version": TABLE_VERSION, "batch": batch, "machine": machine_key(), "layers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "full.onnx"
         export_fp32(model, topo.input_shape, full)
@@ -198,6 +198,21 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
     return table
 
 
+def machine_key() -> dict:
+    """What a table's times depend on: the CPU (name, int8 instruction sets), its cores, ONNX Runtime's version."""
+    from hirelc.machine import describe
+
+    m = describe()
+    return {k: m[k] for k in ("cpu", "isa", "cores", "onnxruntime")}
+
+
+def usable(table: dict, topo: Topology, batch: int | None = None) -> bool:
+    """True when ``table`` can predict for ``topo`` here: current format, same layers (and batch, when given),
+    measured on this kind of machine (a table timed on another CPU predicts nothing about this one)."""
+    return (table.get("version") == TABLE_VERSION and set(table.get("layers", {})) == set(topo.names)
+            and (batch is None or table.get("batch") == batch) and table.get("machine") == machine_key())
+
+
 def predict_latency(table: dict, topo: Topology, layers: dict[str, LayerPolicy]) -> float:
     """Predicted latency (ms, at the table's batch size) of the lowered model for ``layers``."""
     keeps = group_keeps(list(topo.layers), layers)  # once: predictions sit in the search's repair loop
@@ -212,12 +227,12 @@ def predict_latency(table: dict, topo: Topology, layers: dict[str, LayerPolicy])
 
 def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
                     progress: bool = True) -> dict:
-    """The run directory's latency table, measured and saved on first use (or when its format is older)."""
+    """The run directory's latency table, measured and saved on first use, or again when its format is older or
+    it was measured on another machine (a run directory copied between hosts)."""
     path = Path(run_dir) / LATENCY_TABLE
     if path.exists():
         table = runs.read_json(path, "latency table")
-        if (table.get("version") == TABLE_VERSION and table.get("batch") == batch
-                and set(table.get("layers", {})) == set(topo.names)):
+        if usable(table, topo, batch):
             return table
     table = measure_latency_table(model, topo, batch=batch, progress=progress)
     runs.atomic_write_json(path, table)
@@ -230,6 +245,6 @@ def stored_prediction(run_dir: str | Path, topo: Topology, layers: dict[str, Lay
     if not path.is_file():
         return None
     table = runs.read_json(path, "latency table")
-    if table.get("version") != TABLE_VERSION or set(table.get("layers", {})) != set(topo.names):
+    if not usable(table, topo):
         return None
     return {"batch": int(table["batch"]), "ms": predict_latency(table, topo, layers)}
