@@ -37,6 +37,7 @@ from torch import nn
 from hirelc import kernels as K
 from hirelc import runs
 from hirelc.errors import HirelcError
+from hirelc.export.runtime import FLOAT_OPS, make_session, optimized_graph
 from hirelc.policy import PerGroup, parse_granularity
 from hirelc.qmodules import ActQuant, QConv2d, QLinear, quant_layers
 
@@ -169,32 +170,175 @@ def _narrow(t: np.ndarray, name: str, container: str) -> onnx.TensorProto:
     return helper.make_tensor(name, _ONNX_TYPE[container], list(t.shape), packed.numpy().tobytes(), raw=True)
 
 
-def narrow_weights(graph: onnx.GraphProto, model: nn.Module) -> dict[str, str]:
-    """Move the codes (and zero-points) of layers with ``bits <= 4`` to INT4/UINT4; returns layer -> container."""
-    inits = {t.name: t for t in graph.initializer}
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+class _Rewriter:
+    """Adds fresh initializers and constant-only nodes to a graph; shared (de-duplicated) tensors never change."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.nodes: list[onnx.NodeProto] = []  # prepended: they read initializers only
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def add(self, name: str, make) -> str:
+        if name not in self.inits:
+            t = make(name)
+            self.graph.initializer.append(t)
+            self.inits[name] = t
+        return name
+
+    def finish(self) -> None:
+        if self.nodes:
+            rest = list(self.graph.node)
+            del self.graph.node[:]
+            self.graph.node.extend(self.nodes + rest)
+        _prune_unused(self.graph)
+
+
+def _plain_node(rw: _Rewriter, name: str, node: onnx.NodeProto, container: str) -> None:
+    """INT4/UINT4 codes (and zero points) straight into ``DequantizeLinear``."""
+    for slot, suffix in ((0, "qweight"), (2, "zero_point")):
+        if slot < len(node.input) and node.input[slot]:
+            src = rw.array(node.input[slot])
+            node.input[slot] = rw.add(f"{name}.{suffix}.{container}", lambda n, a=src: _narrow(a, n, container))
+
+
+# Widest integer weight that ONNX Runtime's U8S8 kernels multiply without int16 saturation on CPUs without
+# VNNI (two products of uint8 activations summed in int16: 2 * 255 * 64 < 2**15).
+SATURATION_FREE = 64
+
+
+def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str:
+    """Rewrite one weight ``DequantizeLinear`` so ORT runs an integer kernel; returns the form used.
+
+    Forms (all exact; every op before the ``DequantizeLinear`` reads constants only, so ORT's constant folding
+    turns them into one int8 tensor at session creation, before QDQ fusion):
+
+    * ``int4-cast``: 2..4-bit codes (symmetric, or asymmetric codes minus their zero point when that fits
+      [-8, 7]) packed as INT4 -> ``Cast(INT8)`` -> DQ with zero point 0;
+    * ``uint4-sub``: other asymmetric 2..4-bit codes as UINT4, widened and shifted in int32 (ORT's CPU ``Sub``
+      has no int8 kernel) -> ``Cast(INT8)`` -> DQ with zero point 0;
+    * ``int8``: 5..8-bit symmetric codes, or asymmetric ones minus their zero point when that stays within
+      +-64 (no U8S8 saturation);
+    * ``uint8``: asymmetric 8-bit codes that do not fit, kept with their zero point (ORT's U8U8 kernels);
+    * ``*-blocked``: per-group codes stay as :func:`_plain_node` writes them (blocked DQ; 4-bit linear layers
+      fuse into ``MatMulNBits``).
+    """
+    container = K.container_bits(bits)
+    codes = rw.array(node.input[0])
+    signed = codes.dtype == np.int8
+    if _attr(node, "block_size"):
+        if container == 4:
+            _plain_node(rw, name, node, "int4" if signed else "uint4")
+        return ("int" if signed else "uint") + f"{container}-blocked"
+    zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    zp = rw.array(zp_name) if zp_name else np.zeros((), codes.dtype)
+    bshape = [1] * codes.ndim
+    if zp.ndim == 1:
+        bshape[_attr(node, "axis", 1) % codes.ndim] = zp.size
+    diff = codes.astype(np.int32) - zp.astype(np.int32).reshape(bshape if zp.ndim else ())
+    shape = "x".join(map(str, zp.shape)) or "scalar"
+    zeros = rw.add(f"hirelc.zero_point.int8.{shape}",  # one shared tensor of zeros per shape
+                   lambda n: numpy_helper.from_array(np.zeros(zp.shape, np.int8), n))
+    if container == 4 and diff.min() >= -8 and diff.max() <= 7:
+        rw.add(f"{name}.qweight.int4", lambda n: _narrow(diff, n, "int4"))
+        form = "int4-cast"
+    elif container == 4:
+        rw.add(f"{name}.qweight.uint4", lambda n: _narrow(codes, n, "uint4"))
+        rw.add(f"{name}.zero_point.uint4", lambda n: _narrow(zp.reshape(bshape if zp.ndim else ()), n, "uint4"))
+        form = "uint4-sub"
+    elif signed:
+        return "int8"
+    elif diff.min() >= -SATURATION_FREE and diff.max() <= SATURATION_FREE:
+        node.input[0] = rw.add(f"{name}.qweight.int8", lambda n: numpy_helper.from_array(diff.astype(np.int8), n))
+        form = "int8"
+    else:
+        return "uint8"
+    if form != "int8":
+        chain = fold_chain(name, form == "uint4-sub")
+        have = {o for n in rw.nodes for o in n.output}
+        rw.nodes.extend(n for n in chain if n.output[0] not in have)
+        node.input[0] = chain[-1].output[0]
+    if zp_name:
+        node.input[2] = zeros
+    else:
+        node.input.append(zeros)
+    return form
+
+
+def fold_chain(name: str, asym: bool) -> list[onnx.NodeProto]:
+    """The constant-only nodes that widen layer ``name``'s packed 4-bit codes to int8 (see :func:`_fold_node`)."""
+    w = f"{name}.qweight"
+    if not asym:
+        return [helper.make_node("Cast", [f"{w}.int4"], [f"{w}.as_int8"], to=TensorProto.INT8)]
+    z = f"{name}.zero_point"
+    return [helper.make_node("Cast", [f"{w}.uint4"], [f"{w}.as_int32"], to=TensorProto.INT32),
+            helper.make_node("Cast", [f"{z}.uint4"], [f"{z}.as_int32"], to=TensorProto.INT32),
+            helper.make_node("Sub", [f"{w}.as_int32", f"{z}.as_int32"], [f"{w}.centered_int32"]),
+            helper.make_node("Cast", [f"{w}.centered_int32"], [f"{w}.as_int8"], to=TensorProto.INT8)]
+
+
+def fold_graph_bytes(name: str, asym: bool) -> int:
+    """Bytes the ``fold`` form adds to the file for one 4-bit layer: its widening nodes (2 bytes of framing each)."""
+    return sum(n.ByteSize() + 2 for n in fold_chain(name, asym))
+
+
+WEIGHT_FORMATS = ("fold", "plain")
+
+
+def narrow_weights(graph: onnx.GraphProto, model: nn.Module, weight_format: str = "fold") -> dict[str, str]:
+    """Rewrite every quantized layer's weight codes in ``weight_format``; returns layer -> form written.
+
+    ``fold`` (default): every format runs on ONNX Runtime's integer kernels (see :func:`_fold_node`).
+    ``plain``: 2..4-bit codes (and zero points) as INT4/UINT4 straight into ``DequantizeLinear``, for runtimes
+    that dequantize natively; ONNX Runtime's CPU EP runs those layers as float kernels.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise HirelcError(f"unknown weight format {weight_format!r} (use {', '.join(WEIGHT_FORMATS)})")
     layers = quant_layers(model)
-    containers: dict[str, str] = {}
+    rw = _Rewriter(graph)
+    forms: dict[str, str] = {}
     for name, nodes in map_weight_dequantizers(graph, model).items():
         q = layers[name]
-        signed = q.qweight.dtype == torch.int8
-        container = _CONTAINERS[(K.container_bits(q.bits), signed)]
-        containers[name] = container
-        if container not in _ONNX_TYPE:
-            continue
         for node in nodes:
-            for slot, suffix in ((0, "qweight"), (2, "zero_point")):
-                if slot >= len(node.input) or not node.input[slot]:
-                    continue
-                if node.input[slot] not in inits:
+            for slot in (0, 2):
+                if slot < len(node.input) and node.input[slot] and node.input[slot] not in rw.inits:
                     raise RuntimeError(f"export: {name}: DequantizeLinear input {node.input[slot]!r} is not constant")
-                new_name = f"{name}.{suffix}.{container}"
-                if new_name not in inits:  # fresh tensor: a shared (de-duplicated) one is never changed
-                    t = _narrow(numpy_helper.to_array(inits[node.input[slot]]), new_name, container)
-                    graph.initializer.append(t)
-                    inits[new_name] = t
-                node.input[slot] = new_name
-    _prune_unused(graph)
-    return containers
+            if weight_format == "fold":
+                forms[name] = _fold_node(rw, name, node, q.bits)
+                continue
+            signed = q.qweight.dtype == torch.int8
+            container = _CONTAINERS[(K.container_bits(q.bits), signed)]
+            forms[name] = container
+            if container in _ONNX_TYPE:
+                _plain_node(rw, name, node, container)
+    rw.finish()
+    return forms
+
+
+TORCHSCRIPT_OPSETS = (17, 21)  # INT4/UINT4 need 21; the TorchScript exporter writes at most 21
+
+
+def check_export_options(opset: int, weight_format: str) -> None:
+    """Reject an opset or weight format before anything is exported or written."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise HirelcError(f"unknown weight format {weight_format!r} (use {', '.join(WEIGHT_FORMATS)})")
+    lo, hi = TORCHSCRIPT_OPSETS
+    if not isinstance(opset, int) or not lo <= opset <= hi:
+        raise HirelcError(f"opset {opset!r} is not supported: hirelc exports opsets {lo}..{hi}")
+
+
+def check_loads(model: onnx.ModelProto, what: str) -> None:
+    """The installed ONNX Runtime must be able to load and optimize the graph (one-line error otherwise)."""
+    try:
+        make_session(model.SerializeToString(), threads=1)
+    except HirelcError as e:
+        raise HirelcError(f"{what}: {e}") from None
 
 
 def check_onnx(model: onnx.ModelProto, what: str) -> None:
@@ -229,8 +373,8 @@ def graph_summary(model: onnx.ModelProto) -> dict:
 
 
 def lowered_graph(model: nn.Module, input_shape: tuple[int, ...], *, opset: int = DEFAULT_OPSET,
-                  weight_only: bool = False) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The post-processed, checked ONNX graph of a lowered model, in memory, and each layer's container."""
+                  weight_only: bool = False, weight_format: str = "fold") -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The post-processed ONNX graph of a lowered model, in memory, and the form each layer's weight took."""
     qls = quant_layers(model)
     unfrozen = [n for n, q in qls.items() if not q.frozen]
     if unfrozen:
@@ -238,21 +382,26 @@ def lowered_graph(model: nn.Module, input_shape: tuple[int, ...], *, opset: int 
     with strip_activation_qdq(model) if weight_only else contextlib.nullcontext():
         proto = _torch_export(model, tuple(input_shape), opset)
     _inline_identities(proto.graph)
-    containers = narrow_weights(proto.graph, model) if qls else {}
+    containers = narrow_weights(proto.graph, model, weight_format) if qls else {}
     return proto, containers
 
 
 def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *,
-                   opset: int = DEFAULT_OPSET, weight_only: bool = False) -> dict:
+                   opset: int = DEFAULT_OPSET, weight_only: bool = False, weight_format: str = "fold") -> dict:
     """Export a lowered (frozen) model as ``path``: integer initializers + DequantizeLinear, Q/DQ activations.
 
-    ``weight_only`` drops the activation Q/DQ pairs for this export (see :func:`strip_activation_qdq`).
+    ``weight_only`` drops the activation Q/DQ pairs for this export (see :func:`strip_activation_qdq`);
+    ``weight_format`` is how low-bit codes are written (:func:`narrow_weights`). The graph must pass the ONNX
+    checker and load in the installed ONNX Runtime, else nothing is written.
     Returns a summary: ``path``, ``bytes``, ``opset``, ``dequantize_linear``, ``quantize_linear``,
     ``op_counts``, ``initializer_dtypes``, ``layers`` (name -> bits, scheme, granularity, kind, shape,
-    container) and ``weight_only``.
+    container: the form written), ``weight_only`` and ``weight_format``.
     """
-    proto, containers = lowered_graph(model, input_shape, opset=opset, weight_only=weight_only)
+    check_export_options(opset, weight_format)
+    proto, containers = lowered_graph(model, input_shape, opset=opset, weight_only=weight_only,
+                                      weight_format=weight_format)
     check_onnx(proto, str(path))
+    check_loads(proto, str(path))
     size = _save(proto, path)
     layers = {
         n: {"bits": q.bits, "scheme": q.scheme, "granularity": q.granularity,
@@ -260,44 +409,51 @@ def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | P
             "container": containers[n]}
         for n, q in quant_layers(model).items()
     }
-    return {"path": str(path), "bytes": size, **graph_summary(proto), "layers": layers, "weight_only": weight_only}
+    return {"path": str(path), "bytes": size, **graph_summary(proto), "layers": layers, "weight_only": weight_only,
+            "weight_format": weight_format}
 
 
-def _optimized(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, dict[str, str], list]:
+def _optimized(model: nn.Module, input_shape: tuple[int, ...],
+               weight_format: str = "fold") -> tuple[onnx.ModelProto, list[str], list]:
     """Export ``model`` (a frozen copy if still training) and let ORT optimize it (level "extended").
 
-    Returns the narrowed graph, a map from each node using a quantized weight to that layer, and ORT's
-    optimized (op_type, node name) list.
+    Returns the narrowed graph, the quantized layers ORT left as float Conv/MatMul/Gemm, and ORT's optimized
+    (op_type, node name) list. A float op is traced to its layer through the weight ``DequantizeLinear`` it
+    reads, by the scale's content: ORT renames the nodes it fuses (MatMul + Add -> Gemm), never the scales' values.
     """
-    from hirelc.export.runtime import optimized_ops
-
     if any(not q.frozen for q in quant_layers(model).values()):
         model = copy.deepcopy(model)
         for q in quant_layers(model).values():
             q.freeze()
     proto = _torch_export(model, tuple(input_shape), DEFAULT_OPSET)
     _inline_identities(proto.graph)
-    # Map DQ outputs to layers before narrowing: 4-bit tensors no longer compare equal to the layers' codes.
-    dq_layer = {n.output[0]: name for name, nodes in map_weight_dequantizers(proto.graph, model).items()
-                for n in nodes}
-    narrow_weights(proto.graph, model)
-    weight_of = {n.name: dq_layer[n.input[1]] for n in proto.graph.node
-                 if len(n.input) > 1 and n.input[1] in dq_layer}
-    return proto, weight_of, optimized_ops(proto.SerializeToString(), level="extended")
+    narrow_weights(proto.graph, model, weight_format)
+    by_scale: dict[tuple, str] = {}
+    for name, q in quant_layers(model).items():
+        by_scale.setdefault(_digest(_expected_tensors(q)[1].astype(np.float32)), name)
+    opt = optimized_graph(proto.SerializeToString(), level="extended")
+    inits = {t.name: t for t in opt.initializer}
+    dq_layer = {}
+    for n in opt.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 1 and n.input[1] in inits:
+            layer = by_scale.get(_digest(numpy_helper.to_array(inits[n.input[1]])))
+            if layer is not None:
+                dq_layer[n.output[0]] = layer
+    floating = sorted({dq_layer[i] for n in opt.node if n.op_type in FLOAT_OPS for i in n.input if i in dq_layer})
+    return proto, floating, [(n.op_type, n.name) for n in opt.node]
 
 
-def unfused_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+def unfused_layers(model: nn.Module, input_shape: tuple[int, ...], weight_format: str = "fold") -> list[str]:
     """Quantized layers that ONNX Runtime (CPU) leaves as float Conv/MatMul/Gemm instead of an integer kernel.
 
-    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head):
-    ORT only builds ``QLinearConv`` from ``DQ -> Conv -> Q``, so these run in float on weights dequantized at
-    every call. Giving them an output activation quantizer at lowering time makes them fuse. Call it after
-    activation calibration (uncalibrated layers export without Q/DQ, so nothing fuses); layers still in
-    quantization-aware training are checked on a frozen copy.
+    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head), and
+    a 2-D linear head (ORT fuses its MatMul + Add into a float Gemm): ORT only builds ``QLinearConv`` /
+    ``QGemm`` from ``DQ -> op -> Q``, so these run in float on weights dequantized at every call. Giving them
+    an output activation quantizer at lowering time makes them fuse. Call it after activation calibration
+    (uncalibrated layers export without Q/DQ, so nothing fuses); layers still in quantization-aware training
+    are checked on a frozen copy.
     """
-    _, weight_of, ops = _optimized(model, input_shape)
-    float_nodes = {name for op, name in ops if op in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
-    return sorted({weight_of[n] for n in float_nodes if n in weight_of})
+    return _optimized(model, input_shape, weight_format)[1]
 
 
 def integer_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:

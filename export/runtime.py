@@ -99,16 +99,20 @@ def ort_accuracy(sess, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> f
     return float(100.0 * (ort_predict(sess, x, batch_size).argmax(1) == y).mean()) if len(y) else 0.0
 
 
-def optimized_ops(path: str | Path | bytes, level: str = "all") -> list[tuple[str, str]]:
-    """(op_type, node name) of the graph ONNX Runtime actually runs after its optimizations at ``level``."""
+def optimized_graph(path: str | Path | bytes, level: str = "all"):
+    """The graph (``onnx.GraphProto``) ONNX Runtime's CPU EP actually runs after its optimizations at ``level``."""
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="hirelc-ort-") as d:
         so = _session_options(1, level)
         so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
         _load(path, so, ["CPUExecutionProvider"])
-        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
-        return [(n.op_type, n.name) for n in graph.node]
+        return onnx.load(so.optimized_model_filepath).graph
+
+
+def optimized_ops(path: str | Path | bytes, level: str = "all") -> list[tuple[str, str]]:
+    """(op_type, node name) of the graph ONNX Runtime actually runs after its optimizations at ``level``."""
+    return [(n.op_type, n.name) for n in optimized_graph(path, level).node]
 
 
 def fused_op_counts(path: str | Path | bytes, level: str = "all") -> dict[str, int]:

@@ -383,7 +383,7 @@ def test_activation_fake_quant_gradient_is_clipped_straight_through():
     assert y[2].item() == pytest.approx(1.0) and y[3].item() == 0.0
 
 
-def test_int8_convs_feeding_residual_adds_get_output_quantizers(bundle):
+def test_convs_feeding_residual_adds_get_output_quantizers(bundle):
     from hirelc.lower import LowerConfig, lower_model
     from hirelc.models import build_model, model_config
     from hirelc.policy import PRESETS
@@ -391,12 +391,14 @@ def test_int8_convs_feeding_residual_adds_get_output_quantizers(bundle):
 
     model = build_model(model_config("test_resnet", 10, 1, 32)).eval()
     topo = build_topology(model, (1, 1, 32, 32))
-    for preset, expect in (("int8", True), ("w4", False)):
+    for preset, expect in (("int8", True), ("w4", True), ("w4-group32", False)):
         low, _ = lower_model(model, topo, PRESETS[preset].resolve(list(topo.layers)), bundle,
                              LowerConfig(epochs=0, max_steps=0), progress=False)
         with_out = [n for n in topo.names if getattr(low.get_submodule(n), "out_act", None) is not None]
-        # conv2 of a residual block feeds the add: only an output quantizer lets ORT fuse it (8-bit only)
+        # conv2 of a residual block feeds the add: only an output quantizer lets ORT fuse it; per-group convs
+        # have no integer kernel to fuse into, so they get none
         assert ("layer1.0.conv2" in with_out) is expect, (preset, with_out)
+        assert ("fc" in with_out) is expect  # the 2-D head: MatMul + Add would become a float Gemm
         assert all(low.get_submodule(n).out_act.calibrated for n in with_out)
 
 

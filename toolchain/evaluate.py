@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hirelc.cost import group_keeps, kept_shape
+from hirelc.export.onnx_export import fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
 from hirelc.lower import LowerConfig, lower_model
-from hirelc.policy import LayerPolicy, PerChannel, PerGroup
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme
 from hirelc.topology import Topology
 from hirelc.train import evaluate, predict_logits
 
@@ -105,6 +106,9 @@ class RealEvaluator:
         return self.predictors.predict_latency_ms(layers)
 
 
+FOLD_NAME_BYTES = 8  # a 4-bit layer's code initializer is renamed ``<layer>.qweight.int4`` (measured on test models)
+
+
 def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_params: int,
                        graph_bytes: int = ONNX_OVERHEAD_BYTES) -> float:
     """Predicted size of model.onnx: containers as written by the exporter, scales in fp32, plus ``graph_bytes``
@@ -120,12 +124,16 @@ def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_par
         if lp.bits is None:
             total += 4 * n_w
             continue
-        total += math.ceil(n_w * container_bits(lp.bits) / 8)
+        width = container_bits(lp.bits)
+        total += math.ceil(n_w * width / 8)
         g = lp.granularity
         n_scales = out if isinstance(g, PerChannel) else (
             out * max(1, inn // g.group_size) * (math.prod(s.kernel) if s.kernel else 1) if isinstance(g, PerGroup)
             else 1)
-        total += n_scales * (4 + container_bits(lp.bits) / 8)  # fp32 scale + zero-point (always written)
+        total += n_scales * (4 + width / 8)  # fp32 scale + zero-point (always written)
+        if width == 4 and not isinstance(g, PerGroup):  # the "fold" export: widened to int8 in the graph
+            asym = lp.scheme is Scheme.ASYMMETRIC
+            total += fold_graph_bytes(s.name, asym) + FOLD_NAME_BYTES  # Cast (or Cast, Cast, Sub, Cast) nodes
         total += 8  # activation scale + zero-point
     return float(total)
 

@@ -28,7 +28,7 @@ from hirelc import kernels as K
 from hirelc import runs
 from hirelc.cost import group_keeps, kept_channels, kept_shape, policy_storage, storage_totals
 from hirelc.errors import HirelcError
-from hirelc.policy import LayerPolicy, PerGroup, Policy
+from hirelc.policy import LayerPolicy, PerGroup, Policy, parse_granularity
 from hirelc.qmodules import (
     ActQuant,
     QConv2d,
@@ -53,7 +53,7 @@ class LowerConfig:
     act_quant: bool = True  # Q/DQ on the inputs of quantized layers (False: weight-only)
     act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
     percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
-    fuse_outputs: bool = True  # quantize outputs of 5..8-bit convs ORT would not fuse (residual/pool inputs)
+    fuse_outputs: bool = True  # quantize outputs of layers ORT would not fuse (residual/pool inputs, 2-D heads)
     fuse_adds: bool = True  # quantize residual blocks' inputs so ORT runs their adds as integer QLinearAdd
     reduce_range: bool = True  # 7-bit codes for 8-bit symmetric weights (no int16 overflow on CPUs without VNNI)
     importance: str = "taylor"  # channel ranking for pruning: "taylor" (loss saliency on training batches) | "magnitude"
@@ -325,17 +325,18 @@ def calibrate(model: nn.Module, batches) -> int:
 
 
 def add_output_quantizers(model: nn.Module, input_shape: tuple[int, ...], cfg: LowerConfig) -> list[str]:
-    """Give an output quantizer to each 8-bit-container conv ONNX Runtime would leave as a float conv.
+    """Give an output quantizer to each quantized layer ONNX Runtime would leave as a float conv or Gemm.
 
-    ORT builds an integer ``QLinearConv`` only from ``DQ -> Conv -> Q``; a conv feeding a residual add or a
-    pool has no ``Q`` after it and would run in float on weights dequantized at every call. 2..4-bit convs
-    never fuse on the CPU EP, so they are left alone. Returns the layers that got one (still uncalibrated).
+    ORT builds an integer ``QLinearConv`` / ``QGemm`` only from ``DQ -> op -> Q``; a conv feeding a residual
+    add or a pool, or a 2-D linear head, has no ``Q`` after it and would run in float on weights dequantized at
+    every call. Per-group (blocked) convs have no integer kernel and are left alone. Returns the layers that
+    got one (still uncalibrated).
     """
     from hirelc.export import unfused_layers
 
     qls = quant_layers(model)
     names = [n for n in unfused_layers(model, input_shape)
-             if isinstance(qls.get(n), QConv2d) and K.container_bits(qls[n].bits) == 8]
+             if n in qls and not isinstance(parse_granularity(qls[n].granularity), PerGroup)]
     for n in names:
         qls[n].out_act = ActQuant(signed=cfg.act_signed, percentile=cfg.percentile)
     return names

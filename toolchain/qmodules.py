@@ -272,8 +272,11 @@ class QLinear(_QuantLayer):
         x = self.act(x)
         if torch.onnx.is_in_onnx_export():
             y = torch.matmul(x, self.export_weight(transpose=True))
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight_float(), self.bias)
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = F.linear(x, self.weight_float(), self.bias)
+        out_act = getattr(self, "out_act", None)
+        return out_act(y) if out_act is not None else y
 
 
 def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:

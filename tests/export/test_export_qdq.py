@@ -30,8 +30,9 @@ def _weight_dqs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 @pytest.mark.parametrize("gran", list(GRANULARITIES), ids=list(GRANULARITIES))
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_qdq_structure(tmp_path, bits, gran, scheme):
+    """The ``plain`` weight format: codes (and zero points) in their narrowest container straight into DQ."""
     model = toy_model(LayerPolicy(bits=bits, scheme=scheme, granularity=GRANULARITIES[gran]))
-    summary = export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx")
+    summary = export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx", weight_format="plain")
     m = onnx.load(tmp_path / "m.onnx")
     onnx.checker.check_model(m, full_check=True)
     inits = {t.name: t for t in m.graph.initializer}
@@ -94,7 +95,7 @@ def test_signed_activations_and_shared_zero_points(tmp_path):
     pt = PerTensor()
     model = toy_model(LayerPolicy(bits=4, granularity=pt), act_signed=True,
                       overrides={"6": LayerPolicy(bits=8, granularity=pt)})
-    s = export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx")
+    s = export_lowered(model, TOY_SHAPE, tmp_path / "m.onnx", weight_format="plain")
     assert [s["layers"][n]["container"] for n in TOY_QUANT] == ["int4", "int8", "int4"]
     m = onnx.load(tmp_path / "m.onnx")
     inits = {t.name: t for t in m.graph.initializer}
