@@ -95,7 +95,7 @@ def test_outputs_and_refusal_to_overwrite(benched):
     assert json.loads((out / "bench.json").read_text())["methods"].keys() == report["methods"].keys()
     md = (out / "bench.md").read_text()
     assert all(f"| {m} |" in md for m in FAST_METHODS)
-    assert "pred b8 ms" not in md  # no latency budget: no predicted-latency column
+    assert "pred b8 ms" in md  # latency-aware by default (ORT int8's time): the predicted-latency column is shown
     for png in ("bench_accuracy_vs_bytes.png", "bench_accuracy_vs_latency.png"):
         assert (out / png).stat().st_size > 1000
     assert any("searching" in ln for ln in lines)

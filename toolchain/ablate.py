@@ -92,20 +92,23 @@ def _read_history(path: Path) -> list[dict]:
 def _share_graph_bytes(rd: Path) -> None:
     """Measure the baseline's graph bytes once in ``rd``; every run's folder links them."""
     from hirelc.evaluate import load_or_measure_graph_bytes
+    from hirelc.pipeline import prepare_latency
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
 
     model, mcfg, _ = load_baseline(rd)
     load_or_measure_graph_bytes(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)))
+    prepare_latency(rd)
 
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     from hirelc.export.runtime import make_session, ort_accuracy
     from hirelc.lower import LowerConfig
-    from hirelc.pipeline import export_stage, lower_stage, search_stage
+    from hirelc.pipeline import export_stage, lower_stage, search_stage, share_latency
 
     runs.link_baseline(rd, sub)
+    share_latency(rd, sub)
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
         search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,

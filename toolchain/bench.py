@@ -91,7 +91,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     """Every artifact of the comparison: ``{method: {path, run_dir, search?}}`` (finished ones are reused)."""
     from hirelc.cost import policy_storage
     from hirelc.export import export_fp32, ort_int8_baseline
-    from hirelc.pipeline import export_stage, lower_stage, run_bundle, search_stage
+    from hirelc.pipeline import export_stage, lower_stage, prepare_latency, run_bundle, search_stage, share_latency
     from hirelc.policy import PRESETS, LayerPolicy, Policy
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
@@ -127,13 +127,10 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         arts[method] = {"path": onnx_path, "run_dir": sub, "search": search}
 
     order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
-    table = None
-    if cfg.max_latency_ms is not None and order:
-        # One latency table for every searched method: each judges its candidates by the same predictions.
-        from hirelc.latency import LATENCY_TABLE, load_or_measure
-
-        load_or_measure(rd, model, topo, batch=8, progress=progress)
-        table = rd / LATENCY_TABLE
+    if order:
+        # One latency table (and ORT int8 reference) for every searched method: each judges its candidates by
+        # the same predictions and the same default latency budget.
+        prepare_latency(rd, reference=cfg.max_latency_ms is None, progress=progress)
     if order:  # measured once here, linked into every searched method's folder
         from hirelc.evaluate import load_or_measure_graph_bytes
 
@@ -141,8 +138,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     for method in order:
         sub = out / method
         runs.link_baseline(rd, sub)  # the search reads the baseline before lowering does
-        if table is not None:
-            runs.atomic_write_text(sub / table.name, table.read_text())
+        share_latency(rd, sub)
         summary_path = sub / "search.json"
         if summary_path.exists() and (sub / runs.POLICY).exists():
             summary = runs.read_json(summary_path, "search summary")

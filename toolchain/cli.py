@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -114,17 +115,29 @@ def lower(
             "effective_ratio": round(rep["effective_ratio"], 2), "qat_wall_s": rep["qat_wall_s"]}, indent=2))
 
 
+class WeightFormat(str, Enum):
+    fold = "fold"
+    plain = "plain"
+
+
 @app.command()
 def export(
     run_dir: Path = RunDir,
     fp32: bool = typer.Option(False, "--fp32", help="Export the float baseline as fp32.onnx instead."),
     weight_only: bool = typer.Option(False, "--weight-only", help="Drop activation Q/DQ from the export."),
+    weight_format: WeightFormat = typer.Option(
+        WeightFormat.fold, "--weight-format",
+        help="fold: 2-8-bit codes stored packed and widened to int8 by nodes ONNX Runtime folds at load time, so "
+             "every layer runs on an integer kernel. plain: INT4/UINT4 straight into DequantizeLinear (for "
+             "runtimes that dequantize natively; ONNX Runtime CPU runs those layers in float)."),
+    opset: int = typer.Option(21, "--opset", help="ONNX opset (17..21; 4-bit weights need 21)."),
 ):
-    """Export model.onnx (opset 21): integer weight initializers -> DequantizeLinear, Q/DQ activations."""
+    """Export model.onnx: integer weight initializers -> DequantizeLinear, Q/DQ activations."""
     from hirelc.pipeline import export_stage
 
     with _user_errors():
-        info = export_stage(run_dir, fp32=fp32, weight_only=weight_only)
+        info = export_stage(run_dir, fp32=fp32, weight_only=weight_only, weight_format=weight_format.value,
+                            opset=opset)
         typer.echo(json.dumps(info, indent=2, default=str))
 
 
@@ -165,6 +178,10 @@ def verify(
         raise typer.Exit(1)
 
 
+NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-latency-ms, do not require the "
+                            "artifact to be as fast as ONNX Runtime's own int8 of the model (batch 8).")
+
+
 @app.command()
 def search(
     run_dir: Path = RunDir,
@@ -173,7 +190,9 @@ def search(
     preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
     max_size_mb: Optional[float] = typer.Option(None, help="Budget on the exported ONNX file (MB, 1e6 bytes)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Budget on ONNX Runtime batch-8 latency (ms), "
-                                                   "predicted from a per-layer table measured once per model."),
+                                                   "predicted from a per-layer table measured once per model. "
+                                                   "Default: ONNX Runtime's own int8 of the model, timed here."),
+    no_latency_budget: bool = NoLatencyOpt,
     seed: int = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
@@ -188,7 +207,8 @@ def search(
     with _user_errors():
         s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
-                         overrides={"fill_budget": True} if fill_budget else None)
+                         overrides={"fill_budget": True} if fill_budget else None,
+                         latency_budget=not no_latency_budget, echo=typer.echo)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
                        "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])
@@ -207,7 +227,9 @@ def compress(
     target_ratio: float = typer.Option(8.0, help="Search budget: compression in effective storage and file bytes."),
     preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
     max_size_mb: Optional[float] = typer.Option(None, help="Search budget: ONNX file size (MB)."),
-    max_latency_ms: Optional[float] = typer.Option(None, help="Search budget: ORT batch-8 latency (ms)."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Search budget: ORT batch-8 latency (ms). Default: "
+                                                   "ONNX Runtime's own int8 of the model, timed here."),
+    no_latency_budget: bool = NoLatencyOpt,
     qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of the final policy."),
     runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact in verify."),
     seed: int = SeedOpt,
@@ -225,8 +247,8 @@ def compress(
         cfg = CompressConfig(run_dir=str(run_dir), model=model, data=DataOptions(spec=data, data_dir=data_dir,
                              img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
                              target_ratio=target_ratio, search_preset=preset, max_size_mb=max_size_mb,
-                             max_latency_ms=max_latency_ms, qat_epochs=qat_epochs, verify_runs=runs_,
-                             resume=resume, seed=seed)
+                             max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
+                             qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

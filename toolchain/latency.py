@@ -4,9 +4,10 @@ batch latency so the search can respect ``--max-latency-ms`` without exporting e
 **Layer times.** Each compressible layer is exported alone in every weight *format* the action space can
 give it and timed on ONNX Runtime at the budget's batch size. A format is what decides which kernel ORT runs:
 the container (``fp32``, ``w8`` for 5..8 bits, ``w4`` for 2..4 bits), the scheme (``-asym``) and per-group
-scales (``-group``). Each is exported exactly as lowering writes it (uint8 input Q/DQ; 8-bit convs with an
-output quantizer, so ORT fuses ``QLinearConv`` where it can; per-group convs and 4-bit weights stay
-``DequantizeLinear`` + float kernel). A layer's predicted time is its format's time scaled by the fraction of
+scales (``-group``). Each is exported exactly as lowering writes it (uint8 input Q/DQ, an output quantizer, the
+``fold`` weight format, so ORT fuses ``QLinearConv`` / ``QGemm`` where it can; per-group convs stay
+``DequantizeLinear`` + float kernel). :func:`fast_formats` reads from the table which formats run no slower
+than int8 here; the default search space offers only those. A layer's predicted time is its format's time scaled by the fraction of
 its multiply-accumulates that pruning keeps.
 
 **The rest of the network** (activations, pooling, residual adds, the Q/DQ between layers) is calibrated
@@ -29,28 +30,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from hirelc import kernels as K
 from hirelc import runs
 from hirelc.cost import group_keeps, kept_shape
-from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, check_layer
+from hirelc.policy import FORMAT_KEYS, LayerPolicy, PerChannel, PerGroup, Scheme, check_layer, format_key
 from hirelc.topology import LayerSpec, Topology
 
 LATENCY_TABLE = "latency_table.json"
-TABLE_VERSION = 2
+TABLE_VERSION = 3  # 3: layers timed in the fold weight format with output quantizers
 GROUP_SIZES = (32, 64)  # per-group formats are timed at the smallest of these the layer accepts
 ANCHOR_KEEP = 0.5
 
 
-def variant(lp: LayerPolicy) -> str:
-    """The table key of a layer policy's weight format: ``fp32`` or ``w{8,4}[-asym][-group]``."""
-    if lp.bits is None:
-        return "fp32"
-    v = f"w{K.container_bits(lp.bits)}"
-    if lp.scheme is Scheme.ASYMMETRIC:
-        v += "-asym"
-    if isinstance(lp.granularity, PerGroup):
-        v += "-group"
-    return v
+variant = format_key  # the table key of a layer policy's weight format
 
 
 def _formats(spec: LayerSpec, group_sizes: tuple[int, ...]) -> dict[str, LayerPolicy | None]:
@@ -99,13 +90,13 @@ def _time_onnx(path: Path, shape: tuple[int, ...], runs_: int) -> float:
 def _single_layer(mod: nn.Module, lp: LayerPolicy | None, in_shape: tuple[int, ...]) -> nn.Module:
     """``mod`` alone, quantized as lowering would quantize it inside the network."""
     from hirelc.lower import calibrate, freeze, swap_quantized
-    from hirelc.qmodules import ActQuant, QConv2d, quant_layers
+    from hirelc.qmodules import ActQuant, quant_layers
 
     wrap = nn.Sequential(copy.deepcopy(mod))
     if lp is not None:
         swap_quantized(wrap, {"0": lp})
         q = quant_layers(wrap)["0"]
-        if isinstance(q, QConv2d) and K.container_bits(lp.bits) == 8:
+        if not isinstance(lp.granularity, PerGroup):
             q.out_act = ActQuant()  # inside the network its output is quantized (next layer or lowering)
         calibrate(wrap, [torch.randn(in_shape)])
         freeze(wrap)
@@ -196,6 +187,25 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
     table["rest_ms"] = table["fp32_model_ms"] - _layer_sum(table, topo, fp32, {})
     table["int8_rest_ms"] = table["int8_model_ms"] - _layer_sum(table, topo, int8, {})
     return table
+
+
+FAST_TOLERANCE = 1.10  # a format is "fast" when its layers together take at most this times their int8 time
+
+
+def fast_formats(table: dict, tolerance: float = FAST_TOLERANCE) -> tuple[str, ...]:
+    """The weight formats that run no slower than symmetric int8 (``w8``) on the machine the table was timed on.
+
+    Each format's time is summed over the layers timed in it and compared with the same layers' ``w8`` time.
+    ``w8`` is always offered. With the ``fold`` export every per-tensor / per-channel format should pass; on a
+    runtime without that folding 4-bit layers would run as float kernels and drop out here.
+    """
+    rows = table["layers"].values()
+    out = ["w8"]
+    for key in FORMAT_KEYS[1:]:
+        timed = [r for r in rows if key in r and "w8" in r]
+        if timed and sum(r[key] for r in timed) <= tolerance * sum(r["w8"] for r in timed):
+            out.append(key)
+    return tuple(out)
 
 
 def machine_key() -> dict:

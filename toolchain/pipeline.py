@@ -75,20 +75,28 @@ def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool
     return lower_run(rd, policy, run_bundle(rd), lower_cfg, progress=progress)
 
 
-def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = False) -> dict:
-    """Write model.onnx from the lowered model (or fp32.onnx from the baseline with ``fp32=True``)."""
+def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = False, weight_format: str = "fold",
+                 opset: int = 21) -> dict:
+    """Write model.onnx from the lowered model (or fp32.onnx from the baseline with ``fp32=True``).
+
+    ``weight_format``: ``fold`` (integer kernels on ONNX Runtime at every bit width) or ``plain`` (INT4/UINT4 into
+    DequantizeLinear); an option the installed onnxruntime cannot run is an error before anything is written.
+    """
     from hirelc.export import export_fp32, export_lowered
+    from hirelc.export.onnx_export import check_export_options
     from hirelc.lower import load_lowered
     from hirelc.train import load_baseline
 
+    check_export_options(opset, weight_format)
     rd = runs.require_run_dir(run_dir)
     if fp32:
         model, mcfg, _ = load_baseline(rd)
-        return export_fp32(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size), rd / runs.FP32_ONNX)
+        return export_fp32(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size), rd / runs.FP32_ONNX,
+                           opset=opset)
     blob = load_lowered(rd / runs.LOWERED_MODEL)
     mc = blob["model_config"]
     return export_lowered(blob["model"], (1, mc["in_chans"], mc["img_size"], mc["img_size"]), rd / runs.HIRELC_ONNX,
-                          weight_only=weight_only)
+                          weight_only=weight_only, weight_format=weight_format, opset=opset)
 
 
 def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256) -> dict:
@@ -138,6 +146,7 @@ class CompressConfig:
     search_preset: str = "quick"
     max_size_mb: float | None = None
     max_latency_ms: float | None = None
+    latency_budget: bool = True  # without max_latency_ms: no slower than ORT int8 of the model (batch 8)
     qat_epochs: float = 1.0
     verify_runs: int = 50
     resume: bool = False
@@ -176,7 +185,8 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
             else:
                 res = search_stage(rd, target_ratio=cfg.target_ratio, preset=cfg.search_preset,
                                    max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
-                                   resume=cfg.resume, progress=progress)
+                                   resume=cfg.resume, progress=progress, latency_budget=cfg.latency_budget,
+                                   echo=echo)
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
@@ -198,11 +208,72 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
 FILE_BUDGET_MARGIN = 0.005  # size predictions (graph bytes measured) are within ~0.1 % of real files; keep room
 
 
+LATENCY_REFERENCE = "latency_reference.json"
+
+
+def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30, progress: bool = True) -> dict:
+    """ONNX Runtime's own int8 of the baseline, timed at batch 1 and 8 here: the default latency budget.
+
+    Saved in the run directory with the machine it was timed on, and measured again on another machine.
+    """
+    import tempfile
+
+    from hirelc.export import benchmark_interleaved, export_fp32, ort_int8_baseline
+    from hirelc.latency import machine_key
+
+    path = rd / LATENCY_REFERENCE
+    if path.is_file():
+        ref = runs.read_json(path, "latency reference")
+        if ref.get("machine") == machine_key() and isinstance(ref.get("b8_ms"), (int, float)):
+            return ref
+    shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
+    with tempfile.TemporaryDirectory(prefix="hirelc-ref-") as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "ort_int8.onnx"
+        export_fp32(model, shape, fp32)
+        calib = bundle.subset("train", min(256, len(bundle.train)), seed=0).x.numpy()
+        ort_int8_baseline(fp32, int8, calib)
+        t = benchmark_interleaved({"fp32": fp32, "ort-int8": int8}, shape, batch_sizes=(1, 8), runs=runs_)
+    ref = {"source": "ort-int8", "b1_ms": t["ort-int8"][1]["median_ms"], "b8_ms": t["ort-int8"][8]["median_ms"],
+           "fp32_b1_ms": t["fp32"][1]["median_ms"], "fp32_b8_ms": t["fp32"][8]["median_ms"], "runs": runs_,
+           "machine": machine_key()}
+    runs.atomic_write_json(path, ref)
+    return ref
+
+
+def prepare_latency(rd: Path, reference: bool = True, progress: bool = True) -> None:
+    """Measure the run directory's latency table (and ORT int8 reference) once, for studies that search in
+    sub-directories: :func:`share_latency` then copies them into each, so every search predicts alike."""
+    from hirelc.latency import load_or_measure
+    from hirelc.topology import build_topology
+    from hirelc.train import load_baseline
+
+    model, mcfg, _ = load_baseline(rd)
+    load_or_measure(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)), batch=8,
+                    progress=progress)
+    if reference:
+        ort_int8_reference(rd, model, mcfg, run_bundle(rd), progress=progress)
+
+
+def share_latency(rd: Path, sub: Path) -> None:
+    """Copy the latency table and reference measured in ``rd`` into the study folder ``sub``."""
+    from hirelc.latency import LATENCY_TABLE
+
+    for name in (LATENCY_TABLE, LATENCY_REFERENCE):
+        if (rd / name).is_file() and not (sub / name).exists():
+            runs.atomic_write_text(sub / name, (rd / name).read_text())
+
+
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
                  max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
                  resume: bool = False, progress: bool = True, fisher_samples: int = 50,
-                 overrides: dict | None = None) -> dict:
-    """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json."""
+                 overrides: dict | None = None, latency_budget: bool = True, echo=None) -> dict:
+    """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json.
+
+    Latency-aware by default: without ``max_latency_ms`` the winner's predicted batch-8 latency must not exceed
+    ONNX Runtime's own int8 of the same model, measured here (:func:`ort_int8_reference`);
+    ``latency_budget=False`` drops that bound. The run directory's latency table also decides which weight
+    formats the space offers (:func:`hirelc.latency.fast_formats`), unless ``overrides`` name ``formats``.
+    """
     import dataclasses
 
     import torch
@@ -217,10 +288,11 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     if preset not in PRESETS:
         raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
-    if target_ratio is None and max_size_mb is None and max_latency_ms is None:
+    if target_ratio is None and max_size_mb is None and max_latency_ms is None and not latency_budget:
         raise HirelcError("give a budget: --target-ratio, --max-size-mb or --max-latency-ms")
     set_threads()
     config = dataclasses.replace(PRESETS[preset], seed=seed, **(overrides or {}))
+    # validated before anything is measured or written
     budget = Budget(target_ratio=target_ratio,
                     max_size_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
                     max_latency_ms=max_latency_ms)
@@ -229,10 +301,33 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     specs = list(topo.layers)
     # an impossible budget fails here, before any training; the graph's own bytes are measured once per run dir
     predictors = Predictors(model, topo, graph_bytes=load_or_measure_graph_bytes(rd, model, topo))
-    if budget.max_latency_ms is not None:
-        from hirelc.latency import load_or_measure
+    from hirelc.latency import fast_formats, load_or_measure
 
-        predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
+    predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
+    if "formats" not in (overrides or {}):
+        config = dataclasses.replace(config, formats=fast_formats(predictors.latency_table))
+    reference = None
+    if max_latency_ms is None and latency_budget:
+        from hirelc.search.space import uniform_grid
+
+        reference = dict(ort_int8_reference(rd, model, mcfg, run_bundle(rd), progress=progress))
+        limit = reference["b8_ms"]
+        # When no policy of the space is predicted that fast, the bound becomes the fastest one predicted, so the
+        # search still runs; the report says so, and verify measures the artifact against ORT int8 either way.
+        fastest = min(predictors.predict_latency_ms(p) for p in uniform_grid(specs, config))
+        reference["relaxed_to_ms"] = None
+        if fastest > limit:
+            limit = fastest * (1 + 1e-6)
+            reference["relaxed_to_ms"] = limit
+        budget = dataclasses.replace(budget, max_latency_ms=limit)
+        if echo is not None:
+            echo(f"      latency budget: ONNX Runtime's int8 of this model, {reference['b8_ms']:.2f} ms at batch 8 "
+                 f"({reference['b1_ms']:.2f} ms at batch 1), measured here; --no-latency-budget drops it")
+            if reference["relaxed_to_ms"] is not None:
+                echo(f"      no policy of the space is predicted that fast: the budget is the fastest predicted, "
+                     f"{limit:.2f} ms")
+    if echo is not None:
+        echo(f"      weight formats offered (no slower than int8 here): {', '.join(config.formats or ('all',))}")
     fp32_bytes = predictors.predict_bytes(get_policy("fp32").resolve(specs))
     if target_ratio is not None:
         # The ratio is also a promise about the artifact: the exported file must be that many times smaller than
@@ -273,6 +368,10 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "predicted_fp32_bytes": fp32_bytes,
         "predicted_file_ratio": fp32_bytes / winner_bytes,
         "predicted_latency_ms_b8": evaluator.predict_latency_ms(result.layers),
+        "latency_budget_source": (reference["source"] if reference else
+                                  ("user" if max_latency_ms is not None else None)),
+        "latency_reference": reference,
+        "formats": list(config.formats) if config.formats else None,
         "n_real_evals": result.n_real_evals,
         "wall_s": result.wall_s,
         "mean_eval_s": (sum(evaluator.eval_seconds) / len(evaluator.eval_seconds)) if evaluator.eval_seconds else None,

@@ -150,6 +150,24 @@ def _parse_scheme(s) -> Scheme:
 FLOAT = LayerPolicy(bits=None)
 
 
+FORMAT_KEYS = ("w8", "w8-asym", "w4", "w4-asym", "w4-group", "w4-asym-group")
+
+
+def format_key(lp: LayerPolicy) -> str:
+    """The kernel-deciding weight format of a quantized layer: ``w{8,4}[-asym][-group]`` (``fp32`` when float).
+
+    ``w8`` holds 5..8-bit codes, ``w4`` 2..4-bit ones; the latency table times one layer per format.
+    """
+    if lp.bits is None:
+        return "fp32"
+    key = "w4" if lp.bits <= 4 else "w8"
+    if lp.scheme is Scheme.ASYMMETRIC:
+        key += "-asym"
+    if isinstance(lp.granularity, PerGroup):
+        key += "-group"
+    return key
+
+
 def check_layer(spec: "LayerSpec", lp: LayerPolicy) -> str | None:
     """Why ``lp`` cannot be applied to ``spec`` (None when it can): the export could not represent it."""
     if isinstance(lp.granularity, PerGroup) and lp.quantized:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hirelc.errors import HirelcError
-from hirelc.policy import ALLOWED_BITS
+from hirelc.policy import ALLOWED_BITS, FORMAT_KEYS
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class SearchConfig:
     fisher_guided: bool = True  # False: uniform sensitivity everywhere in the search (ablation)
     fill_budget: bool = False  # after repair, loosen the most sensitive layers while the budget still holds
     surrogate_members: int = 5  # bootstrap ensemble size (uncertainty = std across members)
+    # weight formats (hirelc.policy.FORMAT_KEYS) the space offers; None = all. The pipeline sets the ones the
+    # run directory's latency table finds no slower than int8, so the default space holds only fast formats.
+    formats: tuple[str, ...] | None = None
     rewards: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self):
@@ -88,6 +91,12 @@ class SearchConfig:
             raise HirelcError("timesteps and episode length must be >= 1")
         if self.mode not in SEARCH_MODES:
             raise HirelcError(f"unknown search mode {self.mode!r} (use {', '.join(SEARCH_MODES)})")
+        if self.formats is not None:
+            if "w8" not in self.formats or any(f not in FORMAT_KEYS for f in self.formats):
+                raise HirelcError(f"formats must be a subset of {FORMAT_KEYS} containing w8, got {self.formats}")
+            object.__setattr__(self, "formats", tuple(f for f in FORMAT_KEYS if f in self.formats))
+            if not any(f.startswith("w4") for f in self.formats):
+                bits = tuple(b for b in bits if b > 4)
         object.__setattr__(self, "bit_levels", bits)
 
     @property

@@ -15,7 +15,9 @@ granularity    per-tensor, per-channel, per-group(g) for g descending (coarse to
 **Masking.** A choice is invalid when the export cannot represent it (:func:`hirelc.policy.check_layer`:
 per-group on a depthwise conv, a group size that does not divide the input dim, keep < 1 on a layer whose
 channels cannot be pruned; per-group with 5..8 bits, which ONNX Runtime's integer kernels cannot run, is
-decoded as per-channel) or when the block's HLA decision forbids it (bits below ``min_bits``; the strategy).
+decoded as per-channel) or when the block's HLA decision forbids it (bits below ``min_bits``; the strategy), or
+when it is a weight format the space does not offer (``SearchConfig.formats``: the latency table's slow formats,
+decoded as per-channel, then symmetric).
 The axes are independent, so the mask is one boolean vector per axis. An invalid raw index is mapped to the
 nearest valid index on its axis (ties go to the lower, i.e. milder, index); the agent is never penalised for it.
 
@@ -40,7 +42,7 @@ import numpy as np
 
 from hirelc.cost import group_keeps, kept_shape, layer_storage_bits, policy_storage
 from hirelc.errors import HirelcError
-from hirelc.policy import Granularity, LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme, check_layer
+from hirelc.policy import Granularity, LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme, check_layer, format_key
 from hirelc.search.config import Budget, SearchConfig
 from hirelc.topology import LayerSpec
 
@@ -67,6 +69,7 @@ class Constraints:
     group_sizes: tuple[int, ...]  # descending
     min_bits: int = 2
     strategy: Strategy = Strategy.BOTH
+    formats: tuple[str, ...] | None = None  # offered weight formats (format_key); None = all
 
     def __post_init__(self):
         if 8 not in self.bits or self.keeps[0] != 1.0 or self.min_bits > 8:
@@ -80,7 +83,12 @@ class Constraints:
             keeps=config.keep_levels,
             group_sizes=tuple(sorted(set(config.group_sizes), reverse=True)),
             min_bits=min(config.bit_levels),
+            formats=config.formats,
         )
+
+    def offers(self, suffix: str) -> bool:
+        """Whether any offered format carries ``suffix`` ("-asym", "-group")."""
+        return self.formats is None or any(suffix in f for f in self.formats)
 
     def narrowed(self, min_bits: int, strategy: Strategy) -> "Constraints":
         return dataclasses.replace(self, min_bits=min_bits, strategy=Strategy(strategy))
@@ -109,11 +117,12 @@ def valid_mask(spec: LayerSpec, c: Constraints) -> tuple[np.ndarray, np.ndarray,
         bits = np.array([b == 8 for b in c.bits])
     may_prune = spec.prunable and c.strategy != Strategy.QUANTIZE
     keep = np.array([k == 1.0 or may_prune for k in c.keeps])
-    scheme = np.ones(len(SCHEMES), dtype=bool)
+    scheme = np.array([s is Scheme.SYMMETRIC or c.offers("-asym") for s in SCHEMES])
     # per-group also needs <= 4 bits: decode() turns it into per-channel where the bits chosen are higher
     low_bits = any(ok and b <= 4 for b, ok in zip(c.bits, bits, strict=True))
     gran = np.array([check_layer(spec, LayerPolicy(4, 1.0, Scheme.SYMMETRIC, g)) is None
-                     and (low_bits or not isinstance(g, PerGroup)) for g in c.granularities])
+                     and (low_bits or not isinstance(g, PerGroup)) and (c.offers("-group") or not isinstance(g, PerGroup))
+                     for g in c.granularities])
     return bits, keep, scheme, gran
 
 
@@ -130,7 +139,13 @@ def decode(spec: LayerSpec, action: np.ndarray, c: Constraints) -> LayerPolicy:
     gran = c.granularities[i_g]
     if isinstance(gran, PerGroup) and c.bits[i_b] > 4:  # 8-bit containers take per-channel scales at most
         gran = PerChannel()
-    return LayerPolicy(c.bits[i_b], c.keeps[i_k], SCHEMES[i_s], gran)
+    lp = LayerPolicy(c.bits[i_b], c.keeps[i_k], SCHEMES[i_s], gran)
+    if c.formats is not None and format_key(lp) not in c.formats:  # a combination that runs slow here
+        if isinstance(gran, PerGroup):
+            lp = dataclasses.replace(lp, granularity=PerChannel())
+        if format_key(lp) not in c.formats:
+            lp = dataclasses.replace(lp, scheme=Scheme.SYMMETRIC)
+    return lp
 
 
 def encode(spec: LayerSpec, lp: LayerPolicy, c: Constraints) -> np.ndarray:
