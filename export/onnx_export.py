@@ -419,7 +419,8 @@ def _optimized(model: nn.Module, input_shape: tuple[int, ...],
 
     Returns the narrowed graph, the quantized layers ORT left as float Conv/MatMul/Gemm, and ORT's optimized
     (op_type, node name) list. A float op is traced to its layer through the weight ``DequantizeLinear`` it
-    reads, by the scale's content: ORT renames the nodes it fuses (MatMul + Add -> Gemm), never the scales' values.
+    reads (by that node's output name, else by its scale's content), not by its own name: ORT renames the nodes
+    it fuses (MatMul + Add -> Gemm).
     """
     if any(not q.frozen for q in quant_layers(model).values()):
         model = copy.deepcopy(model)
@@ -427,15 +428,19 @@ def _optimized(model: nn.Module, input_shape: tuple[int, ...],
             q.freeze()
     proto = _torch_export(model, tuple(input_shape), DEFAULT_OPSET)
     _inline_identities(proto.graph)
+    # Map DQ outputs to layers before narrowing (4-bit tensors no longer compare equal to the layers' codes);
+    # ORT keeps the output names of the DQ nodes it leaves in place.
+    dq_layer = {n.output[0]: name for name, nodes in map_weight_dequantizers(proto.graph, model).items()
+                for n in nodes}
     narrow_weights(proto.graph, model, weight_format)
     by_scale: dict[tuple, str] = {}
     for name, q in quant_layers(model).items():
         by_scale.setdefault(_digest(_expected_tensors(q)[1].astype(np.float32)), name)
     opt = optimized_graph(proto.SerializeToString(), level="extended")
     inits = {t.name: t for t in opt.initializer}
-    dq_layer = {}
-    for n in opt.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 1 and n.input[1] in inits:
+    for n in opt.node:  # a DQ that ORT rebuilt under a new name: its scale's content names the layer
+        if (n.op_type == "DequantizeLinear" and n.output[0] not in dq_layer and n.input[0] in inits
+                and len(n.input) > 1 and n.input[1] in inits):
             layer = by_scale.get(_digest(numpy_helper.to_array(inits[n.input[1]])))
             if layer is not None:
                 dq_layer[n.output[0]] = layer

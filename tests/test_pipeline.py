@@ -89,6 +89,26 @@ def test_search_stage_tiny_end_to_end(compressed):
     assert policy["version"] == 1 and policy["rules"]
     for png in ("policy_heatmap.png", "search_progress.png", "search_pareto.png"):
         assert (rd / png).stat().st_size > 1000
+    # latency-aware by default: the budget is ONNX Runtime's own int8 of the model, timed in this run directory
+    ref = json.loads((rd / "latency_reference.json").read_text())
+    assert s["latency_budget_source"] == "ort-int8" and ref["source"] == "ort-int8"
+    assert s["latency_reference"]["b8_ms"] == ref["b8_ms"] > 0 and ref["b1_ms"] > 0
+    limit = ref["b8_ms"] if s["latency_reference"]["relaxed_to_ms"] is None else s["latency_reference"]["relaxed_to_ms"]
+    assert s["budget"]["max_latency_ms"] == pytest.approx(limit)
+    assert s["predicted_latency_ms_b8"] <= s["budget"]["max_latency_ms"] * (1 + 1e-9)
+    assert s["formats"] and s["formats"][0] == "w8"  # the latency table picked the offered formats
+
+
+def test_search_stage_without_latency_budget(compressed, tmp_path):
+    from hirelc.pipeline import share_latency
+
+    rd, sub = compressed[0], tmp_path / "no-latency"
+    runs.link_baseline(rd, sub)
+    share_latency(rd, sub)  # the table is reused; the ORT int8 reference is not consulted
+    (sub / "latency_reference.json").unlink(missing_ok=True)
+    s = search_stage(sub, target_ratio=6.0, overrides=TINY_SEARCH, progress=False, latency_budget=False)
+    assert s["budget"]["max_latency_ms"] is None and s["latency_budget_source"] is None
+    assert s["latency_reference"] is None and not (sub / "latency_reference.json").exists()
 
 
 def test_impossible_budget_fails_before_any_evaluation(compressed):

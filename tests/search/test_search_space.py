@@ -18,6 +18,7 @@ from hirelc.search.space import (
     random_policy,
     tighten,
     uniform_policy,
+    valid_mask,
 )
 from hirelc.topology import LayerSpec
 
@@ -183,3 +184,42 @@ def test_loosen_respects_the_constraints_and_leaves_misfits_alone(specs):
     assert all(lp.keep_ratio == 1.0 and lp.bits >= 4 for lp in out.values())
     heavy = uniform_policy(specs, 8, 1.0)
     assert not fits(heavy) and loosen(specs, heavy, BASE, SENS, fits) == heavy
+
+
+def test_formats_the_space_does_not_offer_are_never_chosen(specs):
+    """The latency table's slow formats (here: asymmetric and per-group) are masked or decoded away."""
+    from hirelc.policy import format_key
+
+    config = SearchConfig(bit_levels=(2, 4, 8), formats=("w8", "w4"))
+    c = Constraints.from_config(config)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        layers = random_policy(specs, rng, c)
+        assert {format_key(lp) for lp in layers.values()} <= {"w8", "w4", "fp32"}
+    s = next(sp for sp in specs if check_layer(sp, LayerPolicy(4, granularity=PerGroup(32))) is None)
+    i_asym, i_group = 1, len(c.granularities) - 1
+    lp = decode(s, np.array([c.bits.index(4), 0, i_asym, i_group]), c)  # asks for w4-asym-group
+    assert lp.scheme is Scheme.SYMMETRIC and isinstance(lp.granularity, PerChannel) and lp.bits == 4
+    _, _, scheme, gran = valid_mask(s, c)
+    assert scheme.tolist() == [True, False] and not gran[i_group]
+
+
+def test_formats_without_4_bit_drop_the_low_widths_and_w8_is_required():
+    assert SearchConfig(bit_levels=(2, 4, 6, 8), formats=("w8", "w8-asym")).bit_levels == (6, 8)
+    assert SearchConfig(formats=("w4-asym", "w8")).formats == ("w8", "w4-asym")  # canonical order
+    with pytest.raises(HirelcError, match="containing w8"):
+        SearchConfig(formats=("w4",))
+    with pytest.raises(HirelcError, match="subset"):
+        SearchConfig(formats=("w8", "w3"))
+
+
+def test_fast_formats_reads_the_latency_table():
+    from hirelc.latency import fast_formats
+
+    table = {"layers": {
+        "a": {"fp32": 2.0, "w8": 1.0, "w8-asym": 3.0, "w4": 1.05, "w4-asym": 1.0, "w4-group": 6.0},
+        "b": {"fp32": 4.0, "w8": 2.0, "w8-asym": 2.1, "w4": 2.1, "w4-asym": 2.0},  # no group format fits b
+    }}
+    # w8-asym: 5.1 vs 3.0 (slow); w4: 3.15 vs 3.0 (fast, within 10 %); w4-group: 6.0 vs 1.0 on the one layer
+    assert fast_formats(table) == ("w8", "w4", "w4-asym")
+    assert fast_formats(table, tolerance=1.02) == ("w8", "w4-asym")
