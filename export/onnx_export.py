@@ -387,12 +387,14 @@ def lowered_graph(model: nn.Module, input_shape: tuple[int, ...], *, opset: int 
 
 
 def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *,
-                   opset: int = DEFAULT_OPSET, weight_only: bool = False, weight_format: str = "fold") -> dict:
+                   opset: int = DEFAULT_OPSET, weight_only: bool = False, weight_format: str = "fold",
+                   check_runtime: bool = True) -> dict:
     """Export a lowered (frozen) model as ``path``: integer initializers + DequantizeLinear, Q/DQ activations.
 
     ``weight_only`` drops the activation Q/DQ pairs for this export (see :func:`strip_activation_qdq`);
     ``weight_format`` is how low-bit codes are written (:func:`narrow_weights`). The graph must pass the ONNX
-    checker and load in the installed ONNX Runtime, else nothing is written.
+    checker and load in the installed ONNX Runtime (``check_runtime``; internal exports that are timed or
+    measured right away skip it), else nothing is written.
     Returns a summary: ``path``, ``bytes``, ``opset``, ``dequantize_linear``, ``quantize_linear``,
     ``op_counts``, ``initializer_dtypes``, ``layers`` (name -> bits, scheme, granularity, kind, shape,
     container: the form written), ``weight_only`` and ``weight_format``.
@@ -401,7 +403,8 @@ def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | P
     proto, containers = lowered_graph(model, input_shape, opset=opset, weight_only=weight_only,
                                       weight_format=weight_format)
     check_onnx(proto, str(path))
-    check_loads(proto, str(path))
+    if check_runtime:
+        check_loads(proto, str(path))
     size = _save(proto, path)
     layers = {
         n: {"bits": q.bits, "scheme": q.scheme, "granularity": q.granularity,
@@ -451,9 +454,9 @@ def _optimized(model: nn.Module, input_shape: tuple[int, ...],
 def unfused_layers(model: nn.Module, input_shape: tuple[int, ...], weight_format: str = "fold") -> list[str]:
     """Quantized layers that ONNX Runtime (CPU) leaves as float Conv/MatMul/Gemm instead of an integer kernel.
 
-    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head), and
-    a 2-D linear head (ORT fuses its MatMul + Add into a float Gemm): ORT only builds ``QLinearConv`` /
-    ``QGemm`` from ``DQ -> op -> Q``, so these run in float on weights dequantized at every call. Giving them
+    Typically convs whose output is not quantized again (it feeds a residual ``Add``, a pool or the head):
+    ORT only builds ``QLinearConv`` from ``DQ -> Conv -> Q``, so these run in float on weights dequantized at
+    every call. Giving them
     an output activation quantizer at lowering time makes them fuse. Call it after activation calibration
     (uncalibrated layers export without Q/DQ, so nothing fuses); layers still in quantization-aware training
     are checked on a frozen copy.

@@ -325,12 +325,12 @@ def calibrate(model: nn.Module, batches) -> int:
 
 
 def add_output_quantizers(model: nn.Module, input_shape: tuple[int, ...], cfg: LowerConfig) -> list[str]:
-    """Give an output quantizer to each quantized layer ONNX Runtime would leave as a float conv or Gemm.
+    """Give an output quantizer to each quantized layer ONNX Runtime would leave as a float conv (or matmul).
 
-    ORT builds an integer ``QLinearConv`` / ``QGemm`` only from ``DQ -> op -> Q``; a conv feeding a residual
-    add or a pool, or a 2-D linear head, has no ``Q`` after it and would run in float on weights dequantized at
-    every call. Per-group (blocked) convs have no integer kernel and are left alone. Returns the layers that
-    got one (still uncalibrated).
+    ORT builds an integer ``QLinearConv`` only from ``DQ -> Conv -> Q``; a conv feeding a residual add or a
+    pool has no ``Q`` after it and would run in float on weights dequantized at every call. (Linear layers
+    need none: without an output ``Q`` they become ``MatMulIntegerToFloat``.) Per-group (blocked) convs have
+    no integer kernel and are left alone. Returns the layers that got one (still uncalibrated).
     """
     from hirelc.export import unfused_layers
 

@@ -269,12 +269,22 @@ class QLinear(_QuantLayer):
         self._init_quant(linear.weight, linear.bias, lp, reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., I) -> (..., O)
-        x = self.act(x)
         if torch.onnx.is_in_onnx_export():
-            y = torch.matmul(x, self.export_weight(transpose=True))
-            y = y + self.bias if self.bias is not None else y
-        else:
-            y = F.linear(x, self.weight_float(), self.bias)
+            return self._export_forward(x)
+        y = F.linear(self.act(x), self.weight_float(), self.bias)
+        out_act = getattr(self, "out_act", None)
+        return out_act(y) if out_act is not None else y
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A 2-D MatMul + Add would be fused by ONNX Runtime into a float Gemm (an integer QGemm needs its output
+        # quantized); as a 3-D MatMul it becomes MatMulIntegerToFloat, with float logits kept exact. The input is
+        # made 3-D before its Q/DQ so that DQ feeds MatMul directly. Blocked (per-group) weights stay 2-D: they
+        # fuse into MatMulNBits, or have no integer kernel.
+        flat = x.dim() == 2 and not isinstance(self._gran, PerGroup)
+        x = self.act(x.unsqueeze(1) if flat else x)  # (B, 1, I) when flat
+        y = torch.matmul(x, self.export_weight(transpose=True))
+        y = y + self.bias if self.bias is not None else y
+        y = y.squeeze(1) if flat else y
         out_act = getattr(self, "out_act", None)
         return out_act(y) if out_act is not None else y
 
