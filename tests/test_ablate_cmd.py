@@ -14,8 +14,9 @@ from hirelc.errors import HirelcError
 
 # One agent per level in every run keeps the four searches cheap: these tests cover the ablation machinery;
 # what each switch does to the search is tested in tests/search.
+# The default ORT-int8 latency budget is tested with `hirelc search` (test_pipeline); it is off here.
 TINY = AblateConfig(target_ratio=6.0, seeds=(0, 1), variants=("full", "no-surrogate"), qat_epochs=0.0,
-                    search_overrides={**TINY_SEARCH, "ensemble": False})
+                    search_overrides={**TINY_SEARCH, "ensemble": False}, latency_budget=False)
 N_EVALS = TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]
 
 

@@ -53,6 +53,7 @@ class AblateConfig:
     # pruned winner scored on calibration alone can collapse (resnet18, 16x: 33 % without, where the search saw 87 %)
     qat_epochs: float = 0.25
     fill_budget: bool = False  # every run's repair also spends the budget a candidate left (SearchConfig)
+    latency_budget: bool = True  # every run's winner no slower than ORT int8 of the model (as `hirelc search`)
     search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
     lower_max_steps: int | None = None
 
@@ -89,7 +90,7 @@ def _read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _share_graph_bytes(rd: Path) -> None:
+def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
     """Measure the baseline's graph bytes once in ``rd``; every run's folder links them."""
     from hirelc.evaluate import load_or_measure_graph_bytes
     from hirelc.pipeline import prepare_latency
@@ -98,7 +99,7 @@ def _share_graph_bytes(rd: Path) -> None:
 
     model, mcfg, _ = load_baseline(rd)
     load_or_measure_graph_bytes(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)))
-    prepare_latency(rd)
+    prepare_latency(rd, reference=reference)  # the latency table, and the ORT int8 budget
 
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
@@ -112,7 +113,7 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
         search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
-                     overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
+                     latency_budget=cfg.latency_budget, overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")
@@ -144,7 +145,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str
     set_threads()
     t0 = time.time()
     bundle = run_bundle(rd)
-    _share_graph_bytes(rd)
+    _share_graph_bytes(rd, reference=cfg.latency_budget)
     rows = [_one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
             for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}

@@ -305,6 +305,7 @@ def ablate(
                                      "(0: calibration only, which pruned winners may not survive)."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Every run's repair also spends the budget a "
                                      "candidate left, as in `hirelc search --fill-budget`."),
+    no_latency_budget: bool = NoLatencyOpt,
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
                                        "finished ablation. An interrupted one resumes."),
 ):
@@ -319,7 +320,7 @@ def ablate(
 
     with _user_errors():
         cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, fill_budget=fill_budget,
-                           seeds=_int_list(seeds, "--seeds"),
+                           latency_budget=not no_latency_budget, seeds=_int_list(seeds, "--seeds"),
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_ablation(report))
