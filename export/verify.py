@@ -44,6 +44,7 @@ key                            meaning
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass
@@ -81,6 +82,10 @@ class VerifyConfig:
             raise HirelcError(f"verify: batch sizes must be >= 1, got {self.batch_sizes}")
         if self.parity_samples is not None and self.parity_samples < 1:
             raise HirelcError(f"verify: parity_samples must be >= 1, got {self.parity_samples}")
+        for name in ("max_drop", "min_size_ratio", "max_latency_ms"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):  # a NaN bound would pass every comparison
+                raise HirelcError(f"verify: --{name.replace('_', '-')} must be a finite number, got {v}")
 
     def bounds(self) -> dict:
         return {"max_drop": self.max_drop, "min_size_ratio": self.min_size_ratio,

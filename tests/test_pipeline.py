@@ -120,6 +120,23 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
     assert after == log_before
 
 
+@pytest.mark.parametrize("cmd,args,needle", [
+    ("verify", ["--max-drop", "nan"], "--max-drop must be a finite number"),
+    ("verify", ["--min-size-ratio", "nan"], "--min-size-ratio must be a finite number"),
+    ("verify", ["--max-latency-ms", "inf"], "--max-latency-ms must be a finite number"),
+    ("search", ["--max-latency-ms", "nan"], "max latency ms must be a finite number"),
+    ("search", ["--target-ratio", "nan"], "target ratio must be a finite number"),
+    ("search", ["--max-size-mb", "nan"], "max size must be a finite number"),
+])
+def test_non_finite_bounds_are_refused_and_nothing_is_touched(compressed, cmd, args, needle):
+    rd = compressed[0]
+    before = {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file()}
+    res = CliRunner().invoke(app, [cmd, "-r", str(rd), *args])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+    assert {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file()} == before
+
+
 def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path, monkeypatch):
     from hirelc.latency import ANCHOR_KEEP, TABLE_VERSION, measure_latency_table, predict_latency
     from hirelc.policy import PRESETS

@@ -7,6 +7,7 @@ reload exactly that data from it, so ``hirelc lower --run-dir R`` needs no data 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -293,6 +294,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     set_threads()
     config = dataclasses.replace(PRESETS[preset], seed=seed, **(overrides or {}))
     # validated before anything is measured or written
+    if max_size_mb is not None and not math.isfinite(max_size_mb):
+        raise HirelcError(f"budget: max size must be a finite number, got {max_size_mb} MB")
     budget = Budget(target_ratio=target_ratio,
                     max_size_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
                     max_latency_ms=max_latency_ms)

@@ -6,6 +6,7 @@ saved and compared; there is no loose dict of options anywhere in the search.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hirelc.errors import HirelcError
@@ -132,6 +133,10 @@ class Budget:
     max_latency_ms: float | None = None  # predicted ONNX Runtime latency, at most
 
     def __post_init__(self):
+        for name in ("target_ratio", "max_size_bytes", "max_latency_ms"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):  # NaN passes every comparison: refuse it up front
+                raise HirelcError(f"budget: {name.replace('_', ' ')} must be a finite number, got {v}")
         if self.target_ratio is not None and self.target_ratio <= 0:
             raise HirelcError(f"target ratio must be positive, got {self.target_ratio}")
         if self.max_size_bytes is not None and self.max_size_bytes <= 0:
