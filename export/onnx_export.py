@@ -242,9 +242,6 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
     if zp.ndim == 1:
         bshape[_attr(node, "axis", 1) % codes.ndim] = zp.size
     diff = codes.astype(np.int32) - zp.astype(np.int32).reshape(bshape if zp.ndim else ())
-    shape = "x".join(map(str, zp.shape)) or "scalar"
-    zeros = rw.add(f"hirelc.zero_point.int8.{shape}",  # one shared tensor of zeros per shape
-                   lambda n: numpy_helper.from_array(np.zeros(zp.shape, np.int8), n))
     if container == 4 and diff.min() >= -8 and diff.max() <= 7:
         rw.add(f"{name}.qweight.int4", lambda n: _narrow(diff, n, "int4"))
         form = "int4-cast"
@@ -259,6 +256,9 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
         form = "int8"
     else:
         return "uint8"
+    shape = "x".join(map(str, zp.shape)) or "scalar"
+    zeros = rw.add(f"hirelc.zero_point.int8.{shape}",  # one shared tensor of zeros per shape
+                   lambda n: numpy_helper.from_array(np.zeros(zp.shape, np.int8), n))
     if form != "int8":
         chain = fold_chain(name, form == "uint4-sub")
         have = {o for n in rw.nodes for o in n.output}

@@ -91,15 +91,17 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
-    """Measure the baseline's graph bytes once in ``rd``; every run's folder links them."""
+    """Measure the baseline's graph bytes and latency table (and the ORT int8 budget when ``reference``) once
+    in ``rd``; every run's folder links or copies them."""
     from hirelc.evaluate import load_or_measure_graph_bytes
     from hirelc.pipeline import prepare_latency
     from hirelc.topology import build_topology
     from hirelc.train import load_baseline
 
     model, mcfg, _ = load_baseline(rd)
-    load_or_measure_graph_bytes(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)))
-    prepare_latency(rd, reference=reference)  # the latency table, and the ORT int8 budget
+    topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
+    load_or_measure_graph_bytes(rd, model, topo)
+    prepare_latency(rd, model, mcfg, topo, reference=reference)
 
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
@@ -113,7 +115,8 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
         search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
-                     latency_budget=cfg.latency_budget, overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
+                     latency_budget=cfg.latency_budget,
+                     overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")

@@ -127,11 +127,10 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         arts[method] = {"path": onnx_path, "run_dir": sub, "search": search}
 
     order = [m for m in ("hirelc", "random", "flat") if m in cfg.methods]  # hirelc first: prune-int8 needs it
-    if order:
+    if order:  # measured once here, linked into every searched method's folder
         # One latency table (and ORT int8 reference) for every searched method: each judges its candidates by
         # the same predictions and the same default latency budget.
-        prepare_latency(rd, reference=cfg.max_latency_ms is None, progress=progress)
-    if order:  # measured once here, linked into every searched method's folder
+        prepare_latency(rd, model, mcfg, topo, reference=cfg.max_latency_ms is None, progress=progress)
         from hirelc.evaluate import load_or_measure_graph_bytes
 
         load_or_measure_graph_bytes(rd, model, topo)

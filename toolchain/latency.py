@@ -7,8 +7,8 @@ the container (``fp32``, ``w8`` for 5..8 bits, ``w4`` for 2..4 bits), the scheme
 scales (``-group``). Each is exported exactly as lowering writes it (uint8 input Q/DQ, an output quantizer, the
 ``fold`` weight format, so ORT fuses ``QLinearConv`` / ``QGemm`` where it can; per-group convs stay
 ``DequantizeLinear`` + float kernel). :func:`fast_formats` reads from the table which formats run no slower
-than int8 here; the default search space offers only those. A layer's predicted time is its format's time scaled by the fraction of
-its multiply-accumulates that pruning keeps.
+than int8 here; the default search space offers only those. A layer's predicted time is its format's time
+scaled by the fraction of its multiply-accumulates that pruning keeps.
 
 **The rest of the network** (activations, pooling, residual adds, the Q/DQ between layers) is calibrated
 against whole models lowered the real way (output and residual-block quantizers included, ranges from

@@ -212,7 +212,7 @@ FILE_BUDGET_MARGIN = 0.005  # size predictions (graph bytes measured) are within
 LATENCY_REFERENCE = "latency_reference.json"
 
 
-def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30, progress: bool = True) -> dict:
+def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30) -> dict:
     """ONNX Runtime's own int8 of the baseline, timed at batch 1 and 8 here: the default latency budget.
 
     Saved in the run directory with the machine it was timed on, and measured again on another machine.
@@ -241,18 +241,15 @@ def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30, progress:
     return ref
 
 
-def prepare_latency(rd: Path, reference: bool = True, progress: bool = True) -> None:
-    """Measure the run directory's latency table (and ORT int8 reference) once, for studies that search in
-    sub-directories: :func:`share_latency` then copies them into each, so every search predicts alike."""
+def prepare_latency(rd: Path, model, mcfg, topo, reference: bool = True, progress: bool = True) -> None:
+    """Measure the run directory's latency table (and ORT int8 reference) of its baseline ``model`` once, for
+    studies that search in sub-directories: :func:`share_latency` then copies them into each, so every search
+    predicts alike."""
     from hirelc.latency import load_or_measure
-    from hirelc.topology import build_topology
-    from hirelc.train import load_baseline
 
-    model, mcfg, _ = load_baseline(rd)
-    load_or_measure(rd, model, build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)), batch=8,
-                    progress=progress)
+    load_or_measure(rd, model, topo, batch=8, progress=progress)
     if reference:
-        ort_int8_reference(rd, model, mcfg, run_bundle(rd), progress=progress)
+        ort_int8_reference(rd, model, mcfg, run_bundle(rd))
 
 
 def share_latency(rd: Path, sub: Path) -> None:
@@ -313,7 +310,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     if max_latency_ms is None and latency_budget:
         from hirelc.search.space import uniform_grid
 
-        reference = dict(ort_int8_reference(rd, model, mcfg, run_bundle(rd), progress=progress))
+        reference = dict(ort_int8_reference(rd, model, mcfg, run_bundle(rd)))
         limit = reference["b8_ms"]
         # When no policy of the space is predicted that fast, the bound becomes the fastest one predicted, so the
         # search still runs; the report says so, and verify measures the artifact against ORT int8 either way.

@@ -15,7 +15,7 @@ from hirelc.policy import ALLOWED_BITS, FORMAT_KEYS
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward weights of both agent levels (numbers from METHOD.md unless marked "here")."""
+    """Reward weights of both agent levels (the method's reference values unless marked "here")."""
 
     # Low level, per step: alpha*acc + beta*(1-cr)*60 + 20*exp(-10|cr-t|) - gamma*2*std(last 5) - 12*(1-cr)*s
     alpha: float = 1.0  # weight of the piecewise accuracy reward (100 for a drop under 1 point)
@@ -44,7 +44,7 @@ SEARCH_MODES = ("hierarchical", "flat", "random")
 class SearchConfig:
     """Effort, action space and switches of one search.
 
-    Levels and the HLA's level grid follow METHOD.md; ``levels`` is the reference grid for a 4x (0.25) target
+    Levels and the HLA's level grid follow the method's reference grid; ``levels`` is the reference grid for a 4x (0.25) target
     and is scaled by ``target_fraction / 0.25`` for other targets, so the middle level is always the target.
     """
 

@@ -1,6 +1,6 @@
 """Low-level agents: one independent ensemble per block choosing ``[bits, keep, scheme, granularity]`` per layer.
 
-Reward per step (METHOD.md), with ``cr`` the block's storage fraction (cost.py on the block's layers, so scale
+Reward per step (the method's LLA reward), with ``cr`` the block's storage fraction (cost.py on the block's layers, so scale
 and bias overheads count) and ``t`` its HLA level::
 
     alpha * acc_reward(drop) + beta * (1 - cr) * 60 + 20 * exp(-10 |cr - t|)
