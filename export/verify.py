@@ -60,6 +60,9 @@ ARTIFACTS = {"fp32": runs.FP32_ONNX, "ort_int8": runs.ORT_INT8_ONNX, "hirelc": r
 LABELS = {"fp32": "fp32", "ort_int8": "ort-int8", "hirelc": "hirelc"}
 
 
+DEFAULT_MIN_PARITY = 98.0  # a model.onnx that is not the lowered model agrees on far fewer images
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """What :func:`verify_run` measures and the release gate :func:`check_gate` applies (None = no bound)."""
@@ -74,6 +77,7 @@ class VerifyConfig:
     min_size_ratio: float | None = None  # gate: fp32 bytes / hirelc bytes at least this
     max_latency_ms: float | None = None  # gate: hirelc median latency at latency_batch at most this
     latency_batch: int = 1
+    min_parity: float | None = DEFAULT_MIN_PARITY  # gate: top-1 agreement (%) of model.onnx with lowered.pt
 
     def __post_init__(self):
         if self.runs < 1 or self.warmup < 0:
@@ -82,14 +86,24 @@ class VerifyConfig:
             raise HirelcError(f"verify: batch sizes must be >= 1, got {self.batch_sizes}")
         if self.parity_samples is not None and self.parity_samples < 1:
             raise HirelcError(f"verify: parity_samples must be >= 1, got {self.parity_samples}")
-        for name in ("max_drop", "min_size_ratio", "max_latency_ms"):
+        for name in ("max_drop", "min_size_ratio", "max_latency_ms", "min_parity"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):  # a NaN bound would pass every comparison
                 raise HirelcError(f"verify: --{name.replace('_', '-')} must be a finite number, got {v}")
+        if self.min_parity is not None and not 0 <= self.min_parity <= 100:
+            raise HirelcError(f"verify: --min-parity is a percentage (0..100), got {self.min_parity}")
+        if self.min_size_ratio is not None and self.min_size_ratio <= 0:
+            raise HirelcError(f"verify: --min-size-ratio must be > 0, got {self.min_size_ratio}")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise HirelcError(f"verify: --max-latency-ms must be > 0, got {self.max_latency_ms}")
+        if self.latency_batch not in self.batch_sizes:
+            raise HirelcError(f"verify: the gate's latency batch {self.latency_batch} is not among the batch "
+                              f"sizes timed {self.batch_sizes}")
 
     def bounds(self) -> dict:
         return {"max_drop": self.max_drop, "min_size_ratio": self.min_size_ratio,
-                "max_latency_ms": self.max_latency_ms, "latency_batch": self.latency_batch}
+                "max_latency_ms": self.max_latency_ms, "latency_batch": self.latency_batch,
+                "min_parity": self.min_parity}
 
 
 def _machine(threads: int | None) -> dict:
@@ -247,6 +261,15 @@ def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
         elif ratio < cfg.min_size_ratio:
             out.append(f"gate: size ratio {ratio:.2f}x < required {cfg.min_size_ratio:g}x "
                        f"({h['bytes']} bytes vs fp32 {report['artifacts']['fp32']['bytes']})")
+    if cfg.min_parity is not None and h is not None:
+        p = report.get("parity") or {}
+        agree = p.get("top1_agreement")
+        if agree is None:
+            out.append(f"gate: parity of {runs.HIRELC_ONNX} with {runs.LOWERED_MODEL} unknown "
+                       f"({p.get('note') or 'not measured'}; --min-parity 0 skips this check)")
+        elif agree < cfg.min_parity:
+            out.append(f"gate: {runs.HIRELC_ONNX} agrees with {runs.LOWERED_MODEL} on {agree:.2f}% of top-1 "
+                       f"predictions < required {cfg.min_parity:g}% (not the same model?)")
     if cfg.max_latency_ms is not None:
         lat = h["latency"].get(str(cfg.latency_batch))
         if lat is None:
@@ -342,7 +365,8 @@ def format_markdown(report: dict) -> str:
     limits = [f"max_drop {b['max_drop']:g} points" if b.get("max_drop") is not None else "",
               f"min_size_ratio {b['min_size_ratio']:g}x" if b.get("min_size_ratio") is not None else "",
               f"max_latency_ms {b['max_latency_ms']:g} (batch {b['latency_batch']})"
-              if b.get("max_latency_ms") is not None else ""]
+              if b.get("max_latency_ms") is not None else "",
+              f"min_parity {b['min_parity']:g} %" if b.get("min_parity") is not None else ""]
     md.append(f"Bounds: {', '.join(x for x in limits if x) or 'none'}\n")
     md.append("passed" if g.get("passed") else "FAILED:\n" + "\n".join(f"- {f}" for f in g.get("failures", [])))
     return "\n".join(md) + "\n"

@@ -122,8 +122,9 @@ def test_uniform_keep_matches_a_parameter_budget(benched):
 @pytest.mark.parametrize("kw,match", [
     ({"methods": ("fp32", "tflite")}, "unknown bench method"),
     ({"methods": ("prune-int8",)}, "include the hirelc method"),
-    ({"runs": 0}, "runs >= 1"),
-    ({"max_latency_ms": 0.0}, "latency budget must be positive"),
+    ({"runs": 0}, "--runs must be >= 1"),
+    ({"max_latency_ms": 0.0}, "--max-latency-ms must be > 0"),
+    ({"target_ratio": float("nan")}, "--target-ratio must be a finite number"),
 ])
 def test_bad_bench_options_are_one_line_errors(kw, match):
     with pytest.raises(HirelcError, match=match):

@@ -289,7 +289,10 @@ def test_save_load_lowered_gives_identical_logits(tmp_path, lowered):
         (b"PK\x03\x04 garbage bytes", "is corrupt"),
         ({"format": "something-else"}, "is not a hirelc lowered model"),
         ([1, 2, 3], "is not a hirelc lowered model"),
-        ({"format": "hirelc-lowered", "version": 99}, "unsupported lowered-model version 99"),
+        ({"format": "hirelc-lowered", "version": 99}, "lowered-model version 99 is not this hirelc's"),
+        ({"format": "hirelc-lowered", "version": 2, "state_dict": {}, "model_config": {"name": "test_resnet",
+          "num_classes": 10, "in_chans": 1, "img_size": 32, "kwargs": {}}, "layers": {}, "lower_config": {}},
+         "is corrupt"),
     ],
 )
 def test_load_lowered_rejects_bad_files(tmp_path, content, match):
@@ -403,7 +406,7 @@ def test_convs_feeding_residual_adds_get_output_quantizers(bundle):
 
 
 def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
-    """The pickled model holds timm classes; loading must not depend on timm having been imported already."""
+    """Rebuilding the model needs timm; loading must not depend on it having been imported already."""
     import subprocess
     import sys
 

@@ -130,11 +130,11 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
 ])
 def test_non_finite_bounds_are_refused_and_nothing_is_touched(compressed, cmd, args, needle):
     rd = compressed[0]
-    before = {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file()}
+    before = {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK}
     res = CliRunner().invoke(app, [cmd, "-r", str(rd), *args])
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
-    assert {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file()} == before
+    assert {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK} == before
 
 
 def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, tmp_path, monkeypatch):

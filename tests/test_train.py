@@ -74,8 +74,7 @@ def test_interrupted_save_leaves_no_partial_file(trained, bundle, tmp_path, monk
     src, mcfg, _ = trained
 
     def crash(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -90,7 +89,23 @@ def test_baseline_from_checkpoint_skips_training(trained, bundle, tmp_path, monk
     monkeypatch.setattr(train_mod, "fit", lambda *a, **k: pytest.fail("must not train"))
     got = train_baseline(tmp_path, mcfg, bundle, CFG, progress=False, checkpoint=src / runs.BASELINE_CKPT)
     assert got["val_acc"] == meta["val_acc"] and got["test_acc"] == meta["test_acc"]
-    assert got["key"]["init_checkpoint"] == str(src / runs.BASELINE_CKPT)
+    assert got["key"]["init_checkpoint"] == runs.file_digest(src / runs.BASELINE_CKPT)  # content, not path
+
+
+def test_checkpoint_reuse_is_keyed_on_content_not_path(trained, bundle, tmp_path):
+    """The same path with other weights in it is another baseline: it is loaded again, not reused."""
+    import torch
+
+    src, mcfg, _ = trained
+    ck = tmp_path / "init.pt"
+    sd = torch.load(src / runs.BASELINE_CKPT, weights_only=True)
+    torch.save(sd, ck)
+    first = train_baseline(tmp_path / "run", mcfg, bundle, CFG, progress=False, checkpoint=ck)
+    torch.save({k: v * 0.5 if v.is_floating_point() else v for k, v in sd.items()}, ck)
+    second = train_baseline(tmp_path / "run", mcfg, bundle, CFG, progress=False, checkpoint=ck)
+    assert second["reused"] is False and second["key"]["init_checkpoint"] != first["key"]["init_checkpoint"]
+    third = train_baseline(tmp_path / "run", mcfg, bundle, CFG, progress=False, checkpoint=ck)
+    assert third["reused"] is True
 
 
 class _Constant(nn.Module):

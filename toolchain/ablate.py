@@ -65,8 +65,12 @@ class AblateConfig:
             raise HirelcError("give at least one variant and one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise HirelcError("seeds must be distinct")
-        if self.target_ratio <= 0 or self.qat_epochs < 0:
-            raise HirelcError("target ratio must be positive and fine-tuning epochs >= 0")
+        from hirelc.validate import finite
+
+        finite("--target-ratio", self.target_ratio, low=1.0)
+        finite("--qat-epochs", self.qat_epochs, low=0.0)
+        if min(self.seeds) < 0:
+            raise HirelcError(f"--seeds must be >= 0, got {min(self.seeds)}")
 
 
 def evals_to_best(history: list[dict]) -> int | None:

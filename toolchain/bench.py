@@ -57,10 +57,14 @@ class BenchConfig:
             raise HirelcError(f"unknown bench method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")
         if "prune-int8" in self.methods and "hirelc" not in self.methods:
             raise HirelcError("prune-int8 is sized to hirelc's parameter count: include the hirelc method")
-        if self.target_ratio <= 0 or self.runs < 1 or self.qat_epochs < 0:
-            raise HirelcError("target ratio must be positive, runs >= 1 and fine-tuning epochs >= 0")
-        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
-            raise HirelcError(f"latency budget must be positive, got {self.max_latency_ms} ms")
+        from hirelc.validate import at_least, finite
+
+        finite("--target-ratio", self.target_ratio, low=1.0)
+        finite("--qat-epochs", self.qat_epochs, low=0.0)
+        at_least("--runs", self.runs, 1)
+        at_least("--seed", self.seed, 0)
+        if self.max_latency_ms is not None:
+            finite("--max-latency-ms", self.max_latency_ms, low=0.0, strict_low=True)
 
 
 def uniform_keep_for_params(specs, bits: int, target_params: int):

@@ -1,11 +1,18 @@
 """The ``hirelc`` command line: thin Typer commands that parse options into configs and call one library
-function each. User mistakes print one ``hirelc: error: ...`` line and exit with code 2."""
+function each.
+
+Exit codes: 0 done; 1 the release gate (``verify``) found a bound missed; 2 bad input or an environment problem
+(one ``hirelc: error: ...`` line, nothing written); 3 an internal error (a bug in hirelc: one line,
+``HIRELC_DEBUG=1`` shows the traceback); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -14,6 +21,7 @@ import typer
 
 from hirelc.ablate import VARIANTS as ABLATION_VARIANTS
 from hirelc.bench import METHODS as BENCH_METHODS
+from hirelc import runs
 from hirelc.errors import HirelcError
 
 app = typer.Typer(
@@ -36,17 +44,45 @@ ImgOpt = typer.Option(32, "--img-size", help="Input resolution the data is resiz
 SeedOpt = typer.Option(0, "--seed", help="Seed for splits, initialisation and training.")
 
 
+EXIT_GATE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+RESUME_HINT = "finished stages are kept; rerun with --resume"
+RERUN_HINT = "nothing half-written is kept; rerun the command"
+CONTINUE_HINT = "the work done is saved; the same command continues it"
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 @contextlib.contextmanager
-def _user_errors():
-    """Turn HirelcError into one line on stderr and exit code 2."""
+def _user_errors(run_dir: Path | None = None, command: str = "", create: bool = False,
+                 interrupted: str = RERUN_HINT):
+    """Run a command body: hold ``run_dir``'s lock (a second writer is refused), and turn every failure into
+    one line on stderr with its exit code (see the module docstring)."""
     try:
-        yield
+        if run_dir is not None and not create and not Path(run_dir).exists():
+            raise HirelcError(f"run directory not found: {run_dir}")
+        with runs.locked(run_dir, command) if run_dir is not None else contextlib.nullcontext():
+            yield
     except HirelcError as e:
-        typer.echo(f"hirelc: error: {e}", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"hirelc: error: {_first_line(e)}", err=True)
+        raise typer.Exit(EXIT_USER) from None
     except KeyboardInterrupt:
-        typer.echo("hirelc: interrupted (finished stages are kept; rerun with --resume)", err=True)
-        raise typer.Exit(130) from None
+        typer.echo(f"hirelc: interrupted ({interrupted})", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except OSError as e:  # no space left, read-only file system, permissions ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        typer.echo(f"hirelc: error: {where}{e.strerror or _first_line(e) or type(e).__name__}", err=True)
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: a distinct exit code, never 1 (the gate's)
+        if os.environ.get("HIRELC_DEBUG"):
+            traceback.print_exc()
+        typer.echo(f"hirelc: internal error: {type(e).__name__}: {_first_line(e)[:300]} (a bug in hirelc; "
+                   f"HIRELC_DEBUG=1 shows the traceback)", err=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _echo_json(d: dict, keys: list[str]) -> None:
@@ -75,7 +111,7 @@ def train(
     from hirelc.pipeline import DataOptions, train_stage
     from hirelc.train import TrainConfig
 
-    with _user_errors():
+    with _user_errors(run_dir, "train", create=True, interrupted=CONTINUE_HINT):
         opts = DataOptions(spec=data, data_dir=data_dir, img_size=img_size, seed=seed, max_train=max_train)
         meta = train_stage(run_dir, model, opts, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
                            patch_size=patch_size, in_chans=in_chans, checkpoint=str(checkpoint) if checkpoint else None)
@@ -103,7 +139,7 @@ def lower(
     from hirelc.pipeline import lower_stage
     from hirelc.policy import PRESETS
 
-    with _user_errors():
+    with _user_errors(run_dir, "lower"):
         spec = policy
         if spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
@@ -135,7 +171,7 @@ def export(
     """Export model.onnx: integer weight initializers -> DequantizeLinear, Q/DQ activations."""
     from hirelc.pipeline import export_stage
 
-    with _user_errors():
+    with _user_errors(run_dir, "export"):
         info = export_stage(run_dir, fp32=fp32, weight_only=weight_only, weight_format=weight_format.value,
                             opset=opset)
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -147,7 +183,7 @@ def baseline_ort_int8(run_dir: Path = RunDir,
     """ONNX Runtime's own quantize_static (QDQ, per-channel, uint8 activations) of fp32.onnx -> ort_int8.onnx."""
     from hirelc.pipeline import ort_int8_stage
 
-    with _user_errors():
+    with _user_errors(run_dir, "baseline ort-int8"):
         info = ort_int8_stage(run_dir, calib_samples)
         typer.echo(json.dumps(info, indent=2, default=str))
 
@@ -158,24 +194,27 @@ def verify(
     max_drop: Optional[float] = typer.Option(None, help="Gate: max top-1 points below fp32 on ORT."),
     min_size_ratio: Optional[float] = typer.Option(None, help="Gate: min fp32 bytes / hirelc bytes."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Gate: max hirelc batch-1 median latency (ms)."),
+    min_parity: float = typer.Option(98.0, help="Gate: min top-1 agreement (%) of model.onnx on ONNX Runtime "
+                                     "with the PyTorch lowered.pt on the test split; 0 turns it off."),
     runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
 ):
     """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), bytes; write report.json/.md.
 
-    Exit 1 with a one-line reason when a gate bound is missed; exit 2 for bad input.
+    Refuses (exit 2) artifacts not built from the run directory's current files (content hashes in
+    provenance.json). Exit 1 with a one-line reason when a gate bound is missed; 2 bad input; 3 internal error.
     """
     from hirelc.export import VerifyConfig, check_gate, format_table
     from hirelc.pipeline import verify_stage
 
-    with _user_errors():
+    with _user_errors(run_dir, "verify"):
         cfg = VerifyConfig(max_drop=max_drop, min_size_ratio=min_size_ratio, max_latency_ms=max_latency_ms,
-                           runs=runs_)
+                           runs=runs_, min_parity=min_parity or None)
         report = verify_stage(run_dir, cfg)
         typer.echo(format_table(report))
         failures = check_gate(report, cfg)
     if failures:
         typer.echo(f"hirelc: gate failed: {failures[0]}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_GATE)
 
 
 NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-latency-ms, do not require the "
@@ -204,7 +243,7 @@ def search(
     """
     from hirelc.pipeline import search_stage
 
-    with _user_errors():
+    with _user_errors(run_dir, "search", interrupted=RESUME_HINT):
         s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
                          overrides={"fill_budget": True} if fill_budget else None,
@@ -243,7 +282,7 @@ def compress(
     from hirelc.pipeline import CompressConfig, DataOptions
     from hirelc.pipeline import compress as run_compress
 
-    with _user_errors():
+    with _user_errors(run_dir, "compress", create=True, interrupted=RESUME_HINT):
         cfg = CompressConfig(run_dir=str(run_dir), model=model, data=DataOptions(spec=data, data_dir=data_dir,
                              img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
                              target_ratio=target_ratio, search_preset=preset, max_size_mb=max_size_mb,
@@ -278,7 +317,7 @@ def bench(
     from hirelc.bench import BenchConfig, format_bench
     from hirelc.bench import bench as run_bench
 
-    with _user_errors():
+    with _user_errors(run_dir, "bench", interrupted=CONTINUE_HINT):
         cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, fill_budget=fill_budget,
                           preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
@@ -318,7 +357,7 @@ def ablate(
     from hirelc.ablate import AblateConfig, format_ablation
     from hirelc.ablate import ablate as run_ablate
 
-    with _user_errors():
+    with _user_errors(run_dir, "ablate", interrupted=CONTINUE_HINT):
         cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, fill_budget=fill_budget,
                            latency_budget=not no_latency_budget, seeds=_int_list(seeds, "--seeds"),
                            variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
@@ -394,5 +433,5 @@ def main() -> None:
     try:
         app()
     except HirelcError as e:  # raised outside a command body (should not happen, but never show a traceback)
-        typer.echo(f"hirelc: error: {e}", err=True)
-        sys.exit(2)
+        typer.echo(f"hirelc: error: {_first_line(e)}", err=True)
+        sys.exit(EXIT_USER)

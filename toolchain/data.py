@@ -304,6 +304,8 @@ def _checked(where: str, x_train, y_train, x_test, y_test, source: str, num_clas
             raise HirelcError(f"{where}: {name} split is empty")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise HirelcError(f"{where}: train images have shape {x_train.shape[1:]} but test images {x_test.shape[1:]}")
+    if x_train.ndim != 4 or min(x_train.shape[1:]) < 1:
+        raise HirelcError(f"{where}: images must be (N, C, H, W) with C, H, W >= 1, got {x_train.shape}")
     if num_classes is None:
         num_classes = int(y_train.max()) + 1
     bad = max(int(y_train.max()), int(y_test.max()))

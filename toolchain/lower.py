@@ -37,11 +37,11 @@ from hirelc.qmodules import (
     detach_block_quantizers,
     quant_layers,
 )
-from hirelc.topology import Topology, build_topology, dependency_graph, out_pruning_fn
+from hirelc.topology import Topology, build_topology, dependency_graph, is_grouped_conv, out_pruning_fn
 from hirelc.train import TrainConfig, evaluate, fit
 
 LOWERED_FORMAT = "hirelc-lowered"
-LOWERED_VERSION = 1
+LOWERED_VERSION = 2  # 2: state_dict + JSON recipe (1 pickled the modules)
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,16 @@ class LowerConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from hirelc.validate import at_least, finite
+
+        finite("--epochs", self.epochs, low=0.0)
+        finite("--lr", self.lr, low=0.0, strict_low=True)
+        at_least("--max-steps", self.max_steps, 0)
+        at_least("batch size", self.batch_size, 1)
+        at_least("calibration batches", self.calib_batches, 1)
+        at_least("--seed", self.seed, 0)
+        if self.percentile is not None:
+            finite("--percentile", self.percentile, low=50.0, high=100.0, strict_low=True)
         if self.importance not in IMPORTANCES:
             raise HirelcError(f"unknown pruning importance {self.importance!r}; expected one of {', '.join(IMPORTANCES)}")
 
@@ -136,7 +146,10 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
     """Physically remove the channels/heads :func:`select_channels` picks, in place; returns the number of
     channels removed per group leader."""
     selection = select_channels(model, topo, layers, fisher, saliency)
+    if not selection:
+        return {}
     dg = dependency_graph(model, topo.input_shape)
+    _refuse_grouped_convs(model, dg, selection)  # before any cut: the model is left whole on error
     removed: dict[str, int] = {}
     for spec in topo.layers:
         if spec.name not in selection:
@@ -151,6 +164,25 @@ def prune(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy],
                 attn.attn_dim = n_keep * attn.head_dim
         removed[spec.name] = len(idxs)
     return removed
+
+
+def _refuse_grouped_convs(model: nn.Module, dg, selection: dict[str, tuple[list[int], int]]) -> None:
+    """Raise instead of letting torch-pruning cut a grouped (non-depthwise) conv: it would slice the conv's
+    per-group input weights with whole-layer indices (``INDICES element is out of DATA bounds``, or, where
+    the indices happen to fit, silently the wrong weights) and leave its ``groups`` as they were.
+    :func:`hirelc.topology.build_topology` never marks such a group prunable, so this only fires on a
+    topology that was not built from the model being pruned."""
+    names = {m: n for n, m in model.named_modules()}
+    for leader in selection:
+        mod = model.get_submodule(leader)
+        for dep, _ in dg.get_pruning_group(mod, out_pruning_fn(mod), idxs=[0]):
+            tm = dep.target.module
+            if is_grouped_conv(tm):
+                raise HirelcError(
+                    f"cannot prune the group led by {leader!r}: grouped conv {names.get(tm, '?')!r} "
+                    f"(groups={tm.groups}) shares its channels; rebuild the topology from this model (hirelc keeps "
+                    f"such groups whole)"
+                )
 
 
 def _normalized(imp: torch.Tensor) -> torch.Tensor:
@@ -455,6 +487,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         "params_before": params_before,
         "params_after": sum(p.numel() for p in m.parameters()) + sum(q.qweight.numel() for q in quant_layers(m).values()),
         "removed_channels": removed,
+        "unprunable_grouped": topo.unprunable_grouped,  # kept whole: grouped convs tie their channels (topology)
         "folded_batchnorm": len(folded),
         "quantized_layers": len(swapped),
         "float_layers": len(topo.layers) - len(swapped),
@@ -472,41 +505,107 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     return m, info
 
 
+def lowered_structure(model: nn.Module) -> dict:
+    """What :func:`rebuild_lowered` needs besides the policy to rebuild ``model``'s modules: the layers with an
+    output quantizer and the blocks with input (and output) quantizers. Plain JSON."""
+    from hirelc.qmodules import BLOCK_IN, BLOCK_OUT
+
+    return {
+        "output_quantized": sorted(n for n, q in quant_layers(model).items() if getattr(q, "out_act", None) is not None),
+        "block_quantized": [n for n, m in model.named_modules() if isinstance(getattr(m, BLOCK_IN, None), ActQuant)],
+        "block_output_quantized": [n for n, m in model.named_modules()
+                                   if isinstance(getattr(m, BLOCK_OUT, None), ActQuant)],
+    }
+
+
 def save_lowered(path: str | Path, model: nn.Module, model_cfg, policy: Policy, layers: dict[str, LayerPolicy],
                  topo: Topology, lower_cfg: LowerConfig) -> None:
-    """Save the whole lowered module (its shapes differ from the timm architecture after pruning)."""
+    """Save a lowered model as tensors and JSON only: its state_dict beside the recipe that rebuilds its modules
+    (model config, per-layer policy, lowering options, where quantizers sit). No Python objects are pickled, so
+    loading the file (``weights_only=True``) can never run code from it."""
     runs.atomic_torch_save(
         {
             "format": LOWERED_FORMAT,
             "version": LOWERED_VERSION,
-            "model": model,
+            "state_dict": {k: v.detach().contiguous() for k, v in model.state_dict().items()},
             "model_config": model_cfg.to_dict(),
             "policy": policy.to_dict(),
             "layers": {k: v.to_dict() for k, v in layers.items()},
             "topology": topo.to_dict(),
             "lower_config": asdict(lower_cfg),
+            "structure": lowered_structure(model),
         },
         path,
     )
 
 
+def rebuild_lowered(model_cfg, layers: dict[str, LayerPolicy], lower_cfg: LowerConfig, structure: dict) -> nn.Module:
+    """The modules of a lowered model, without its values: a fresh timm model cut to the policy's kept counts,
+    BatchNorms folded, quantized layers swapped in and frozen, quantizers where ``structure`` says. Which
+    channels were kept does not matter here; the saved state_dict supplies every value."""
+    from hirelc.models import build_model
+
+    model = build_model(model_cfg).eval()
+    shape = (1, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+    topo = build_topology(model, shape)
+    unknown = sorted(set(layers) ^ set(topo.names))
+    if unknown:
+        raise ValueError(f"the policy's layers do not match the model ({unknown[0]!r})")
+    prune(model, topo, layers)  # weight norms of the fresh model: any choice of the same counts will do
+    fold_batchnorm(model, shape)
+    swap_quantized(model, layers, lower_cfg.act_signed, lower_cfg.percentile, lower_cfg.reduce_range)
+    qls = quant_layers(model)
+    for n in structure.get("output_quantized", []):
+        qls[n].out_act = ActQuant(signed=lower_cfg.act_signed, percentile=lower_cfg.percentile)
+    outs = set(structure.get("block_output_quantized", []))
+    for b in structure.get("block_quantized", []):
+        attach_block_quantizers(model.get_submodule(b), output=b in outs, signed=lower_cfg.act_signed,
+                                percentile=lower_cfg.percentile)
+    freeze(model)
+    return model
+
+
 def load_lowered(path: str | Path) -> dict:
-    """Read a lowered-model file; corrupt or foreign files are a one-line error."""
+    """Read a lowered-model file (tensors and JSON, loaded with ``weights_only=True``) and rebuild the model.
+
+    Corrupt, foreign, older or tampered files are a one-line error; nothing in the file is ever executed.
+    """
     p = Path(path)
     if not p.is_file():
         raise HirelcError(f"lowered model not found: {p} (run `hirelc lower` first)")
-    from hirelc.compat import ensure_timm_importable
-
-    ensure_timm_importable()  # the pickled modules are timm classes: their import must survive a broken torchvision
     try:
-        blob = torch.load(p, map_location="cpu", weights_only=False)
+        blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise HirelcError(f"lowered model {p} is corrupt: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HirelcError(f"lowered model {p} is corrupt or holds more than tensors and plain data "
+                          f"({type(e).__name__}: {first[:160]}); run `hirelc lower` again") from None
     if not isinstance(blob, dict) or blob.get("format") != LOWERED_FORMAT:
         raise HirelcError(f"{p} is not a hirelc lowered model")
     if blob.get("version") != LOWERED_VERSION:
-        raise HirelcError(f"{p}: unsupported lowered-model version {blob.get('version')!r}")
-    blob["model"].eval()
+        raise HirelcError(f"{p}: lowered-model version {blob.get('version')!r} is not this hirelc's "
+                          f"({LOWERED_VERSION}); run `hirelc lower` again")
+    from hirelc.models import ModelConfig
+
+    try:
+        mcfg = ModelConfig.from_dict(blob["model_config"])
+        layers = {k: LayerPolicy.from_dict(v) for k, v in blob["layers"].items()}
+        lcfg = LowerConfig(**blob["lower_config"])
+        sd = blob["state_dict"]
+        model = rebuild_lowered(mcfg, layers, lcfg, blob.get("structure") or {})
+        own = model.state_dict()
+        if set(own) != set(sd) or any(tuple(own[k].shape) != tuple(sd[k].shape) or own[k].dtype != sd[k].dtype
+                                      for k in own):
+            raise ValueError("its tensors do not fit the model its recipe describes")
+        model.load_state_dict(sd, strict=True)
+    except HirelcError:
+        raise
+    except Exception as e:
+        raise HirelcError(f"lowered model {p} is corrupt: {type(e).__name__}: {e}") from None
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HirelcError(f"lowered model {p} holds non-finite values ({name})")
+    model.eval()
+    blob["model"] = model
     return blob
 
 
@@ -543,6 +642,7 @@ def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, pro
         # from the run directory's latency table (the one a --max-latency-ms search used), when there is one
         "predicted_latency": stored_prediction(rd, topo, layers),
         "layers": {k: v.to_dict() for k, v in layers.items()},
+        "warnings": [f"policy rule {p!r} matches no layer of {mcfg.name}" for p in policy.unmatched(topo.names)],
     }
     save_lowered(rd / runs.LOWERED_MODEL, lowered, mcfg, policy, layers, topo, cfg)
     runs.atomic_write_json(rd / runs.LOWER_REPORT, report)

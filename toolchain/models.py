@@ -106,6 +106,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
             k = bad[0]
             parts.append(f"{len(bad)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise HirelcError(f"checkpoint {path} does not fit this architecture: {'; '.join(parts)}")
+    bad_values = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad_values:
+        raise HirelcError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad_values)} tensor(s), "
+                          f"e.g. {bad_values[0]}")
     model.load_state_dict(sd)
     return model
 

@@ -8,6 +8,7 @@ reload exactly that data from it, so ``hirelc lower --run-dir R`` needs no data 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,14 @@ class DataOptions:
     val_fraction: float = 0.1
     seed: int = 0
     max_train: int | None = None
+
+    def __post_init__(self):
+        from hirelc.validate import at_least, finite
+
+        at_least("--img-size", self.img_size, 8)
+        at_least("--seed", self.seed, 0)
+        at_least("--max-train", self.max_train, 1)
+        finite("validation fraction", self.val_fraction, low=0.0, high=1.0, strict_low=True, strict_high=True)
 
 
 def load_bundle(opts: DataOptions, in_chans: int | None = None):
@@ -64,7 +73,15 @@ def train_stage(run_dir: str | Path, model: str, data: DataOptions, train_cfg, *
     rd.mkdir(parents=True, exist_ok=True)
     meta = train_baseline(rd, mcfg, bundle, train_cfg, progress=progress, checkpoint=checkpoint)
     runs.atomic_write_json(rd / runs.CONFIG, {"model": mcfg.to_dict(), "data": asdict(data), "in_chans": in_chans})
+    runs.record(rd, runs.BASELINE_CKPT, (), train_options(model, data, train_cfg, patch_size, in_chans, checkpoint))
     return meta
+
+
+def train_options(model: str, data: DataOptions, train_cfg, patch_size: int | None = None,
+                  in_chans: int | None = None, checkpoint: str | None = None) -> dict:
+    """What the baseline of a run directory depends on (its provenance record's options)."""
+    return {"model": model, "data": asdict(data), "train": asdict(train_cfg), "patch_size": patch_size,
+            "in_chans": in_chans, "checkpoint": runs.file_digest(checkpoint) if checkpoint else None}
 
 
 def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool = True) -> dict:
@@ -73,7 +90,17 @@ def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool
 
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     policy = get_policy(policy_spec)
-    return lower_run(rd, policy, run_bundle(rd), lower_cfg, progress=progress)
+    report = lower_run(rd, policy, run_bundle(rd), lower_cfg, progress=progress)
+    for w in report.get("warnings", []):
+        print(f"hirelc: warning: {w}", file=sys.stderr)
+    opts = lower_options(policy, lower_cfg)
+    runs.record(rd, runs.LOWERED_MODEL, (runs.BASELINE_CKPT,), opts)
+    runs.record(rd, runs.LOWER_REPORT, (runs.LOWERED_MODEL, runs.BASELINE_CKPT), opts)
+    return report
+
+
+def lower_options(policy, lower_cfg) -> dict:
+    return {"policy": policy.to_dict(), "lower": asdict(lower_cfg)}
 
 
 def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = False, weight_format: str = "fold",
@@ -92,46 +119,76 @@ def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = Fa
     rd = runs.require_run_dir(run_dir)
     if fp32:
         model, mcfg, _ = load_baseline(rd)
-        return export_fp32(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size), rd / runs.FP32_ONNX,
+        info = export_fp32(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size), rd / runs.FP32_ONNX,
                            opset=opset)
+        runs.record(rd, runs.FP32_ONNX, (runs.BASELINE_CKPT,), {"opset": opset})
+        return info
     blob = load_lowered(rd / runs.LOWERED_MODEL)
     mc = blob["model_config"]
-    return export_lowered(blob["model"], (1, mc["in_chans"], mc["img_size"], mc["img_size"]), rd / runs.HIRELC_ONNX,
+    info = export_lowered(blob["model"], (1, mc["in_chans"], mc["img_size"], mc["img_size"]), rd / runs.HIRELC_ONNX,
                           weight_only=weight_only, weight_format=weight_format, opset=opset)
+    runs.record(rd, runs.HIRELC_ONNX, (runs.LOWERED_MODEL,), export_options(weight_only, weight_format, opset))
+    return info
+
+
+def export_options(weight_only: bool = False, weight_format: str = "fold", opset: int = 21) -> dict:
+    return {"weight_only": weight_only, "weight_format": weight_format, "opset": opset}
 
 
 def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256) -> dict:
     """ONNX Runtime's own static int8 quantization of fp32.onnx, calibrated on the same training data."""
     from hirelc.export import ort_int8_baseline
 
+    if calib_samples < 1:
+        raise HirelcError(f"--calib-samples must be >= 1, got {calib_samples}")
     rd = runs.require_run_dir(run_dir, runs.CONFIG)
-    if not (rd / runs.FP32_ONNX).exists():
+    if runs.stale(rd, runs.FP32_ONNX, (runs.BASELINE_CKPT,), check_options=False):
         export_stage(rd, fp32=True)
     bundle = run_bundle(rd)
     calib = bundle.subset("train", min(calib_samples, len(bundle.train)), seed=0).x.numpy()
-    return ort_int8_baseline(rd / runs.FP32_ONNX, rd / runs.ORT_INT8_ONNX, calib)
+    info = ort_int8_baseline(rd / runs.FP32_ONNX, rd / runs.ORT_INT8_ONNX, calib)
+    runs.record(rd, runs.ORT_INT8_ONNX, (runs.FP32_ONNX,), {"calib_samples": calib_samples})
+    return info
+
+
+# What verify measures and what each was built from, with the command that rebuilds it.
+CHAIN = (
+    (runs.LOWERED_MODEL, (runs.BASELINE_CKPT,), "hirelc lower"),
+    (runs.LOWER_REPORT, (runs.LOWERED_MODEL,), "hirelc lower"),
+    (runs.HIRELC_ONNX, (runs.LOWERED_MODEL,), "hirelc export"),
+    (runs.FP32_ONNX, (runs.BASELINE_CKPT,), "hirelc export --fp32"),
+    (runs.ORT_INT8_ONNX, (runs.FP32_ONNX,), "hirelc baseline ort-int8"),
+)
+
+
+def check_provenance(rd: Path) -> None:
+    """Refuse a run directory whose artifacts were not built from each other as they are now: every present
+    artifact of :data:`CHAIN` must match its provenance record, and so must the files it was built from."""
+    for artifact, inputs, fix in CHAIN:
+        if not (rd / artifact).is_file():
+            continue
+        reason = runs.stale(rd, artifact, inputs, check_options=False)
+        if reason:
+            raise HirelcError(f"{rd}: {reason}; run `{fix}` again (verify measures only artifacts built from "
+                              f"the current files)")
 
 
 def verify_stage(run_dir: str | Path, verify_cfg) -> dict:
     from hirelc.export import verify_run
 
     rd = runs.require_run_dir(run_dir)
-    return verify_run(rd, run_bundle(rd), verify_cfg)
+    check_provenance(rd)
+    report = verify_run(rd, run_bundle(rd), verify_cfg)
+    runs.record(rd, runs.REPORT_JSON, verify_inputs(rd), asdict(verify_cfg))
+    return report
+
+
+def verify_inputs(rd: Path) -> tuple[str, ...]:
+    names = (runs.HIRELC_ONNX, runs.FP32_ONNX, runs.ORT_INT8_ONNX, runs.LOWERED_MODEL, runs.LOWER_REPORT)
+    return tuple(n for n in names if (rd / n).is_file())
 
 
 STAGES = ("train", "policy", "lower", "export", "fp32", "ort-int8", "verify")
-
-
-def stage_done(rd: Path, stage: str) -> bool:
-    return {
-        "train": (rd / runs.BASELINE_META).exists() and (rd / runs.CONFIG).exists(),
-        "policy": (rd / runs.POLICY).exists(),
-        "lower": (rd / runs.LOWER_REPORT).exists() and (rd / runs.LOWERED_MODEL).exists(),
-        "export": (rd / runs.HIRELC_ONNX).exists(),
-        "fp32": (rd / runs.FP32_ONNX).exists(),
-        "ort-int8": (rd / runs.ORT_INT8_ONNX).exists(),
-        "verify": (rd / runs.REPORT_JSON).exists(),
-    }[stage]
 
 
 @dataclass(frozen=True)
@@ -153,46 +210,107 @@ class CompressConfig:
     resume: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        from hirelc.validate import finite
 
-def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
-    """train -> policy (search or preset) -> lower + QAT -> export -> fp32 export -> ort-int8 -> verify.
+        finite("--target-ratio", self.target_ratio, low=1.0)
+        finite("--qat-epochs", self.qat_epochs, low=0.0)
+        if self.max_size_mb is not None:
+            finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
+        if self.max_latency_ms is not None:
+            finite("--max-latency-ms", self.max_latency_ms, low=0.0, strict_low=True)
+        if self.verify_runs < 1:
+            raise HirelcError(f"--runs must be >= 1, got {self.verify_runs}")
+        if self.seed < 0:
+            raise HirelcError(f"--seed must be >= 0, got {self.seed}")
 
-    With ``resume`` finished stages (their output files exist) are skipped; without it the run directory
-    must be new or empty, so an earlier result is never overwritten.
-    """
+
+def _compress_parts(cfg: CompressConfig):
     from hirelc.export import VerifyConfig
     from hirelc.lower import LowerConfig
     from hirelc.train import TrainConfig
 
+    return (TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed),
+            VerifyConfig(runs=cfg.verify_runs))
+
+
+def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
+    """Why ``stage`` of :func:`compress` must run (again), or None when its outputs are what it would build now:
+    each output's provenance record must match its current input files and this call's options."""
+    from hirelc.policy import get_policy
+
+    train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
+    if stage == "train":
+        return runs.stale(rd, runs.BASELINE_CKPT, (), train_options(cfg.model, cfg.data, train_cfg))
+    if stage == "policy":
+        if cfg.policy:
+            return runs.stale(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
+        return runs.stale(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
+            cfg.target_ratio, cfg.search_preset, cfg.max_size_mb, cfg.max_latency_ms, cfg.seed, None,
+            cfg.latency_budget))
+    if stage == "lower":
+        if not (rd / runs.POLICY).is_file():
+            return f"{runs.POLICY} is missing"
+        opts = lower_options(get_policy(str(rd / runs.POLICY)), lower_cfg)
+        return (runs.stale(rd, runs.LOWERED_MODEL, (runs.BASELINE_CKPT,), opts)
+                or runs.stale(rd, runs.LOWER_REPORT, (runs.LOWERED_MODEL, runs.BASELINE_CKPT), opts))
+    if stage == "export":
+        return runs.stale(rd, runs.HIRELC_ONNX, (runs.LOWERED_MODEL,), export_options())
+    if stage == "fp32":
+        return runs.stale(rd, runs.FP32_ONNX, (runs.BASELINE_CKPT,), {"opset": 21})
+    if stage == "ort-int8":
+        return runs.stale(rd, runs.ORT_INT8_ONNX, (runs.FP32_ONNX,), {"calib_samples": 256})
+    if stage == "verify":
+        return runs.stale(rd, runs.REPORT_JSON, verify_inputs(rd), asdict(verify_cfg))
+    raise ValueError(stage)
+
+
+def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
+    """train -> policy (search or preset) -> lower + QAT -> export -> fp32 export -> ort-int8 -> verify.
+
+    With ``resume`` a stage is skipped only when its outputs are what it would build now (same options, built
+    from the current outputs of the stages before it, unchanged since); a stage that runs again makes every
+    later stage whose inputs it changed run again. Without ``resume`` the run directory must be new or empty,
+    so an earlier result is never overwritten.
+    """
     rd = Path(cfg.run_dir)
-    if rd.exists() and any(rd.iterdir()) and not cfg.resume:
+    if rd.exists() and not rd.is_dir():
+        raise HirelcError(f"run directory {rd} is a file, not a directory")
+    if rd.exists() and not runs.is_empty(rd) and not cfg.resume:
         raise HirelcError(f"{rd} is not empty: pass --resume to continue it, or choose a new --run-dir")
-    todo = [s for s in STAGES if not (cfg.resume and stage_done(rd, s))]
+    train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
+    if cfg.policy:
+        from hirelc.policy import get_policy
+
+        get_policy(cfg.policy)  # a bad policy is an error before any training
     for i, stage in enumerate(STAGES, 1):
-        if stage not in todo:
+        why = stage_stale(rd, stage, cfg) if rd.is_dir() else "new run directory"
+        if why is None:
             echo(f"[{i}/{len(STAGES)}] {stage}: done already, skipped")
             continue
-        echo(f"[{i}/{len(STAGES)}] {stage}")
+        echo(f"[{i}/{len(STAGES)}] {stage}" + (f" (again: {why})" if cfg.resume and "missing" not in why
+                                               and "new run" not in why else ""))
         if stage == "train":
-            meta = train_stage(rd, cfg.model, cfg.data, TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed),
-                               progress=progress)
+            meta = train_stage(rd, cfg.model, cfg.data, train_cfg, progress=progress)
             echo(f"      data: {meta['data']['source']}; baseline test accuracy {meta['test_acc']:.2f} %")
         elif stage == "policy":
             if cfg.policy:
                 from hirelc.policy import get_policy
 
                 get_policy(cfg.policy).save(rd / runs.POLICY)
+                runs.record(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
                 echo(f"      policy: {cfg.policy}")
             else:
+                # an interrupted search continues; one with other options starts afresh
+                again = cfg.resume and "missing" in why
                 res = search_stage(rd, target_ratio=cfg.target_ratio, preset=cfg.search_preset,
                                    max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
-                                   resume=cfg.resume, progress=progress, latency_budget=cfg.latency_budget,
+                                   resume=again, progress=progress, latency_budget=cfg.latency_budget,
                                    echo=echo)
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
-            rep = lower_stage(rd, str(rd / runs.POLICY), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed),
-                              progress=progress)
+            rep = lower_stage(rd, str(rd / runs.POLICY), lower_cfg, progress=progress)
             echo(f"      lowered: test accuracy {rep['accuracy']['lowered_test']:.2f} %, effective ratio "
                  f"{rep['effective_ratio']:.1f}x")
         elif stage == "export":
@@ -202,7 +320,7 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
         elif stage == "ort-int8":
             ort_int8_stage(rd)
         elif stage == "verify":
-            verify_stage(rd, VerifyConfig(runs=cfg.verify_runs))
+            verify_stage(rd, verify_cfg)
     return runs.read_json(rd / runs.REPORT_JSON, "report")
 
 
@@ -259,6 +377,13 @@ def share_latency(rd: Path, sub: Path) -> None:
     for name in (LATENCY_TABLE, LATENCY_REFERENCE):
         if (rd / name).is_file() and not (sub / name).exists():
             runs.atomic_write_text(sub / name, (rd / name).read_text())
+
+
+def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget) -> dict:
+    """What a searched policy.json depends on besides the baseline (its provenance record's options)."""
+    return {"target_ratio": target_ratio, "preset": preset, "max_size_mb": max_size_mb,
+            "max_latency_ms": max_latency_ms, "seed": seed, "overrides": overrides or {},
+            "latency_budget": latency_budget}
 
 
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
@@ -350,6 +475,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     result = run_search(specs, sens, evaluator, config, budget, run_dir=rd, resume=resume, progress=progress)
     policy = result.policy()
     policy.save(rd / runs.POLICY)
+    runs.record(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
+        target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget))
     plot_policy_heatmap(specs, result.layers, rd / "policy_heatmap.png")
     plot_progress(result.history, rd / "search_progress.png")
     plot_pareto(result.history, rd / "search_pareto.png")

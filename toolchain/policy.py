@@ -236,6 +236,11 @@ class Policy:
             out[s.name] = lp
         return out
 
+    def unmatched(self, names) -> list[str]:
+        """The glob rules that match none of ``names`` (likely a typo: they change nothing)."""
+        names = list(names)
+        return [p for p, _ in self.rules if _is_glob(p) and not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
     @classmethod
     def from_layers(cls, layers: dict[str, LayerPolicy], name: str = "custom") -> "Policy":
         """An explicit policy with one rule per layer (what the search writes)."""

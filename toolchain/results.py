@@ -9,6 +9,7 @@ marker lines of a Markdown file, atomically, so the section can be regenerated a
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from hirelc import runs
@@ -120,6 +121,21 @@ def _report_file(path: str | Path) -> Path:
     return next((p / n for n in (BENCH_JSON, ABLATION_JSON) if (p / n).is_file()), p) if p.is_dir() else p
 
 
+def _folder_name(name: object) -> str:
+    """A report's model name as one safe path component: only ``[A-Za-z0-9._-]`` (others become ``_``), no
+    leading dot or dash (so never ``.``, ``..``, hidden or option-like), at most 100 characters, and ``model``
+    when nothing is left."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".-")[:100]
+    return safe if safe.strip("._-") else "model"
+
+
+def _inside(folder: Path, dest: Path) -> Path:
+    """``folder``, after checking that it resolves (symbolic links followed) to a place inside ``dest``."""
+    if not folder.resolve().is_relative_to(dest.resolve()) or folder.resolve() == dest.resolve():
+        raise HirelcError(f"{folder}: lies outside the plots folder {dest}; refusing to write there")
+    return folder
+
+
 def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> dict[Path, list[Path]]:
     """Keep each report beside its figures in ``dest``: one folder per report, ``<model>-<kind>`` (numbered
     when taken in this call), holding the report file, its Markdown and its PNG plots, so the section can be
@@ -131,15 +147,18 @@ def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> d
     for p in paths:
         kind, rep = load(p)
         f = _report_file(p)
-        stem = f"{(rep.get('model') or {}).get('name', 'model')}-{kind}"
+        model = rep.get("model")
+        stem = f"{_folder_name(model.get('name', 'model') if isinstance(model, dict) else 'model')}-{kind}"
         folder, n = dest / stem, 2
         while folder in used:
             folder, n = dest / f"{stem}-{n}", n + 1
         used.add(folder)
+        _inside(folder, dest)
         folder.mkdir(parents=True, exist_ok=True)
+        _inside(folder, dest)  # again, now that it exists (a link planted there is followed)
         pngs = sorted(f.parent.glob("*.png"))
         for src in [f, f.with_suffix(".md"), *pngs]:
-            target = folder / src.name
+            target = _inside(folder / src.name, folder)
             if src.is_file() and not (target.exists() and target.samefile(src)):
                 shutil.copyfile(src, target)
         out[f] = [Path(os.path.relpath(folder / png.name, base)) for png in pngs]
@@ -210,7 +229,7 @@ def write_into(path: str | Path, section: str) -> Path:
         new = head + block + tail
     else:
         new = text.rstrip("\n") + "\n\n" + block + "\n"
-    runs.atomic_write_text(p, new)
+    runs.atomic_write_text(p, new)  # keeps the file's permission bits (runs.atomic_path)
     return p
 
 

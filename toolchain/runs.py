@@ -8,10 +8,13 @@ name in the same directory, then ``os.replace``), so an interrupted stage leaves
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +37,15 @@ SEARCH_LOG = "search.jsonl"
 SEARCH_STATE = "search_state.pt"
 CONFIG = "run_config.json"
 GRAPH_BYTES = "graph_bytes.json"  # the exported graph's own bytes (hirelc.evaluate.measure_graph_bytes)
+PROVENANCE = "provenance.json"  # per artifact: its sha256, the sha256 of the files it was built from, options
+LOCK = ".hirelc.lock"  # held (flock) by the one command writing into the run directory
+
+
+def _default_mode() -> int:
+    """The permission bits a new file gets under the process umask (0o666 & ~umask)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return 0o666 & ~old
 
 
 @contextlib.contextmanager
@@ -46,6 +58,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files: keep the mode of the file replaced, else what a new file gets
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else _default_mode()
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -57,15 +72,49 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, so it can be written as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON (no NaN/Infinity tokens: a value that could not be measured is null)."""
+    return json.dumps(strict(_plain(obj)), indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays as Python values, so :func:`strict` sees their floats."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, dumps(obj) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file. Written through a file object, so the archive's inner folder is
+    always ``archive`` (not the random temporary name): the same object gives the same bytes."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
@@ -73,9 +122,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     if not p.is_file():
         raise HirelcError(f"{what} not found: {p}")
     try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(p.read_text(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise HirelcError(f"{what} {p} is corrupt (not valid JSON): {e}") from None
+    except OSError as e:
+        raise HirelcError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _json_default(o: Any):
@@ -130,3 +185,129 @@ def open_study_dir(run_dir: str | Path, out_dir: str | Path | None, default: str
         raise HirelcError(f"{out} already holds a finished {what} ({finished}); give another --out")
     out.mkdir(parents=True, exist_ok=True)
     return rd, out
+
+
+# ---------------------------------------------------------------- provenance: what each artifact was built from
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def options_digest(options: Any) -> str:
+    """A short stable digest of JSON-able options (key order does not matter)."""
+    text = json.dumps(strict(_plain(options)), sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_provenance(rd: Path) -> dict:
+    p = rd / PROVENANCE
+    if not p.is_file():
+        return {}
+    prov = read_json(p, "provenance record")
+    if not isinstance(prov, dict):
+        raise HirelcError(f"{p} is corrupt (not a JSON object)")
+    return prov
+
+
+def record(rd: str | Path, artifact: str, inputs: tuple[str, ...] | list[str] = (), options: Any = None) -> None:
+    """Note in ``provenance.json`` that ``artifact`` (a file of ``rd``) was just built from the files ``inputs``
+    (of ``rd``) with ``options``: the sha256 of each, and the options' digest."""
+    rd = Path(rd)
+    prov = read_provenance(rd)
+    prov[artifact] = {"sha256": file_digest(rd / artifact),
+                      "inputs": {n: file_digest(rd / n) for n in inputs if (rd / n).is_file()},
+                      "options": options_digest(options)}
+    atomic_write_json(rd / PROVENANCE, prov)
+
+
+def forget(rd: str | Path, *artifacts: str) -> None:
+    """Drop the records of ``artifacts`` (they are being rebuilt)."""
+    rd = Path(rd)
+    prov = read_provenance(rd)
+    if any(a in prov for a in artifacts):
+        atomic_write_json(rd / PROVENANCE, {k: v for k, v in prov.items() if k not in artifacts})
+
+
+def stale(rd: str | Path, artifact: str, inputs: tuple[str, ...] | list[str] = (), options: Any = None,
+          check_options: bool = True) -> str | None:
+    """Why ``artifact`` is not what building it from the current ``inputs`` with ``options`` gives, or None when
+    it is: missing, no record, changed since it was written, built from other input files, other options."""
+    rd = Path(rd)
+    if not (rd / artifact).is_file():
+        return f"{artifact} is missing"
+    entry = read_provenance(rd).get(artifact)
+    if not isinstance(entry, dict):
+        return f"{artifact} has no provenance record (not built by this hirelc in {rd})"
+    if entry.get("sha256") != file_digest(rd / artifact):
+        return f"{artifact} was changed after it was built"
+    recorded = entry.get("inputs") or {}
+    for n in inputs:
+        if not (rd / n).is_file():
+            return f"{artifact} was built from {n}, which is missing now"
+        if recorded.get(n) != file_digest(rd / n):
+            return f"{artifact} was not built from the current {n}"
+    if check_options and entry.get("options") != options_digest(options):
+        return f"{artifact} was built with other options"
+    return None
+
+
+# ---------------------------------------------------------------- one writer per run directory
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, command: str) -> Iterator[Path]:
+    """Hold the run directory's lock for the block: a second writer gets a one-line error naming the holder.
+
+    The lock is an ``flock`` on ``.hirelc.lock``; the kernel drops it when the holder exits, even on kill -9,
+    so it can never go stale. While it is held, temporary files of writers that died (``.NAME.*.tmp``) are
+    removed: nobody else can be writing them.
+    """
+    import fcntl
+
+    rd = Path(run_dir)
+    if rd.exists() and not rd.is_dir():
+        raise HirelcError(f"run directory {rd} is a file, not a directory")
+    created = not rd.exists()
+    rd.mkdir(parents=True, exist_ok=True)
+    path = rd / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise HirelcError(f"run directory {rd} is in use by {holder}; wait for it or use another "
+                              f"--run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (hirelc {command}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        remove_litter(rd)
+        yield rd
+    finally:
+        if created and [p.name for p in rd.iterdir()] == [LOCK]:  # made for a command that wrote nothing
+            path.unlink()
+            rd.rmdir()
+        os.close(fd)  # releases the flock
+
+
+def remove_litter(rd: Path) -> list[Path]:
+    """Delete temporary files left in ``rd`` (and its study folders) by writers that were killed."""
+    gone = []
+    for p in list(rd.glob(".*.tmp")) + list(rd.glob("*/.*.tmp")) + list(rd.glob("*/*/.*.tmp")):
+        try:
+            p.unlink()
+            gone.append(p)
+        except OSError:
+            pass
+    return gone
+
+
+def is_empty(rd: Path) -> bool:
+    """True when ``rd`` holds nothing but its lock file."""
+    return not any(p.name != LOCK for p in rd.iterdir())

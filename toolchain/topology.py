@@ -14,6 +14,20 @@ This is the only module that walks a model's module tree. It produces, for any m
   residual adds share, or a ViT's embedding dimension): it is marked ``stream`` and is offered only when a
   trial prune of one channel on a copy of the model still runs, so models whose stream torch-pruning cannot
   follow keep it whole.
+
+Grouped convolutions (``groups > 1`` but not depthwise: RegNet, ResNeXt, NFNet) are kept out of pruning.
+Cutting one correctly means keeping every group equally wide (whole groups removed with ``groups`` lowered,
+or the same channels from each group) on its inputs and its outputs at once. torch-pruning does neither: it
+couples a conv's inputs to its outputs for depthwise convs only and slices a grouped conv's per-group input
+weights with whole-layer indices, which is an index error (RegNet: "INDICES element is out of DATA bounds")
+or, where the indices happen to fit, silently the wrong weights. Teaching hirelc to cut whole groups would
+mean new rules in the keep ratios, the channel rounding of :func:`hirelc.cost.kept_channels` and the
+search's masks; instead every prune group whose channels a grouped conv writes (it is a member) or reads (it
+is one of the layers whose input channels the group's cut removes) is not prunable: ``prune_group`` -1, its
+layers marked ``grouped_tied``. The search space, policy resolution, the cost model and the lowering all go
+by ``prunable``, so none of them offers or makes a cut there and predicted storage stays what the lowered
+model holds. The rest of such a model (stem, residual streams, convs that feed plain convs) prunes as
+usual; :func:`hirelc.lower.lower_model` names the layers kept whole for this reason (``unprunable_grouped``).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ class LayerSpec:
     folds_bn: bool = False  # a BatchNorm consumes this conv's output alone: lowering folds it into a bias
     num_heads: int = 0  # attention heads for attn_qkv (pruned by whole heads)
     stream: bool = False  # the layer's prune group is a residual stream spanning several blocks
+    grouped_tied: bool = False  # kept whole: a grouped (non-depthwise) conv writes or reads its output channels
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,6 +85,11 @@ class Topology:
         for s in self.layers:
             out.setdefault(s.block, []).append(s.name)
         return out
+
+    @property
+    def unprunable_grouped(self) -> list[str]:
+        """Layers whose output channels are kept whole because a grouped conv writes or reads them."""
+        return [s.name for s in self.layers if s.grouped_tied]
 
     @property
     def names(self) -> list[str]:
@@ -221,11 +241,15 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
 
     prunable_leader: dict[int, str] = {}
     streams: set[int] = set()
-    for gid, (members, _ins) in enumerate(groups):
+    grouped_tied: set[int] = set()  # groups a grouped conv writes or reads: kept whole (module docstring)
+    for gid, (members, ins) in enumerate(groups):
         if classifier in members:
             continue
         leader = next((m for m in members if not _is_depthwise(mods[m])), None)
         if leader is None:
+            continue
+        if any(is_grouped_conv(mods[m]) for m in (*members, *ins) if m in mods):
+            grouped_tied.add(gid)
             continue
         prunable_leader[gid] = leader
         if len({block_of(m) for m in members}) > 1:
@@ -270,6 +294,7 @@ def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
                 input_group=input_group.get(n, -1),
                 folds_bn=n in bn_fed,
                 stream=gid in streams,
+                grouped_tied=gid in grouped_tied,
             )
         )
     return Topology(layers=tuple(specs), input_shape=input_shape, classifier=classifier)
@@ -313,12 +338,18 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def is_grouped_conv(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (its groups are wider than one channel on some side)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
+
+
 def topology_summary(topo: Topology) -> dict:
     return {
         "layers": len(topo.layers),
         "blocks": len(topo.blocks),
         "prunable_layers": sum(s.prunable for s in topo.layers),
         "stream_groups": len({s.prune_group for s in topo.layers if s.stream and s.prunable}),
+        "grouped_tied_layers": sum(s.grouped_tied for s in topo.layers),
         "params": sum(s.params for s in topo.layers),
         "macs": sum(s.macs for s in topo.layers),
     }

@@ -27,6 +27,19 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None  # cap on optimizer steps (tests, quick evaluations)
 
+    def __post_init__(self):
+        from hirelc.validate import at_least, finite
+
+        at_least("--epochs", self.epochs, 1)  # 0 would save an untrained baseline as if it were one
+        at_least("--batch-size", self.batch_size, 1)
+        at_least("--seed", self.seed, 0)
+        at_least("--max-steps", self.max_steps, 0)
+        if self.lr is not None:
+            finite("--lr", self.lr, low=0.0, strict_low=True)
+        finite("weight decay", self.weight_decay, low=0.0)
+        finite("label smoothing", self.label_smoothing, low=0.0, high=1.0, strict_high=True)
+        finite("warm-up fraction", self.warmup_frac, low=0.0, high=1.0)
+
 
 CNN_LR, VIT_LR = 2e-3, 1e-3
 
@@ -186,7 +199,7 @@ def _train_step(model, opt, sched, params, x, y, gen, cfg: TrainConfig, ema, ste
     x = x.contiguous(memory_format=torch.channels_last)
     loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
     if not torch.isfinite(loss):
-        raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
+        raise HirelcError(f"training diverged at step {step} (loss {loss.item()}): try a lower --lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -213,7 +226,7 @@ def train_baseline(run_dir: str | Path, model_cfg, bundle, cfg: TrainConfig, pro
         "model": model_cfg.to_dict(),
         "data_fingerprint": bundle.fingerprint,
         "train": asdict(cfg),
-        "init_checkpoint": str(checkpoint) if checkpoint else None,
+        "init_checkpoint": runs.file_digest(checkpoint) if checkpoint else None,  # by content, not by path
     }
     if meta_path.exists() and ckpt_path.exists():
         meta = runs.read_json(meta_path, "baseline metadata")

@@ -43,6 +43,20 @@ def ensemble_kinds(ensemble: bool) -> tuple[str, ...]:
     return AGENT_KINDS if ensemble else AGENT_KINDS[:1]
 
 
+def quiet_logger():
+    """An SB3 logger with no folder and no outputs.
+
+    Left to itself, ``learn()`` calls ``stable_baselines3.common.utils.configure_logger``, which (with
+    ``verbose=0`` and no ``tensorboard_log``) still calls ``logger.configure(None, [""])``, and that makes
+    an empty ``$TMPDIR/SB3-<date-time>`` folder (or ``$SB3_LOGDIR``) for every agent. ``configure`` itself
+    always creates a folder, so the logger is built directly and handed over with ``set_logger``, which makes
+    ``_setup_learn`` keep it.
+    """
+    from stable_baselines3.common.logger import Logger
+
+    return Logger(folder=None, output_formats=[])
+
+
 def train_agent(kind: str, env: gym.Env, seed: int, timesteps: int):
     """Build a small PPO or A2C for ``env`` and train it for ``timesteps`` environment steps."""
     from stable_baselines3 import A2C, PPO  # heavy: imported only when a search runs
@@ -56,6 +70,7 @@ def train_agent(kind: str, env: gym.Env, seed: int, timesteps: int):
             "MlpPolicy", env, n_steps=n_steps, batch_size=n_steps // 2, n_epochs=4, learning_rate=1e-3,
             ent_coef=0.01, **common,
         )
+    model.set_logger(quiet_logger())  # else learn() leaves an empty $TMPDIR/SB3-<time> folder behind
     model.learn(total_timesteps=timesteps)
     return model
 
