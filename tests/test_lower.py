@@ -405,6 +405,52 @@ def test_convs_feeding_residual_adds_get_output_quantizers(bundle):
         assert all(low.get_submodule(n).out_act.calibrated for n in with_out)
 
 
+class _Payload:
+    """A pickle that, when unpickled without restrictions, writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["top", "inside"])
+def test_loading_a_crafted_lowered_file_never_runs_its_code(tmp_path, where):
+    marker = tmp_path / "pwned"
+    blob = _Payload(marker) if where == "top" else {"format": "hirelc-lowered", "version": 2,
+                                                     "state_dict": {"x": _Payload(marker)}}
+    path = tmp_path / "lowered.pt"
+    torch.save(blob, path)
+    with pytest.raises(HirelcError, match="holds more than tensors"):
+        load_lowered(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("model_name, preset", [("test_vit", "w4-prune50"), ("test_resnet", "w8-prune30"),
+                                               ("test_efficientnet", "w4-prune50"), ("test_convnext", "w8-prune30")])
+def test_lowered_file_rebuilds_pruned_models_exactly(tmp_path, lowered, model_name, preset):
+    b, layers, m, _ = lowered(model_name, preset)
+    path = tmp_path / "lowered.pt"
+    save_lowered(path, m, b.cfg, PRESETS[preset], layers, b.topo, FAST)
+    back = load_lowered(path)["model"]
+    x = torch.randn(4, *b.topo.input_shape[1:])
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+
+
+def test_lowered_file_with_nan_weights_is_refused(tmp_path, lowered):
+    b, layers, m, _ = lowered("test_resnet", "int8")
+    path = tmp_path / "lowered.pt"
+    save_lowered(path, m, b.cfg, PRESETS["int8"], layers, b.topo, FAST)
+    blob = torch.load(path, weights_only=True)
+    k = next(k for k, v in blob["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    blob["state_dict"][k].view(-1)[0] = float("nan")
+    torch.save(blob, path)
+    with pytest.raises(HirelcError, match="non-finite"):
+        load_lowered(path)
+
+
 def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
     """Rebuilding the model needs timm; loading must not depend on it having been imported already."""
     import subprocess

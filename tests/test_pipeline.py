@@ -111,6 +111,22 @@ def test_search_stage_without_latency_budget(compressed, tmp_path):
     assert s["latency_reference"] is None and not (sub / "latency_reference.json").exists()
 
 
+@pytest.mark.parametrize("content", ['{"layer": {}, "block": {}}', '[1, 2]', '{"layer": {"x": NaN}, "block": {}}'])
+def test_a_malformed_sensitivity_file_is_named_and_the_search_log_kept(compressed, content):
+    rd = compressed[0]
+    sens = rd / runs.SENSITIVITY
+    good = sens.read_bytes()
+    log = (rd / runs.SEARCH_LOG).read_bytes()
+    sens.write_text(content)
+    try:
+        res = CliRunner().invoke(app, ["search", "-r", str(rd), "--target-ratio", "6"])
+        assert res.exit_code == 2, res.output
+        assert "sensitivity" in res.output and "corrupt" in res.output and "Traceback" not in res.output
+        assert (rd / runs.SEARCH_LOG).read_bytes() == log
+    finally:
+        sens.write_bytes(good)
+
+
 def test_impossible_budget_fails_before_any_evaluation(compressed):
     rd = compressed[0]
     log_before = (rd / runs.SEARCH_LOG).read_bytes() if (rd / runs.SEARCH_LOG).exists() else None

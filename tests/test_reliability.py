@@ -234,14 +234,20 @@ def test_a_glob_rule_matching_no_layer_is_warned_about(copy, tmp_path):
 # ---------------------------------------------------------------- kill -9 at a stage, then rerun
 
 
-def _kill_at(rd: Path, marker: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "hirelc", "compress", "-r", str(rd), "-m", "test_resnet", "-p", "int8",
-           "--epochs", "1", "--qat-epochs", "0.05", "--runs", "2", *extra]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+KILLABLE = ("import sys\nfrom hirelc.pipeline import CompressConfig, DataOptions, compress\n"
+            "compress(CompressConfig(run_dir=sys.argv[1], model='test_resnet', data=DataOptions("
+            "spec='fashion-mnist-mini', max_train=300), train_epochs=1, policy='int8', qat_epochs=0.05, "
+            "verify_runs=2, resume=True), progress=False, echo=lambda s: print(s, flush=True))\n")
+
+
+def _kill_at(rd: Path, marker: str) -> None:
+    """Run the same compress as :data:`BASE` in a child process and kill -9 it once ``marker`` is printed."""
+    p = subprocess.Popen([sys.executable, "-c", KILLABLE, str(rd)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     try:
         for line in p.stdout:
             if marker in line:
-                time.sleep(0.5)
+                time.sleep(0.3)
                 break
     finally:
         p.send_signal(signal.SIGKILL)
@@ -258,17 +264,13 @@ STABLE = (runs.BASELINE_CKPT, runs.POLICY, runs.LOWERED_MODEL, runs.HIRELC_ONNX,
     pytest.param("[6/7] ort-int8", marks=pytest.mark.slow),
     pytest.param("[7/7] verify", marks=pytest.mark.slow),
 ])
-def test_kill_9_during_a_stage_then_resume_gives_the_same_artifacts(tmp_path, stage):
-    ref, rd = tmp_path / "ref", tmp_path / "killed"
-    run = [sys.executable, "-m", "hirelc", "compress", "-m", "test_resnet", "-p", "int8", "--epochs", "1",
-           "--qat-epochs", "0.05", "--runs", "2"]
-    assert subprocess.run([*run, "-r", str(ref)], capture_output=True).returncode == 0
-    _kill_at(rd, stage, [])
-    res = subprocess.run([*run, "-r", str(rd), "--resume"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+def test_kill_9_during_a_stage_then_resume_gives_the_same_artifacts(finished, tmp_path, stage):
+    rd = tmp_path / "killed"
+    _kill_at(rd, stage)
+    compress(_cfg(rd, resume=True), progress=False, echo=lambda s: None)
     assert not list(rd.glob(".*.tmp"))
     for name in STABLE:
-        assert (rd / name).read_bytes() == (ref / name).read_bytes(), name
-    a, b = (json.loads((d / runs.REPORT_JSON).read_text()) for d in (ref, rd))
+        assert (rd / name).read_bytes() == (finished / name).read_bytes(), name
+    a, b = (json.loads((d / runs.REPORT_JSON).read_text()) for d in (finished, rd))
     assert a["artifacts"]["hirelc"]["top1"] == b["artifacts"]["hirelc"]["top1"]
     assert a["parity"]["top1_agreement"] == b["parity"]["top1_agreement"]

@@ -379,6 +379,20 @@ def share_latency(rd: Path, sub: Path) -> None:
             runs.atomic_write_text(sub / name, (rd / name).read_text())
 
 
+def check_sensitivity(sens, specs, path: Path) -> None:
+    """A cached sensitivity.json must give a finite, non-negative score to every layer and block of the model."""
+    def bad(why: str):
+        raise HirelcError(f"{path} is corrupt ({why}); delete it and the search measures it again")
+
+    if not isinstance(sens, dict) or not isinstance(sens.get("layer"), dict) or not isinstance(sens.get("block"), dict):
+        bad('expected {"layer": {...}, "block": {...}}')
+    for kind, names in (("layer", [s.name for s in specs]), ("block", sorted({s.block for s in specs}))):
+        for n in names:
+            v = sens[kind].get(n)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f"{kind} {n!r} has no finite score")
+
+
 def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget) -> dict:
     """What a searched policy.json depends on besides the baseline (its provenance record's options)."""
     return {"target_ratio": target_ratio, "preset": preset, "max_size_mb": max_size_mb,
@@ -467,6 +481,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     sens_path = rd / runs.SENSITIVITY
     if sens_path.exists():
         sens = runs.read_json(sens_path, "sensitivity")
+        check_sensitivity(sens, specs, sens_path)
     else:
         torch.manual_seed(seed)
         loader = bundle.loader("train", 16, shuffle=True, seed=seed)
