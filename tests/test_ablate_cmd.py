@@ -112,6 +112,8 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and "unknown ablation variant" in res.output
 
 
+# slow: four more searches; --fill-budget itself is tested in tests/search
+@pytest.mark.slow
 def test_fill_budget_reaches_every_runs_search(ablated, tmp_path):
     rd, report, _ = ablated
     assert report["config"]["fill_budget"] is False

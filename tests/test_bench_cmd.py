@@ -131,6 +131,8 @@ def test_bad_bench_options_are_one_line_errors(kw, match):
         BenchConfig(**kw)
 
 
+# slow: one more full bench; the latency budget's search path is tested in test_pipeline
+@pytest.mark.slow
 def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
     rd = _trained(tmp_path_factory)
     cfg = BenchConfig(**{**TINY.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0,

@@ -204,3 +204,22 @@ def test_regnet_w4_prune50_prunes_and_matches_the_cost_model(built):
         if isinstance(mod, nn.Conv2d) and mod.groups > 1:
             assert mod.in_channels % mod.groups == 0 and mod.out_channels % mod.groups == 0
             assert mod.weight.shape[1] == mod.in_channels // mod.groups
+
+
+@pytest.mark.slow
+def test_regnet_w4_prune50_end_to_end_through_verify(tmp_path):
+    """train -> lower (w4-prune50) -> export -> ORT int8 -> verify on regnetx_002: the gate's parity check passes
+    and the lowering report names the grouped layers it kept whole."""
+    import json
+
+    from hirelc import runs
+    from hirelc.pipeline import CompressConfig, DataOptions, compress
+
+    rd = tmp_path / "regnet"
+    report = compress(CompressConfig(run_dir=str(rd), model="regnetx_002", data=DataOptions(
+        spec="fashion-mnist-mini", max_train=300), train_epochs=1, policy="w4-prune50", qat_epochs=0.05,
+        verify_runs=2), progress=False, echo=lambda s: None)
+    assert report["gate"]["passed"] and report["parity"]["top1_agreement"] >= 98.0
+    lower = json.loads((rd / runs.LOWER_REPORT).read_text())
+    assert "s1.b1.conv2.conv" in lower["unprunable_grouped"]
+    assert lower["effective_ratio"] == pytest.approx(lower["predicted_effective_ratio"], rel=1e-6)

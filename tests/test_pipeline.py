@@ -99,6 +99,8 @@ def test_search_stage_tiny_end_to_end(compressed):
     assert s["formats"] and s["formats"][0] == "w8"  # the latency table picked the offered formats
 
 
+# slow: the ablation tests search without the latency budget in the default run
+@pytest.mark.slow
 def test_search_stage_without_latency_budget(compressed, tmp_path):
     from hirelc.pipeline import share_latency
 

@@ -272,11 +272,13 @@ def compress(
     qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of the final policy."),
     runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact in verify."),
     seed: int = SeedOpt,
-    resume: bool = typer.Option(False, "--resume", help="Skip the stages whose outputs exist."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this run directory: skip the stages whose "
+                                "outputs are current (same options, built from the current files), rerun the rest."),
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
 
-    With no arguments: resnet18 on the embedded Fashion-MNIST subset into ./hirelc-run.
+    With no arguments: resnet18 on the embedded Fashion-MNIST subset into ./hirelc-run. Exit codes: 0 done,
+    2 bad input (one line, nothing written), 3 internal error, 130 interrupted.
     """
     from hirelc.export import format_table
     from hirelc.pipeline import CompressConfig, DataOptions
