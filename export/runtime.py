@@ -156,3 +156,64 @@ def benchmark_interleaved(paths: dict[str, str | Path], input_shape: tuple[int, 
             result[k][b] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
                             "mean_ms": float(t.mean()), "runs": int(t.size)}
     return result
+
+
+# ---------------------------------------------------------------- memory a session needs
+
+_MEMORY_PROBE = r"""
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+
+def rss_mb():  # resident set now (MiB)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+path, shape, batches, threads = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+xs = {b: np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32) for b in batches}
+so = ort.SessionOptions()
+so.intra_op_num_threads = threads
+so.log_severity_level = 3
+so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+base = rss_mb()
+sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+out = {"session": rss_mb() - base}
+name = sess.get_inputs()[0].name
+for b in batches:
+    sess.run(None, {name: xs[b]})
+    out[str(b)] = rss_mb() - base
+print(json.dumps({"base_mb": base, "growth_mb": out}))
+"""
+
+
+def session_memory(path: str | Path, shape: tuple[int, ...], batch_sizes: tuple[int, ...] = (1, 8),
+                   threads: int | None = None, timeout_s: float = 300.0) -> dict:
+    """Memory an ONNX Runtime CPU session of ``path`` needs, measured in a fresh Python process so that no
+    other session's allocations hide it: the growth of the process's resident set (MiB) from just before the
+    session is created (onnxruntime imported, inputs allocated) to after it is created (``session``) and after
+    one run at each batch size in turn (``"1"``, ``"8"``: the arena ONNX Runtime keeps for activations stays
+    resident). ``peak_mb`` is the largest of them. ``shape`` is one input's (C, H, W).
+
+    Linux only (``/proc``); elsewhere the figures are None.
+    """
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/statm").exists():
+        return {"base_mb": None, "growth_mb": None, "peak_mb": None}
+    cmd = [sys.executable, "-c", _MEMORY_PROBE, str(path), json.dumps(list(shape)), json.dumps(list(batch_sizes)),
+           str(threads or os.cpu_count() or 1)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise HirelcError(f"measuring the memory of {path} took more than {timeout_s:.0f} s") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HirelcError(f"cannot measure the memory of {path}: {last}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["peak_mb"] = round(max(out["growth_mb"].values()), 2)
+    out["growth_mb"] = {k: round(v, 2) for k, v in out["growth_mb"].items()}
+    out["base_mb"] = round(out["base_mb"], 2)
+    return out

@@ -23,7 +23,9 @@ key                            meaning
                                ``size_ratio`` (fp32 bytes / these bytes), ``top1`` (ORT, whole test split),
                                ``fused_ops`` (op counts after ORT optimisation, see
                                :func:`~hirelc.export.runtime.fused_op_counts`), ``latency`` (batch ->
-                               ``median_ms``, ``p90_ms``, ``mean_ms``, ``runs``; interleaved)
+                               ``median_ms``, ``p90_ms``, ``mean_ms``, ``runs``; interleaved), ``memory``
+                               (null, or ``growth_mb``: resident-set growth in MiB of a fresh process after
+                               creating the session and after running each batch size, ``peak_mb``, ``base_mb``)
 ``parity``                     hirelc ONNX vs the PyTorch lowered model: ``status`` (``"ok"`` or ``"skipped"``),
                                ``note``, ``samples``, ``top1_agreement`` (%), ``max_abs_diff``,
                                ``mean_abs_diff``, ``logit_scale`` (max |PyTorch logit|), ``pytorch_top1`` and
@@ -37,6 +39,10 @@ key                            meaning
                                ``batch``, ``predicted_ms`` (per-layer table), ``measured_ms`` (hirelc median
                                here), ``measured_over_predicted``
 ``verify_config``              the :class:`VerifyConfig` used (batch sizes, runs, warm-up, threads, bounds)
+``against``                    null, or (``--against``) ``report`` (the earlier release's report.json),
+                               ``created``, ``rows``: per ``check`` (top-1, bytes, latency bN) ``old``, ``new``,
+                               ``change``, ``unit``, ``bound``, ``verdict`` (ok / regressed / not compared /
+                               -), ``note`` (why a latency was not compared: another machine)
 ``gate``                       ``passed`` (bool), ``failures`` (one line each), ``bounds`` (the limits checked)
 =============================  ===============================================================================
 """
@@ -78,6 +84,12 @@ class VerifyConfig:
     max_latency_ms: float | None = None  # gate: hirelc median latency at latency_batch at most this
     latency_batch: int = 1
     min_parity: float | None = DEFAULT_MIN_PARITY  # gate: top-1 agreement (%) of model.onnx with lowered.pt
+    max_memory_mb: float | None = None  # gate: hirelc session memory (resident-set growth, MiB) at most this
+    memory: bool = True  # measure each artifact's session memory (a fresh process per artifact)
+    against: str | None = None  # report.json of an earlier release, for the regression bounds below
+    max_top1_regression: float | None = None  # gate: hirelc top-1 at most this many points below the old one
+    max_latency_regression: float | None = None  # gate: % slower than the old hirelc, per batch (same CPU only)
+    max_size_regression: float | None = None  # gate: % more bytes than the old hirelc file
 
     def __post_init__(self):
         if self.runs < 1 or self.warmup < 0:
@@ -86,7 +98,8 @@ class VerifyConfig:
             raise HirelcError(f"verify: batch sizes must be >= 1, got {self.batch_sizes}")
         if self.parity_samples is not None and self.parity_samples < 1:
             raise HirelcError(f"verify: parity_samples must be >= 1, got {self.parity_samples}")
-        for name in ("max_drop", "min_size_ratio", "max_latency_ms", "min_parity"):
+        for name in ("max_drop", "min_size_ratio", "max_latency_ms", "min_parity", "max_memory_mb",
+                     "max_top1_regression", "max_latency_regression", "max_size_regression"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):  # a NaN bound would pass every comparison
                 raise HirelcError(f"verify: --{name.replace('_', '-')} must be a finite number, got {v}")
@@ -96,6 +109,12 @@ class VerifyConfig:
             raise HirelcError(f"verify: --min-size-ratio must be > 0, got {self.min_size_ratio}")
         if self.max_latency_ms is not None and self.max_latency_ms <= 0:
             raise HirelcError(f"verify: --max-latency-ms must be > 0, got {self.max_latency_ms}")
+        if self.max_memory_mb is not None and (self.max_memory_mb <= 0 or not self.memory):
+            raise HirelcError(f"verify: --max-memory-mb must be > 0 and needs the memory measured, got "
+                              f"{self.max_memory_mb}")
+        regressions = (self.max_top1_regression, self.max_latency_regression, self.max_size_regression)
+        if self.against is None and any(v is not None for v in regressions):
+            raise HirelcError("verify: the --max-*-regression bounds need --against OLD/report.json")
         if self.latency_batch not in self.batch_sizes:
             raise HirelcError(f"verify: the gate's latency batch {self.latency_batch} is not among the batch "
                               f"sizes timed {self.batch_sizes}")
@@ -103,7 +122,10 @@ class VerifyConfig:
     def bounds(self) -> dict:
         return {"max_drop": self.max_drop, "min_size_ratio": self.min_size_ratio,
                 "max_latency_ms": self.max_latency_ms, "latency_batch": self.latency_batch,
-                "min_parity": self.min_parity}
+                "min_parity": self.min_parity, "max_memory_mb": self.max_memory_mb,
+                "max_top1_regression": self.max_top1_regression,
+                "max_latency_regression": self.max_latency_regression,
+                "max_size_regression": self.max_size_regression}
 
 
 def _machine(threads: int | None) -> dict:
@@ -167,9 +189,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) -> dict:
     """Measure every ONNX artifact of ``run_dir`` on ORT; write report.json + report.md; return the report."""
-    from hirelc.export.runtime import benchmark_interleaved, fused_op_counts, make_session, ort_accuracy
+    from hirelc.export.runtime import (
+        benchmark_interleaved,
+        fused_op_counts,
+        make_session,
+        ort_accuracy,
+        session_memory,
+    )
 
     rd = runs.require_run_dir(run_dir)
+    old = load_previous(cfg.against, bundle) if cfg.against else None  # unreadable or incompatible: exit 2 now
     present = {k: rd / f for k, f in ARTIFACTS.items() if (rd / f).is_file()}
     if not present:
         raise HirelcError(f"no ONNX artifacts in {rd}: expected one of {', '.join(ARTIFACTS.values())} "
@@ -196,6 +225,8 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
                                 cfg.warmup, cfg.threads)
     for k in present:
         artifacts[k]["latency"] = {str(b): v for b, v in lat[k].items()}
+        artifacts[k]["memory"] = (session_memory(present[k], shape, cfg.batch_sizes, cfg.threads)
+                                  if cfg.memory else None)
     lower = runs.read_json(rd / runs.LOWER_REPORT, "lower report") if (rd / runs.LOWER_REPORT).is_file() else {}
 
     def median(k: str, b: int) -> float | None:
@@ -222,12 +253,79 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
         },
         "latency_prediction": _latency_prediction(lower, median),
         "verify_config": asdict(cfg),
+        "against": None,
     }
+    if old is not None:
+        report["against"] = compare_with(old, report, cfg)
     failures = check_gate(report, cfg)
     report["gate"] = {"passed": not failures, "failures": failures, "bounds": cfg.bounds()}
     runs.atomic_write_json(rd / runs.REPORT_JSON, report)
     runs.atomic_write_text(rd / runs.REPORT_MD, format_markdown(report))
     return report
+
+
+def load_previous(path: str | Path, bundle) -> dict:
+    """The report.json of an earlier release, checked to be comparable with this run: a readable report of
+    this format version, on the same data (fingerprint), with a hirelc artifact. Anything else is an error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / runs.REPORT_JSON
+    old = runs.read_json(p, "previous report")
+    if not isinstance(old, dict) or "artifacts" not in old or not isinstance(old.get("artifacts"), dict):
+        raise HirelcError(f"{p} is not a hirelc report.json")
+    if old.get("version") != REPORT_VERSION:
+        raise HirelcError(f"{p} has report version {old.get('version')!r}, this hirelc writes {REPORT_VERSION}: "
+                          f"not comparable")
+    fp = (old.get("data") or {}).get("fingerprint")
+    if fp != bundle.fingerprint:
+        raise HirelcError(f"{p} was measured on other data (fingerprint {fp}, this run {bundle.fingerprint}): "
+                          f"not comparable")
+    h = old["artifacts"].get("hirelc")
+    if not isinstance(h, dict) or not isinstance(h.get("top1"), (int, float)) or not isinstance(h.get("bytes"), int):
+        raise HirelcError(f"{p} holds no measured hirelc artifact to compare with")
+    old["_path"] = str(p)
+    return old
+
+
+def _same_machine(a: dict, b: dict) -> str | None:
+    """Why latencies measured on machine records ``a`` and ``b`` are not comparable, or None."""
+    for key in ("cpu", "isa", "cpu_count", "threads", "onnxruntime"):
+        if a.get(key) != b.get(key):
+            return f"{key} differs ({a.get(key)} then, {b.get(key)} now)"
+    return None
+
+
+def compare_with(old: dict, report: dict, cfg: VerifyConfig) -> dict:
+    """The new hirelc artifact beside the old release's: one row per compared quantity, with a verdict
+    (``ok``, ``regressed``, ``not compared`` with the reason, or ``-`` when no bound was set)."""
+    o, n = old["artifacts"]["hirelc"], report["artifacts"].get("hirelc")
+    rows = []
+
+    def row(check: str, old_v, new_v, change, unit: str, bound, note: str = "", why_not: str | None = None):
+        if why_not:
+            verdict = "not compared"
+        elif bound is None:
+            verdict = "-"
+        else:
+            verdict = "regressed" if change > bound else "ok"
+        text = why_not or note or (f"{change:+.2f}{unit} (allowed {bound:+g}{unit})" if bound is not None
+                                   else f"{change:+.2f}{unit}")
+        rows.append({"check": check, "old": old_v, "new": new_v, "change": change, "unit": unit, "bound": bound,
+                     "verdict": verdict, "note": text})
+
+    if n is None:
+        return {"report": old["_path"], "created": old.get("created"), "rows": [], "note": "no hirelc artifact now"}
+    row("top-1", o["top1"], n["top1"], o["top1"] - n["top1"], " points lost", cfg.max_top1_regression)
+    row("bytes", o["bytes"], n["bytes"], 100.0 * (n["bytes"] / o["bytes"] - 1), " %", cfg.max_size_regression)
+    why = _same_machine(old.get("machine") or {}, report["machine"])
+    for b in cfg.batch_sizes:
+        ol = ((o.get("latency") or {}).get(str(b)) or {}).get("median_ms")
+        nl = ((n.get("latency") or {}).get(str(b)) or {}).get("median_ms")
+        missing = None if ol and nl else f"batch {b} not measured in both reports"
+        change = 100.0 * (nl / ol - 1) if not (why or missing) else None
+        row(f"latency b{b}", ol, nl, change, " %", cfg.max_latency_regression,
+            why_not=(f"measured on another machine: {why}" if why else missing))
+    return {"report": old["_path"], "created": old.get("created"), "rows": rows}
 
 
 def _latency_prediction(lower: dict, median) -> dict | None:
@@ -270,6 +368,15 @@ def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
         elif agree < cfg.min_parity:
             out.append(f"gate: {runs.HIRELC_ONNX} agrees with {runs.LOWERED_MODEL} on {agree:.2f}% of top-1 "
                        f"predictions < required {cfg.min_parity:g}% (not the same model?)")
+    if cfg.max_memory_mb is not None and h is not None:
+        mem = (h.get("memory") or {}).get("peak_mb")
+        if mem is None:
+            out.append("gate: session memory was not measured")
+        elif mem > cfg.max_memory_mb:
+            out.append(f"gate: {runs.HIRELC_ONNX} session memory {mem:.1f} MiB > allowed {cfg.max_memory_mb:g} MiB")
+    for row in (report.get("against") or {}).get("rows", []):
+        if row["verdict"] == "regressed":
+            out.append(f"gate: {row['check']} regressed vs {report['against']['report']}: {row['note']}")
     if cfg.max_latency_ms is not None:
         lat = h["latency"].get(str(cfg.latency_batch))
         if lat is None:
@@ -286,12 +393,13 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
 
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     batches = list(report["verify_config"]["batch_sizes"])
-    head = ["artifact", "top-1 %", "bytes", "fp32/size"]
+    head = ["artifact", "top-1 %", "bytes", "fp32/size", "mem MiB"]
     head += [f"b{b} ms" for b in batches] + [f"b{b}/hirelc" for b in batches]
     hl = report["artifacts"].get("hirelc", {}).get("latency", {})
     rows = []
     for k, a in report["artifacts"].items():
-        row = [LABELS[k], _fmt(a["top1"], ".2f"), f"{a['bytes']:,}", _fmt(a["size_ratio"], ".2f", "x")]
+        row = [LABELS[k], _fmt(a["top1"], ".2f"), f"{a['bytes']:,}", _fmt(a["size_ratio"], ".2f", "x"),
+               _fmt((a.get("memory") or {}).get("peak_mb"), ".1f")]
         row += [_fmt(a["latency"].get(str(b), {}).get("median_ms"), ".3f") for b in batches]
         # this artifact's median latency / hirelc's: > 1 means hirelc is that many times faster
         row += [_fmt(_ratio(a["latency"].get(str(b), {}).get("median_ms"), hl.get(str(b), {}).get("median_ms")),
@@ -318,10 +426,27 @@ def format_table(report: dict) -> str:
     if report.get("effective_storage_ratio"):
         out.append(f"effective storage ratio {report['effective_storage_ratio']:.2f}x "
                    f"({report['effective_bits_per_param']:.2f} bits/param)")
+    ag = report.get("against")
+    if ag:
+        out.append(f"against {ag['report']}: " + "; ".join(f"{r['check']} {r['verdict']} ({r['note']})"
+                                                         for r in ag["rows"]))
     gate = report.get("gate", {})
     if gate.get("failures"):
         out += gate["failures"]
     return "\n".join(out)
+
+
+def summary_line(report: dict) -> dict:
+    """The few figures a CI log wants, as one JSON-able dict (``hirelc verify --json``)."""
+    h = report["artifacts"].get("hirelc") or {}
+    g = report.get("gate", {})
+    return {"passed": g.get("passed"), "failures": g.get("failures", []), "top1": h.get("top1"),
+            "accuracy_drop": report.get("accuracy_drop"), "bytes": h.get("bytes"), "size_ratio": report.get("size_ratio"),
+            "latency_ms": {b: v.get("median_ms") for b, v in (h.get("latency") or {}).items()},
+            "memory_mb": (h.get("memory") or {}).get("peak_mb"),
+            "parity": (report.get("parity") or {}).get("top1_agreement"),
+            "against": [{"check": r["check"], "verdict": r["verdict"]} for r in (report.get("against") or {}).get("rows", [])],
+            "cpu": report["machine"].get("cpu"), "report": str(Path(report["run_dir"]) / runs.REPORT_JSON)}
 
 
 def format_markdown(report: dict) -> str:
@@ -350,6 +475,18 @@ def format_markdown(report: dict) -> str:
     if lp and lp["measured_ms"] is not None:
         md.append(f"Latency at batch {lp['batch']}: predicted {lp['predicted_ms']:.3f} ms by the per-layer table, "
                   f"measured {lp['measured_ms']:.3f} ms (measured / predicted {lp['measured_over_predicted']:.2f}).\n")
+    ag = report.get("against")
+    if ag:
+        md.append(f"## Against the previous release\n\n`{ag['report']}` ({ag.get('created')})\n")
+        md += ["| check | old | new | change | bound | verdict |", "|---|---|---|---|---|---|"]
+        for r in ag["rows"]:
+            md.append(f"| {r['check']} | {_fmt(r['old'], ',.3f' if isinstance(r['old'], float) else ',')} | "
+                      f"{_fmt(r['new'], ',.3f' if isinstance(r['new'], float) else ',')} | {r['note']} | "
+                      f"{_fmt(r['bound'], 'g')} | {r['verdict']} |")
+        md.append("")
+    md.append("Memory: resident-set growth of a fresh process creating the ONNX Runtime session and running each "
+              "batch size once (MiB); it includes the weights as the session holds them (low-bit codes widened to "
+              "int8) and the activation arena.\n")
     md.append("## Fused ops after ONNX Runtime optimisation\n")
     for k, a in report["artifacts"].items():
         ops = ", ".join(f"{op} {n}" for op, n in a["fused_ops"].items() if n) or "none"
@@ -366,7 +503,10 @@ def format_markdown(report: dict) -> str:
               f"min_size_ratio {b['min_size_ratio']:g}x" if b.get("min_size_ratio") is not None else "",
               f"max_latency_ms {b['max_latency_ms']:g} (batch {b['latency_batch']})"
               if b.get("max_latency_ms") is not None else "",
-              f"min_parity {b['min_parity']:g} %" if b.get("min_parity") is not None else ""]
+              f"min_parity {b['min_parity']:g} %" if b.get("min_parity") is not None else "",
+              f"max_memory_mb {b['max_memory_mb']:g}" if b.get("max_memory_mb") is not None else "",
+              *(f"{k} {b[k]:g}" for k in ("max_top1_regression", "max_latency_regression", "max_size_regression")
+                if b.get(k) is not None)]
     md.append(f"Bounds: {', '.join(x for x in limits if x) or 'none'}\n")
     md.append("passed" if g.get("passed") else "FAILED:\n" + "\n".join(f"- {f}" for f in g.get("failures", [])))
     return "\n".join(md) + "\n"

@@ -43,3 +43,16 @@ def built() -> Callable[[str], Built]:
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished `compress` run directory (test_resnet, int8 preset, 300 training images), shared by the
+    reliability, bad-input and release-gate tests: read it, or copy it before changing anything."""
+    from hirelc.pipeline import CompressConfig, DataOptions, compress
+
+    rd = tmp_path_factory.mktemp("tiny-run") / "run"
+    compress(CompressConfig(run_dir=str(rd), model="test_resnet", data=DataOptions(spec="fashion-mnist-mini",
+             max_train=300), train_epochs=1, policy="int8", qat_epochs=0.05, verify_runs=2),
+             progress=False, echo=lambda s: None)
+    return rd

@@ -15,20 +15,15 @@ from typer.testing import CliRunner
 
 from hirelc import runs
 from hirelc.cli import app
-from hirelc.pipeline import CompressConfig, DataOptions, compress
 
 DATA = ["-d", "fashion-mnist-mini", "--max-train", "300"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished tiny run (test_resnet, int8 preset) and a folder of crafted inputs beside it."""
-    base = tmp_path_factory.mktemp("bad")
-    rd = base / "run"
-    compress(CompressConfig(run_dir=str(rd), model="test_resnet", data=DataOptions(spec="fashion-mnist-mini",
-             max_train=300), train_epochs=1, policy="int8", qat_epochs=0.05, verify_runs=2),
-             progress=False, echo=lambda s: None)
-    x = base / "inputs"
+def run(tiny_run, tmp_path_factory):
+    """The shared finished tiny run (test_resnet, int8 preset) and a folder of crafted inputs."""
+    rd = tiny_run
+    x = tmp_path_factory.mktemp("bad") / "inputs"
     x.mkdir()
     (x / "not_json.json").write_text("{ not json")
     (x / "nan.json").write_text('{"version": 1, "default": {"bits": NaN}}')

@@ -36,10 +36,8 @@ def _digests(rd: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    rd = tmp_path_factory.mktemp("rel") / "run"
-    compress(_cfg(rd), progress=False, echo=lambda s: None)
-    return rd
+def finished(tiny_run):
+    return tiny_run  # made with BASE (tests/conftest.py); only read here
 
 
 @pytest.fixture
@@ -121,21 +119,34 @@ def test_artifacts_are_byte_reproducible(copy, tmp_path):
 # ---------------------------------------------------------------- one writer
 
 
+HOLD = ("import sys, time; from hirelc import runs\n"
+        "with runs.locked(sys.argv[1], sys.argv[2]):\n    print('held', flush=True); time.sleep(60)\n")
+
+
+def _holder(rd: Path, command: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(rd), command], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
 def test_a_second_writer_is_refused_naming_the_holder(copy):
     before = _digests(copy)
-    with runs.locked(copy, "lower"):
-        res = CliRunner().invoke(app, ["lower", "-r", str(copy), "-p", "w4"])
-    assert res.exit_code == 2
-    assert f"in use by pid {os.getpid()} (hirelc lower" in res.output
+    p = _holder(copy, "lower")
+    try:
+        for argv in (["lower", "-r", str(copy), "-p", "w4"], ["search", "-r", str(copy)],
+                     ["compress", "-r", str(copy), "--resume"]):
+            res = CliRunner().invoke(app, argv)
+            assert res.exit_code == 2, res.output
+            assert f"in use by pid {p.pid} (hirelc lower" in res.output
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     assert _digests(copy) == before
 
 
 def test_the_lock_of_a_killed_holder_is_free_again(copy):
-    code = ("import sys, time; from hirelc import runs\n"
-            "with runs.locked(sys.argv[1], 'search'):\n    print('held', flush=True); time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code, str(copy)], stdout=subprocess.PIPE, text=True)
+    p = _holder(copy, "search")
     try:
-        assert p.stdout.readline().strip() == "held"
         res = CliRunner().invoke(app, ["export", "-r", str(copy), "--opset", "10"])
         assert res.exit_code == 2 and f"in use by pid {p.pid} (hirelc search" in res.output
     finally:

@@ -196,21 +196,40 @@ def verify(
     max_latency_ms: Optional[float] = typer.Option(None, help="Gate: max hirelc batch-1 median latency (ms)."),
     min_parity: float = typer.Option(98.0, help="Gate: min top-1 agreement (%) of model.onnx on ONNX Runtime "
                                      "with the PyTorch lowered.pt on the test split; 0 turns it off."),
+    max_memory_mb: Optional[float] = typer.Option(None, help="Gate: max memory of the hirelc ONNX Runtime session "
+                                                  "(resident-set growth in MiB, session + batch 1 and 8 runs)."),
+    against: Optional[Path] = typer.Option(None, help="report.json of an earlier release (or its run directory) "
+                                           "to gate regressions against; its artifacts need not exist."),
+    max_top1_regression: Optional[float] = typer.Option(None, help="Gate (with --against): max top-1 points "
+                                                        "below the earlier release."),
+    max_latency_regression: Optional[float] = typer.Option(None, help="Gate (with --against): max % slower "
+                                                           "than the earlier release, per batch size; compared "
+                                                           "only when both were measured on the same CPU."),
+    max_size_regression: Optional[float] = typer.Option(None, help="Gate (with --against): max % more bytes "
+                                                        "than the earlier release's model.onnx."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each artifact's session memory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line (for CI logs) instead of "
+                                 "the table."),
     runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
 ):
-    """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), bytes; write report.json/.md.
+    """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), memory, bytes; write
+    report.json/.md; gate on absolute bounds and, with --against, on regressions vs an earlier release.
 
     Refuses (exit 2) artifacts not built from the run directory's current files (content hashes in
-    provenance.json). Exit 1 with a one-line reason when a gate bound is missed; 2 bad input; 3 internal error.
+    provenance.json) and an --against report of another format version or dataset. Exit 1 with a one-line
+    reason when a gate bound is missed; 2 bad input; 3 internal error.
     """
     from hirelc.export import VerifyConfig, check_gate, format_table
+    from hirelc.export.verify import summary_line
     from hirelc.pipeline import verify_stage
 
     with _user_errors(run_dir, "verify"):
         cfg = VerifyConfig(max_drop=max_drop, min_size_ratio=min_size_ratio, max_latency_ms=max_latency_ms,
-                           runs=runs_, min_parity=min_parity or None)
+                           runs=runs_, min_parity=min_parity or None, max_memory_mb=max_memory_mb, memory=memory,
+                           against=str(against) if against else None, max_top1_regression=max_top1_regression,
+                           max_latency_regression=max_latency_regression, max_size_regression=max_size_regression)
         report = verify_stage(run_dir, cfg)
-        typer.echo(format_table(report))
+        typer.echo(json.dumps(runs.strict(summary_line(report))) if as_json else format_table(report))
         failures = check_gate(report, cfg)
     if failures:
         typer.echo(f"hirelc: gate failed: {failures[0]}", err=True)

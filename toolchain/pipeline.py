@@ -278,6 +278,11 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
         raise HirelcError(f"run directory {rd} is a file, not a directory")
     if rd.exists() and not runs.is_empty(rd) and not cfg.resume:
         raise HirelcError(f"{rd} is not empty: pass --resume to continue it, or choose a new --run-dir")
+    with runs.locked(rd, "compress"):  # also clears what a killed earlier run left half-written
+        return _compress(rd, cfg, progress, echo)
+
+
+def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
     train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
     if cfg.policy:
         from hirelc.policy import get_policy

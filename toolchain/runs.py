@@ -260,6 +260,9 @@ def stale(rd: str | Path, artifact: str, inputs: tuple[str, ...] | list[str] = (
 # ---------------------------------------------------------------- one writer per run directory
 
 
+_HELD: set[str] = set()  # run directories this process holds the lock of
+
+
 @contextlib.contextmanager
 def locked(run_dir: str | Path, command: str) -> Iterator[Path]:
     """Hold the run directory's lock for the block: a second writer gets a one-line error naming the holder.
@@ -273,6 +276,10 @@ def locked(run_dir: str | Path, command: str) -> Iterator[Path]:
     rd = Path(run_dir)
     if rd.exists() and not rd.is_dir():
         raise HirelcError(f"run directory {rd} is a file, not a directory")
+    key = str(rd.resolve())
+    if key in _HELD:  # this process holds it already (a library call inside a command): nothing to take
+        yield rd
+        return
     created = not rd.exists()
     rd.mkdir(parents=True, exist_ok=True)
     path = rd / LOCK
@@ -287,9 +294,11 @@ def locked(run_dir: str | Path, command: str) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} (hirelc {command}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        _HELD.add(key)
         remove_litter(rd)
         yield rd
     finally:
+        _HELD.discard(key)
         if created and [p.name for p in rd.iterdir()] == [LOCK]:  # made for a command that wrote nothing
             path.unlink()
             rd.rmdir()
