@@ -527,3 +527,26 @@ def test_per_group_scales_need_4_bits_or_fewer(built):
     # a blanket default falls back to per-channel where it cannot apply
     blanket = Policy(default=LayerPolicy(bits=8, granularity=PerGroup(16))).resolve(list(b.topo.layers))
     assert all(not isinstance(lp.granularity, PerGroup) for lp in blanket.values())
+
+
+def test_quantizer_placement_is_remembered_per_format_and_matches_the_probe(built, bundle):
+    """Policies of the same layer formats (bits within a container, keep ratios may differ) get their
+    quantizers where the ONNX Runtime probes put them, so a remembered placement is the probed one."""
+    from hirelc.lower import LowerConfig, lowered_structure, placement_key
+    from hirelc.policy import LayerPolicy, Policy
+
+    b = built("test_resnet")
+    cfg = LowerConfig(epochs=0, max_steps=0, calib_batches=1)
+    a = Policy(default=LayerPolicy(bits=8)).resolve(list(b.topo.layers))
+    c = Policy(default=LayerPolicy(bits=6, keep_ratio=0.5)).resolve(list(b.topo.layers))
+    assert placement_key(a) == placement_key(c)
+    probed = {k: lowered_structure(lower_model(b.model, b.topo, p, bundle, cfg, progress=False)[0])
+              for k, p in (("a", a), ("c", c))}
+    assert probed["a"] == probed["c"] and probed["a"]["output_quantized"]
+    cache: dict = {}
+    first = lower_model(b.model, b.topo, a, bundle, cfg, progress=False, placement=cache)[0]
+    second = lower_model(b.model, b.topo, c, bundle, cfg, progress=False, placement=cache)[0]
+    assert len(cache) == 1
+    assert lowered_structure(first) == lowered_structure(second) == probed["c"]
+    w4 = Policy(default=LayerPolicy(bits=4)).resolve(list(b.topo.layers))
+    assert placement_key(w4) != placement_key(a)

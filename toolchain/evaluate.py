@@ -65,6 +65,7 @@ class RealEvaluator:
         self.cfg = LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
                                keep_best=False, seed=seed)  # the search scores the fine-tuned candidate as is
         self._sub = _SubsetBundle(bundle, train_samples, val_samples, seed)
+        self._placement: dict = {}  # where lowering put quantizers, per set of layer formats (lower.placement_key)
         self.calib_x = bundle.subset("train", calib_samples, seed=seed + 1).x
         self.base_logits = predict_logits(self.model, self.calib_x)
         self.baseline_accuracy = evaluate(self.model, self._sub.loader("val", 256))
@@ -94,7 +95,7 @@ class RealEvaluator:
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         t0 = time.time()
         lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
-                                 saliency=self.saliency(layers))
+                                 saliency=self.saliency(layers), placement=self._placement)
         acc = evaluate(lowered, self._sub.loader("val", 256))
         self.eval_seconds.append(time.time() - t0)
         return acc

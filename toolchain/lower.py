@@ -28,7 +28,7 @@ from hirelc import kernels as K
 from hirelc import runs
 from hirelc.cost import group_keeps, kept_channels, kept_shape, policy_storage, storage_totals
 from hirelc.errors import HirelcError
-from hirelc.policy import LayerPolicy, PerGroup, Policy, parse_granularity
+from hirelc.policy import LayerPolicy, PerGroup, Policy, format_key, parse_granularity
 from hirelc.qmodules import (
     ActQuant,
     QConv2d,
@@ -406,6 +406,17 @@ def add_block_quantizers(model: nn.Module, topo: Topology, out_quantized: list[s
     return []
 
 
+def place_quantizers(model: nn.Module, outs: list[str], blocks: list[str], cfg: LowerConfig) -> None:
+    """Put output quantizers on ``outs`` and block quantizers on ``blocks`` (the last also quantizing its output),
+    as :func:`add_output_quantizers` / :func:`add_block_quantizers` decided for a model of the same formats."""
+    qls = quant_layers(model)
+    for n in outs:
+        qls[n].out_act = ActQuant(signed=cfg.act_signed, percentile=cfg.percentile)
+    for i, b in enumerate(blocks):
+        attach_block_quantizers(model.get_submodule(b), output=i == len(blocks) - 1, signed=cfg.act_signed,
+                                percentile=cfg.percentile)
+
+
 def freeze(model: nn.Module) -> None:
     for q in quant_layers(model).values():
         q.freeze()
@@ -435,13 +446,23 @@ def storage_report(model: nn.Module, topo: Topology, layers: dict[str, LayerPoli
     }
 
 
+def placement_key(layers: dict[str, LayerPolicy]) -> tuple:
+    """What decides where :func:`add_output_quantizers` and :func:`add_block_quantizers` put quantizers: each
+    layer's weight format and kind of scales (the ONNX Runtime fusion patterns follow from these; channel
+    counts and bit widths within a container do not change them)."""
+    return tuple((n, format_key(lp), type(lp.granularity).__name__) for n, lp in sorted(layers.items()))
+
+
 def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], bundle, cfg: LowerConfig,
                 progress: bool = True, fisher: dict[str, torch.Tensor] | None = None,
-                saliency: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
+                saliency: dict[str, torch.Tensor] | None = None,
+                placement: dict | None = None) -> tuple[nn.Module, dict]:
     """Apply ``layers`` to a copy of ``model``: prune, fold BN, quantize, calibrate, fine-tune, freeze.
 
     ``saliency`` (from :func:`channel_saliency` on ``model``) saves measuring it again when the same model is
     lowered many times; with ``cfg.importance == "taylor"`` it is measured here when a layer is pruned.
+    ``placement`` (a dict kept by the caller across calls on the same model) remembers where quantizers went
+    for each :func:`placement_key`, so policies of the same formats skip the ONNX Runtime probes that decide it.
     """
     validate_layers(topo, layers)
     t0 = time.time()
@@ -459,9 +480,17 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     if cfg.act_quant and swapped:
         loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         calib = calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
-        outs = add_output_quantizers(m, topo.input_shape, cfg) if cfg.fuse_outputs else []
+        key = placement_key(layers) if placement is not None else None
+        if key is not None and key in placement:
+            outs, blocks = placement[key]
+            place_quantizers(m, outs, blocks, cfg)
+        else:
+            outs = add_output_quantizers(m, topo.input_shape, cfg) if cfg.fuse_outputs else []
+            if outs:
+                blocks = add_block_quantizers(m, topo, outs, cfg) if cfg.fuse_adds else []
+            if key is not None:
+                placement[key] = (list(outs), list(blocks))
         if outs:
-            blocks = add_block_quantizers(m, topo, outs, cfg) if cfg.fuse_adds else []
             calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
     qat = {"steps": 0, "wall_s": 0.0, "loss": None}
     qat_kept = None
