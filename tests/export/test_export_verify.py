@@ -119,3 +119,16 @@ def test_checker_failure_is_an_error_and_writes_nothing(tmp_path, lower, monkeyp
     with pytest.raises(HirelcError, match="invalid ONNX graph"):
         export_fp32(lower("test_resnet", "int8").built.model, (1, 1, 32, 32), tmp_path / "fp32.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parity_is_gated_by_default(report):
+    import copy
+
+    assert VerifyConfig().min_parity == 98.0 and check_gate(report, VerifyConfig()) == []
+    low = copy.deepcopy(report)
+    low["parity"]["top1_agreement"] = 50.0
+    assert "agrees with lowered.pt on 50.00%" in check_gate(low, VerifyConfig())[0]
+    assert check_gate(low, VerifyConfig(min_parity=None)) == []
+    skipped = copy.deepcopy(report)
+    skipped["parity"] = {"status": "skipped", "note": "lowered.pt missing", "top1_agreement": None}
+    assert "parity of model.onnx with lowered.pt unknown" in check_gate(skipped, VerifyConfig())[0]
