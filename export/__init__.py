@@ -1,9 +1,13 @@
 """Deployment: ONNX export with integer initializers and QDQ nodes, ONNX Runtime sessions, verification.
 
-``onnxruntime`` is imported lazily inside the functions that need it.
+``onnxruntime`` is imported lazily inside the functions that need it. Nothing here imports the lowering or
+training code: :func:`verify_run` takes the lowered PyTorch model's logits from its caller, and
+:class:`OrtProbe` is what :func:`hirelc.lower.lower_model` asks about ONNX Runtime's fusions.
 """
 
 from hirelc.export.onnx_export import (
+    ORT_PROBE,
+    OrtProbe,
     export_fp32,
     export_lowered,
     integer_adds,
@@ -25,6 +29,8 @@ from hirelc.export.runtime import (
 from hirelc.export.verify import VerifyConfig, check_gate, format_markdown, format_table, verify_run
 
 __all__ = [
+    "ORT_PROBE",
+    "OrtProbe",
     "VerifyConfig",
     "available_providers",
     "benchmark_interleaved",

@@ -469,6 +469,21 @@ def integer_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return sum(op == "QLinearAdd" for op, _ in _optimized(model, input_shape)[2])
 
 
+class OrtProbe:
+    """ONNX Runtime (CPU) as the runtime lowering asks where quantizers pay (the ``probe`` of
+    :func:`hirelc.lower.lower_model`): which quantized layers it leaves in float, how many adds it runs on
+    integers."""
+
+    def unfused_layers(self, model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+        return unfused_layers(model, input_shape)
+
+    def integer_adds(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
+        return integer_adds(model, input_shape)
+
+
+ORT_PROBE = OrtProbe()
+
+
 def export_fp32(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *,
                 opset: int = DEFAULT_OPSET) -> dict:
     """Export the float baseline (BatchNorm folded by the exporter) as one ONNX file, atomically."""

@@ -13,7 +13,7 @@ from hirelc.errors import HirelcError
 
 
 def _reader(calib_x: np.ndarray, input_name: str, batch_size: int):
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # imported on use, as in all of hirelc.export
 
     class _Batches(CalibrationDataReader):
         def __init__(self):
@@ -33,8 +33,13 @@ def ort_int8_baseline(fp32_onnx_path: str | Path, out_path: str | Path, calib_x:
     ``quant_pre_process`` (shape inference + graph optimisation, what ORT recommends) runs first; if it fails
     the raw model is quantized. Returns ``{path, bytes, preprocessed, calib_samples, per_channel, reduce_range}``.
     """
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+    import onnxruntime as ort  # imported on use, as in all of hirelc.export
+    from onnxruntime.quantization import (  # imported on use, as in all of hirelc.export
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     src = Path(fp32_onnx_path)
     if not src.is_file():

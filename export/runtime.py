@@ -7,7 +7,10 @@ error, and :func:`available_providers` reports what exists.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,14 +30,14 @@ FLOAT_OPS = ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")
 
 def available_providers() -> dict[str, bool]:
     """Execution provider name -> whether this onnxruntime build has it."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported on use, as in all of hirelc.export
 
     have = set(ort.get_available_providers())
     return {name: name in have for name in PROVIDERS.values()}
 
 
 def _session_options(threads: int | None, level: str = "all", spin: bool = False):
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported on use, as in all of hirelc.export
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -55,7 +58,7 @@ def _session_options(threads: int | None, level: str = "all", spin: bool = False
 
 
 def _load(model: str | Path | bytes, so, providers: list[str]):
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported on use, as in all of hirelc.export
 
     where = "in-memory model" if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():
@@ -101,7 +104,7 @@ def ort_accuracy(sess, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> f
 
 def optimized_graph(path: str | Path | bytes, level: str = "all"):
     """The graph (``onnx.GraphProto``) ONNX Runtime's CPU EP actually runs after its optimizations at ``level``."""
-    import onnx
+    import onnx  # imported on use, like onnxruntime
 
     with tempfile.TemporaryDirectory(prefix="hirelc-ort-") as d:
         so = _session_options(1, level)
@@ -137,25 +140,37 @@ def benchmark_interleaved(paths: dict[str, str | Path], input_shape: tuple[int, 
     sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
     shape = tuple(input_shape)[-3:]
     rng = np.random.default_rng(seed)
-    names = list(sessions)
-    result: dict[str, dict[int, dict]] = {k: {} for k in names}
+    result: dict[str, dict[int, dict]] = {k: {} for k in sessions}
     for b in batch_sizes:
-        feed = rng.standard_normal((b, *shape), dtype=np.float32)
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for r in range(warmup + runs):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for k in order:
-                sess = sessions[k]
-                inp = sess.get_inputs()[0].name
-                t0 = time.perf_counter()
-                sess.run(None, {inp: feed})
-                if r >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-        for k in names:
-            t = np.asarray(times[k])
+        times = _timed_rounds(sessions, rng.standard_normal((b, *shape), dtype=np.float32), runs, warmup)
+        for k, t in times.items():
             result[k][b] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
                             "mean_ms": float(t.mean()), "runs": int(t.size)}
     return result
+
+
+def _timed_rounds(sessions: dict, feed: np.ndarray, runs: int, warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each session's run on ``feed``, ``warmup + runs`` rounds, the first ``warmup`` not
+    kept; every round runs each session once, in an order rotated from round to round."""
+    names = list(sessions)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(warmup + runs):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            sess = sessions[k]
+            inp = sess.get_inputs()[0].name
+            t0 = time.perf_counter()
+            sess.run(None, {inp: feed})
+            if r >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def median_latency(path: str | Path | bytes, shape: tuple[int, ...], runs: int = 20, warmup: int = 3,
+                   seed: int = 0, threads: int | None = None) -> float:
+    """Median milliseconds of one model's run on a seeded random input of the full ``shape`` (any rank)."""
+    feed = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    return float(np.median(_timed_rounds({"m": make_session(path, threads=threads)}, feed, runs, warmup)["m"]))
 
 
 # ---------------------------------------------------------------- memory a session needs
@@ -197,10 +212,6 @@ def session_memory(path: str | Path, shape: tuple[int, ...], batch_sizes: tuple[
 
     Linux only (``/proc``); elsewhere the figures are None.
     """
-    import json
-    import subprocess
-    import sys
-
     if not Path("/proc/self/statm").exists():
         return {"base_mb": None, "growth_mb": None, "peak_mb": None}
     cmd = [sys.executable, "-c", _MEMORY_PROBE, str(path), json.dumps(list(shape)), json.dumps(list(batch_sizes)),

@@ -49,100 +49,37 @@ key                            meaning
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
-import os
-import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from hirelc import runs
 from hirelc.errors import HirelcError
+from hirelc.export.runtime import (
+    available_providers,
+    benchmark_interleaved,
+    fused_op_counts,
+    make_session,
+    ort_accuracy,
+    ort_predict,
+    session_memory,
+)
+from hirelc.machine import record
+from hirelc.options import DEFAULT_MIN_PARITY, VerifyConfig  # noqa: F401 (VerifyConfig: part of this API)
+from hirelc.report import fmt, md_table, utc_now
 
 REPORT_VERSION = 1
 ARTIFACTS = {"fp32": runs.FP32_ONNX, "ort_int8": runs.ORT_INT8_ONNX, "hirelc": runs.HIRELC_ONNX}
 LABELS = {"fp32": "fp32", "ort_int8": "ort-int8", "hirelc": "hirelc"}
 
 
-DEFAULT_MIN_PARITY = 98.0  # a model.onnx that is not the lowered model agrees on far fewer images
 
 
-@dataclass(frozen=True)
-class VerifyConfig:
-    """What :func:`verify_run` measures and the release gate :func:`check_gate` applies (None = no bound)."""
-
-    batch_sizes: tuple[int, ...] = (1, 8)  # latency batch sizes
-    runs: int = 50  # timed rounds per model and batch (medians need many on a noisy machine)
-    warmup: int = 5
-    threads: int | None = None  # ORT intra-op threads; None = all cores
-    parity_samples: int | None = None  # test samples for ONNX-vs-PyTorch parity; None = the whole split
-    eval_batch: int = 256
-    max_drop: float | None = None  # gate: hirelc ORT top-1 may be at most this many points below fp32's
-    min_size_ratio: float | None = None  # gate: fp32 bytes / hirelc bytes at least this
-    max_latency_ms: float | None = None  # gate: hirelc median latency at latency_batch at most this
-    latency_batch: int = 1
-    min_parity: float | None = DEFAULT_MIN_PARITY  # gate: top-1 agreement (%) of model.onnx with lowered.pt
-    max_memory_mb: float | None = None  # gate: hirelc session memory (resident-set growth, MiB) at most this
-    memory: bool = True  # measure each artifact's session memory (a fresh process per artifact)
-    against: str | None = None  # report.json of an earlier release, for the regression bounds below
-    max_top1_regression: float | None = None  # gate: hirelc top-1 at most this many points below the old one
-    max_latency_regression: float | None = None  # gate: % slower than the old hirelc, per batch (same CPU only)
-    max_size_regression: float | None = None  # gate: % more bytes than the old hirelc file
-
-    def __post_init__(self):
-        if self.runs < 1 or self.warmup < 0:
-            raise HirelcError(f"verify: runs must be >= 1 and warmup >= 0, got {self.runs} / {self.warmup}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise HirelcError(f"verify: batch sizes must be >= 1, got {self.batch_sizes}")
-        if self.parity_samples is not None and self.parity_samples < 1:
-            raise HirelcError(f"verify: parity_samples must be >= 1, got {self.parity_samples}")
-        for name in ("max_drop", "min_size_ratio", "max_latency_ms", "min_parity", "max_memory_mb",
-                     "max_top1_regression", "max_latency_regression", "max_size_regression"):
-            v = getattr(self, name)
-            if v is not None and not math.isfinite(v):  # a NaN bound would pass every comparison
-                raise HirelcError(f"verify: --{name.replace('_', '-')} must be a finite number, got {v}")
-        if self.min_parity is not None and not 0 <= self.min_parity <= 100:
-            raise HirelcError(f"verify: --min-parity is a percentage (0..100), got {self.min_parity}")
-        if self.min_size_ratio is not None and self.min_size_ratio <= 0:
-            raise HirelcError(f"verify: --min-size-ratio must be > 0, got {self.min_size_ratio}")
-        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
-            raise HirelcError(f"verify: --max-latency-ms must be > 0, got {self.max_latency_ms}")
-        if self.max_memory_mb is not None and (self.max_memory_mb <= 0 or not self.memory):
-            raise HirelcError(f"verify: --max-memory-mb must be > 0 and needs the memory measured, got "
-                              f"{self.max_memory_mb}")
-        regressions = (self.max_top1_regression, self.max_latency_regression, self.max_size_regression)
-        if self.against is None and any(v is not None for v in regressions):
-            raise HirelcError("verify: the --max-*-regression bounds need --against OLD/report.json")
-        if self.latency_batch not in self.batch_sizes:
-            raise HirelcError(f"verify: the gate's latency batch {self.latency_batch} is not among the batch "
-                              f"sizes timed {self.batch_sizes}")
-
-    def bounds(self) -> dict:
-        return {"max_drop": self.max_drop, "min_size_ratio": self.min_size_ratio,
-                "max_latency_ms": self.max_latency_ms, "latency_batch": self.latency_batch,
-                "min_parity": self.min_parity, "max_memory_mb": self.max_memory_mb,
-                "max_top1_regression": self.max_top1_regression,
-                "max_latency_regression": self.max_latency_regression,
-                "max_size_regression": self.max_size_regression}
-
-
-def _machine(threads: int | None) -> dict:
-    import onnxruntime as ort
-
-    from hirelc.machine import cpu
-
-    c = cpu()
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu": c["model"], "isa": c["isa"], "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__,
-            "threads": threads or os.cpu_count(), "intra_op_spinning": False}
 
 
 def _providers() -> dict[str, str]:
-    from hirelc.export.runtime import available_providers
-
     out = {}
     for name, have in available_providers().items():
         out[name] = "used" if name == "CPUExecutionProvider" else ("available, not used" if have else "unavailable")
@@ -156,23 +93,19 @@ def _check_input(sess, path: Path, shape: tuple[int, ...]) -> None:
         raise HirelcError(f"{path} expects inputs of shape {tuple(want)}, the data gives {shape}")
 
 
-def _parity(rd: Path, sess, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
-    """hirelc ONNX (ORT) vs the lowered PyTorch model on the same samples."""
-    import torch
+Reference = Callable[[np.ndarray], np.ndarray]  # inputs -> the lowered PyTorch model's logits
 
-    from hirelc.export.runtime import ort_predict
-    from hirelc.lower import load_lowered
-    from hirelc.train import predict_logits
 
-    if not (rd / runs.LOWERED_MODEL).is_file():
-        return {"status": "skipped", "note": f"{runs.LOWERED_MODEL} missing", "samples": 0,
+def _parity(reference: Reference | None, sess, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
+    """hirelc ONNX (ORT) vs the lowered PyTorch model (``reference``) on the same samples."""
+    if reference is None:
+        return {"status": "skipped", "note": f"no PyTorch reference ({runs.LOWERED_MODEL} missing)", "samples": 0,
                 "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None,
                 "pytorch_top1": None, "onnx_top1": None}
-    model = load_lowered(rd / runs.LOWERED_MODEL)["model"]
-    ref = predict_logits(model, torch.from_numpy(x), eval_batch).numpy()
+    ref = np.asarray(reference(x))
     got = ort_predict(sess, x, eval_batch)
     if ref.shape != got.shape:
-        raise HirelcError(f"{rd / runs.HIRELC_ONNX} gives logits of shape {got.shape}, {runs.LOWERED_MODEL} "
+        raise HirelcError(f"{runs.HIRELC_ONNX} gives logits of shape {got.shape}, {runs.LOWERED_MODEL} "
                           f"{ref.shape}: they are not the same model")
     diff = np.abs(got - ref)
     return {"status": "ok", "note": "", "samples": int(len(x)),
@@ -187,16 +120,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(a / b) if a is not None and b else None
 
 
-def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) -> dict:
-    """Measure every ONNX artifact of ``run_dir`` on ORT; write report.json + report.md; return the report."""
-    from hirelc.export.runtime import (
-        benchmark_interleaved,
-        fused_op_counts,
-        make_session,
-        ort_accuracy,
-        session_memory,
-    )
+def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig | None = None,
+               reference: Reference | None = None) -> dict:
+    """Measure every ONNX artifact of ``run_dir`` on ORT; write report.json + report.md; return the report.
 
+    ``reference`` computes the lowered PyTorch model's logits for a batch of test inputs (the parity check of
+    model.onnx against it); without one parity is reported as skipped and the parity bound fails.
+    """
+    cfg = cfg or VerifyConfig()
     rd = runs.require_run_dir(run_dir)
     old = load_previous(cfg.against, bundle) if cfg.against else None  # unreadable or incompatible: exit 2 now
     present = {k: rd / f for k, f in ARTIFACTS.items() if (rd / f).is_file()}
@@ -219,7 +150,7 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
     if "hirelc" in present:
         sub = None if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples)
         px, py = (x, y) if sub is None else (sub.x.numpy(), sub.y.numpy())
-        parity = _parity(rd, sessions["hirelc"], px, py, cfg.eval_batch)
+        parity = _parity(reference, sessions["hirelc"], px, py, cfg.eval_batch)
     del sessions
     lat = benchmark_interleaved({k: str(p) for k, p in present.items()}, shape, cfg.batch_sizes, cfg.runs,
                                 cfg.warmup, cfg.threads)
@@ -235,10 +166,10 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig = VerifyConfig()) 
     h = artifacts.get("hirelc")
     report = {
         "version": REPORT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "run_dir": str(rd),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
-        "machine": _machine(cfg.threads),
+        "machine": record(cfg.threads),
         "providers": _providers(),
         "artifacts": artifacts,
         "parity": parity,
@@ -387,10 +318,6 @@ def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
     return out
 
 
-def _fmt(v, spec: str, suffix: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{suffix}"
-
-
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     batches = list(report["verify_config"]["batch_sizes"])
     head = ["artifact", "top-1 %", "bytes", "fp32/size", "mem MiB"]
@@ -398,11 +325,11 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     hl = report["artifacts"].get("hirelc", {}).get("latency", {})
     rows = []
     for k, a in report["artifacts"].items():
-        row = [LABELS[k], _fmt(a["top1"], ".2f"), f"{a['bytes']:,}", _fmt(a["size_ratio"], ".2f", "x"),
-               _fmt((a.get("memory") or {}).get("peak_mb"), ".1f")]
-        row += [_fmt(a["latency"].get(str(b), {}).get("median_ms"), ".3f") for b in batches]
+        row = [LABELS[k], fmt(a["top1"], ".2f"), f"{a['bytes']:,}", fmt(a["size_ratio"], ".2f", "x"),
+               fmt((a.get("memory") or {}).get("peak_mb"), ".1f")]
+        row += [fmt(a["latency"].get(str(b), {}).get("median_ms"), ".3f") for b in batches]
         # this artifact's median latency / hirelc's: > 1 means hirelc is that many times faster
-        row += [_fmt(_ratio(a["latency"].get(str(b), {}).get("median_ms"), hl.get(str(b), {}).get("median_ms")),
+        row += [fmt(_ratio(a["latency"].get(str(b), {}).get("median_ms"), hl.get(str(b), {}).get("median_ms")),
                      ".2f", "x") for b in batches]
         rows.append(row)
     return head, rows
@@ -454,8 +381,7 @@ def format_markdown(report: dict) -> str:
     head, rows = _rows(report)
     md = [f"# hirelc verification report\n\n{report['created']} - `{report['run_dir']}` - data "
           f"{report['data']['name']} ({report['data']['test_samples']} test samples)\n",
-          "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-          *("| " + " | ".join(r) + " |" for r in rows),
+          *md_table(head, rows),
           "\nLatency: ONNX Runtime CPU, medians of interleaved runs; `bN/hirelc` = that row's latency / hirelc's "
           "(> 1: hirelc is faster).\n"]
     p = report.get("parity")
@@ -478,11 +404,10 @@ def format_markdown(report: dict) -> str:
     ag = report.get("against")
     if ag:
         md.append(f"## Against the previous release\n\n`{ag['report']}` ({ag.get('created')})\n")
-        md += ["| check | old | new | change | bound | verdict |", "|---|---|---|---|---|---|"]
-        for r in ag["rows"]:
-            md.append(f"| {r['check']} | {_fmt(r['old'], ',.3f' if isinstance(r['old'], float) else ',')} | "
-                      f"{_fmt(r['new'], ',.3f' if isinstance(r['new'], float) else ',')} | {r['note']} | "
-                      f"{_fmt(r['bound'], 'g')} | {r['verdict']} |")
+        md += md_table(["check", "old", "new", "change", "bound", "verdict"], (
+            [r["check"], fmt(r["old"], ",.3f" if isinstance(r["old"], float) else ","),
+             fmt(r["new"], ",.3f" if isinstance(r["new"], float) else ","), r["note"], fmt(r["bound"], "g"),
+             r["verdict"]] for r in ag["rows"]))
         md.append("")
     md.append("Memory: resident-set growth of a fresh process creating the ONNX Runtime session and running each "
               "batch size once (MiB); it includes the weights as the session holds them (low-bit codes widened to "

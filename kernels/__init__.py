@@ -1,9 +1,10 @@
-"""Tensor kernels: quantization primitives, sub-byte packing and pruning saliency scores.
+"""Tensor kernels: granularity types, quantization primitives, sub-byte packing and pruning saliency scores.
 
 Pure torch functions with no device-specific code (CPU reference, CUDA tensors work as-is). Importing
 this package does not initialise CUDA.
 """
 
+from hirelc.kernels.granularity import Granularity, PerChannel, PerGroup, PerTensor, Scheme, parse_granularity
 from hirelc.kernels.importance import (
     channel_importance,
     fisher_channel_importance,
@@ -26,6 +27,12 @@ from hirelc.kernels.quant import (
 )
 
 __all__ = [
+    "Granularity",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "Scheme",
+    "parse_granularity",
     "channel_importance",
     "choose_qparams",
     "container_bits",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hirelc.errors import HirelcError
-from hirelc.policy import Granularity, PerChannel, PerGroup, PerTensor, Scheme
+from hirelc.kernels.granularity import Granularity, PerChannel, PerGroup, PerTensor, Scheme
 
 _MIN_SCALE = 1e-12
 

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from test_bench_cmd import TINY_SEARCH, _trained
 from typer.testing import CliRunner
 
-from hirelc.ablate import ABLATION_JSON, VARIANTS, AblateConfig, ablate, evals_to_best, mean_std
+from hirelc.studies.ablate import ABLATION_JSON, VARIANTS, AblateConfig, ablate, evals_to_best, mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
+from hirelc.pipeline import run_bundle
 
-# One agent per level in every run keeps the four searches cheap: these tests cover the ablation machinery;
-# what each switch does to the search is tested in tests/search.
+# One agent per level in every run keeps the searches cheap: these tests cover the ablation machinery; what each
+# switch does to the search is tested in tests/search. The default run ablates two variants on one seed; the slow
+# test runs every variant on two seeds.
 # The default ORT-int8 latency budget is tested with `hirelc search` (test_pipeline); it is off here.
-TINY = AblateConfig(target_ratio=6.0, seeds=(0, 1), variants=("full", "no-surrogate"), qat_epochs=0.0,
-                    search_overrides={**TINY_SEARCH, "ensemble": False}, latency_budget=False)
-N_EVALS = TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_search) -> AblateConfig:
+    return AblateConfig(target_ratio=6.0, seeds=(0,), variants=("full", "no-surrogate"), qat_epochs=0.0,
+                        search_overrides={**tiny_search, "ensemble": False}, latency_budget=False)
+
+
+@pytest.fixture(scope="module")
+def n_evals(tiny_search) -> int:
+    return tiny_search["warmup_real_evals"] + tiny_search["real_evals_per_cycle"]
 
 
 def test_evals_to_best_counts_only_evaluations_within_budget():
@@ -42,34 +52,106 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
 
 
 @pytest.fixture(scope="module")
-def ablated(tmp_path_factory):
-    rd = _trained(tmp_path_factory)
+def ablated(tiny_baseline, copy_run_module, tiny):
+    rd = copy_run_module(tiny_baseline, "ablate")
     lines: list[str] = []
-    return rd, ablate(rd, TINY, progress=False, echo=lines.append), lines
+    return rd, ablate(rd, tiny, progress=False, echo=lines.append), lines
 
 
-def test_every_variant_runs_once_per_seed_with_the_same_evaluations(ablated):
+def _check_runs(rd, report, n_evals, onnx_top1) -> None:
+    """Every run spent the same real evaluations, met the budget, and scored its own model.onnx."""
+    test = run_bundle(rd).test
+    for r in report["runs"]:
+        sub = rd / "ablation" / f"{r['variant']}-seed{r['seed']}"
+        history = [json.loads(x) for x in (sub / "search.jsonl").read_text().splitlines()]
+        assert r["real_evals"] == n_evals == len(history) and r["effective_ratio"] >= 6.0
+        assert r["evals_to_best"] == evals_to_best(history) and 1 <= r["evals_to_best"] <= n_evals
+        assert r["best_val"] == max(h["real_acc"] for h in history if h["meets_budget"])
+        # the final score is the run's exported winner on the whole test split
+        assert r["final_top1"] == pytest.approx(onnx_top1(sub / "model.onnx", test.x.numpy(), test.y.numpy()),
+                                                abs=1e-9)
+        search = json.loads((sub / "search.json").read_text())
+        assert search["config"]["seed"] == r["seed"]
+        for k, v in VARIANTS[r["variant"]].items():  # the variant's switch reached its search
+            assert search["config"][k] == v, (r["variant"], k)
+        if r["variant"] == "no-surrogate":
+            assert not r["surrogate_points"]
+        else:  # each surrogate point is a logged (prediction, real accuracy) pair
+            assert r["surrogate_points"] == [[h["predicted_acc"], h["real_acc"]] for h in history
+                                             if h["predicted_acc"] is not None]
+            assert r["surrogate_points"]
+    pooled = sum(len(r["surrogate_points"]) for r in report["runs"] if r["variant"] != "no-surrogate")
+    assert report["surrogate"]["points"] == pooled
+
+
+def _check_summary(report) -> None:
+    """Per variant: mean and sample standard deviation over its seeds, of every metric."""
+    for v, per_metric in report["summary"].items():
+        rows = [r for r in report["runs"] if r["variant"] == v]
+        for m, s in per_metric.items():
+            vals = [r[m] for r in rows]
+            mean = sum(vals) / len(vals)
+            std = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            assert s["n"] == len(vals) and s["mean"] == pytest.approx(mean), (v, m)
+            assert s["std"] == pytest.approx(std, abs=1e-12), (v, m)
+
+
+def test_every_variant_runs_once_per_seed_with_the_same_evaluations(ablated, n_evals, onnx_top1):
     rd, report, lines = ablated
-    rows = report["runs"]
-    assert [(r["variant"], r["seed"]) for r in rows] == [("full", 0), ("full", 1), ("no-surrogate", 0),
-                                                         ("no-surrogate", 1)]
-    for r in rows:
-        assert r["real_evals"] == N_EVALS and 1 <= r["evals_to_best"] <= N_EVALS
-        assert 0 <= r["final_top1"] <= 100 and r["effective_ratio"] >= 6.0
-        assert (rd / "ablation" / f"{r['variant']}-seed{r['seed']}" / "model.onnx").is_file()
-    assert all(not r["surrogate_points"] for r in rows if r["variant"] == "no-surrogate")
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("full", 0), ("no-surrogate", 0)]
+    _check_runs(rd, report, n_evals, onnx_top1)
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"] and "isa" in report["machine"]
-    assert any("searching" in line for line in lines)
+    assert sum("searching" in line for line in lines) == 2
 
 
 def test_summary_is_mean_and_std_over_seeds(ablated):
     _, report, _ = ablated
-    for v in ("full", "no-surrogate"):
+    assert list(report["summary"]) == ["full", "no-surrogate"]
+    _check_summary(report)
+    assert report["summary"]["full"]["final_top1"] == {"mean": report["runs"][0]["final_top1"], "std": 0.0, "n": 1}
+
+
+def test_the_seeds_of_a_variant_are_summarised_together(ablated, tiny, copy_run):
+    """A second seed's finished run, assembled from the finished ones (so nothing is searched or lowered): the
+    variant's summary is the mean and sample standard deviation of its two runs."""
+    rd = copy_run(ablated[0])
+    out = rd / "ablation"
+    (out / ABLATION_JSON).unlink()
+    seed1 = out / "full-seed1"
+    shutil.copytree(out / "full-seed0", seed1)
+    for name in ("model.onnx", "lower_report.json"):  # another winner in the second seed's place
+        shutil.copy(out / "no-surrogate-seed0" / name, seed1 / name)
+    lines: list[str] = []
+    report = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",), "seeds": (0, 1)}), progress=False,
+                    echo=lines.append)
+    assert not any("searching" in line or "lowering" in line for line in lines)
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("full", 0), ("full", 1)]
+    _check_summary(report)
+    a, b = (r["final_top1"] for r in report["runs"])
+    s = report["summary"]["full"]["final_top1"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx((a + b) / 2) and s["std"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def ablated_all(tiny_baseline, copy_run_module, tiny):
+    rd = copy_run_module(tiny_baseline, "ablate-all")
+    cfg = AblateConfig(**{**tiny.__dict__, "variants": tuple(VARIANTS), "seeds": (0, 1)})
+    return rd, ablate(rd, cfg, progress=False, echo=lambda *_: None)
+
+
+# slow: eight searches
+@pytest.mark.slow
+def test_every_variant_on_two_seeds_is_summarised_with_its_spread(ablated_all, n_evals, onnx_top1):
+    rd, report = ablated_all
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [(v, s) for v in VARIANTS for s in (0, 1)]
+    _check_runs(rd, report, n_evals, onnx_top1)
+    _check_summary(report)
+    for v in VARIANTS:
         accs = [r["final_top1"] for r in report["runs"] if r["variant"] == v]
         s = report["summary"][v]["final_top1"]
-        assert s["n"] == 2 and s["mean"] == pytest.approx(sum(accs) / 2)
-        assert s["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
-    assert report["surrogate"]["points"] == sum(len(r["surrogate_points"]) for r in report["runs"])
+        assert s["n"] == 2 and s["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    md = (rd / "ablation" / "ablation.md").read_text()
+    assert all(f"| {v} |" in md for v in VARIANTS)
 
 
 def test_outputs_are_written_and_a_finished_ablation_is_not_overwritten(ablated):
@@ -85,19 +167,17 @@ def test_outputs_are_written_and_a_finished_ablation_is_not_overwritten(ablated)
     assert (out / ABLATION_JSON).read_bytes() == before
 
 
-def test_an_interrupted_ablation_reuses_finished_runs(ablated, tmp_path):
-    rd, report, _ = ablated
+def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):
+    _, report, _ = ablated
+    rd = copy_run(ablated[0])
     out = rd / "ablation"
     search = out / "full-seed0" / "search.json"
     stamp = search.stat().st_mtime_ns
     lines: list[str] = []
     # the summary gone as if the call had been killed before it: finished runs are found and not redone
-    (out / ABLATION_JSON).rename(tmp_path / ABLATION_JSON)
-    try:
-        redo = ablate(rd, AblateConfig(**{**TINY.__dict__, "variants": ("full",), "seeds": (0,)}),
-                      progress=False, echo=lines.append)
-    finally:
-        (tmp_path / ABLATION_JSON).replace(out / ABLATION_JSON)
+    (out / ABLATION_JSON).unlink()
+    redo = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",), "seeds": (0,)}),
+                  progress=False, echo=lines.append)
     assert not any("searching" in line or "lowering" in line for line in lines)
     assert search.stat().st_mtime_ns == stamp
     assert redo["runs"][0]["final_top1"] == report["runs"][0]["final_top1"]
@@ -112,14 +192,14 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and "unknown ablation variant" in res.output
 
 
-# slow: four more searches; --fill-budget itself is tested in tests/search
+# slow: one more search; --fill-budget itself is tested in tests/search
 @pytest.mark.slow
-def test_fill_budget_reaches_every_runs_search(ablated, tmp_path):
+def test_fill_budget_reaches_every_runs_search(ablated, tiny, tmp_path, copy_run):
     rd, report, _ = ablated
     assert report["config"]["fill_budget"] is False
     assert json.loads((rd / "ablation" / "full-seed0" / "search.json").read_text())["config"]["fill_budget"] is False
-    cfg = AblateConfig(**{**TINY.__dict__, "variants": ("single-agent",), "seeds": (0,), "fill_budget": True})
-    filled = ablate(rd, cfg, out_dir=tmp_path / "filled", progress=False, echo=lambda *_: None)
+    cfg = AblateConfig(**{**tiny.__dict__, "variants": ("single-agent",), "seeds": (0,), "fill_budget": True})
+    filled = ablate(copy_run(rd), cfg, out_dir=tmp_path / "filled", progress=False, echo=lambda *_: None)
     search = json.loads((tmp_path / "filled" / "single-agent-seed0" / "search.json").read_text())
     assert filled["config"]["fill_budget"] is True and search["config"]["fill_budget"] is True
     assert search["config"]["ensemble"] is False  # the variant's own switch is kept beside it

@@ -8,62 +8,68 @@ import pytest
 from typer.testing import CliRunner
 
 from hirelc import runs
-from hirelc.bench import METHODS, BenchConfig, bench, uniform_keep_for_params
+from hirelc.studies.bench import METHODS, BenchConfig, bench, uniform_keep_for_params
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import DataOptions, train_stage
+from hirelc.pipeline import run_bundle
 from hirelc.train import TrainConfig
 
-TINY_SEARCH = {"cycles": 1, "warmup_real_evals": 2, "real_evals_per_cycle": 1, "candidates_per_cycle": 2,
-               "hla_timesteps": 8, "lla_timesteps": 16, "lla_episode_len": 4, "min_surrogate_points": 2,
-               "surrogate_members": 2}
 # one searched method in the default run (random and flat share its code path, and the engine tests cover
 # their search behaviour); the slow test runs all eight
 FAST_METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "hirelc")
-TINY = BenchConfig(target_ratio=6.0, qat_epochs=0.0, runs=2, search_overrides=TINY_SEARCH, methods=FAST_METHODS)
-
-
-def _trained(tmp_path_factory):
-    rd = tmp_path_factory.mktemp("bench") / "r"
-    train_stage(rd, "test_resnet", DataOptions(spec="fashion-mnist-mini", max_train=300),
-                TrainConfig(epochs=1, max_steps=20), progress=False)
-    return rd
 
 
 @pytest.fixture(scope="module")
-def benched(tmp_path_factory):
-    rd = _trained(tmp_path_factory)
+def tiny(tiny_search) -> BenchConfig:
+    # one agent per level keeps the searches cheap (the ensemble's search is tested in tests/search)
+    return BenchConfig(target_ratio=6.0, qat_epochs=0.0, runs=2, search_overrides={**tiny_search, "ensemble": False},
+                       methods=FAST_METHODS)
+
+
+@pytest.fixture(scope="module")
+def benched(tiny_baseline, copy_run_module, tiny):
+    rd = copy_run_module(tiny_baseline, "bench")
     lines: list[str] = []
-    report = bench(rd, TINY, progress=False, echo=lines.append)
+    report = bench(rd, tiny, progress=False, echo=lines.append)
     return rd, report, lines
 
 
-def test_every_method_is_built_and_measured(benched):
+def test_every_method_is_built_and_measured(benched, tiny_search, onnx_top1):
     rd, report, _ = benched
     rows = report["methods"]
     assert list(rows) == list(FAST_METHODS)
+    test = run_bundle(rd).test
+    assert report["data"]["test_samples"] == len(test.y)
     for m, r in rows.items():
         assert (rd / "bench" / r["file"]).is_file(), m
         assert r["bytes"] == (rd / "bench" / r["file"]).stat().st_size
-        assert 0 <= r["top1"] <= 100 and set(r["latency_ms"]) == {"1", "8"}
+        # top-1 is that very file's accuracy on the whole test split
+        assert r["top1"] == pytest.approx(onnx_top1(rd / "bench" / r["file"], test.x.numpy(), test.y.numpy()),
+                                          abs=1e-9), m
+        assert set(r["latency_ms"]) == {"1", "8"}
         assert all(v > 0 for v in r["latency_ms"].values())
+    # the exported baseline is the trained PyTorch model: the same test accuracy (ties apart)
+    meta = runs.read_json(rd / runs.BASELINE_META)
+    assert rows["fp32"]["top1"] == pytest.approx(meta["test_acc"], abs=0.5)
     assert report["machine"]["cpu"] and isinstance(report["machine"]["isa"], list)
     assert rows["fp32"]["size_ratio"] == 1.0 and rows["fp32"]["speedup_vs_fp32"]["1"] == 1.0
     h = rows["hirelc"]  # the searched method: its budget holds in storage and in file bytes
-    assert h["real_evals"] == TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]
+    assert h["real_evals"] == tiny_search["warmup_real_evals"] + tiny_search["real_evals_per_cycle"]
     assert h["effective_ratio"] >= 6.0 and h["size_ratio"] >= 6.0 and h["search_wall_s"] > 0
     assert all(rows[m]["real_evals"] is None for m in FAST_METHODS if m != "hirelc")
     assert rows["ort-int8"]["speedup_vs_ort_int8"]["8"] == 1.0
 
 
 @pytest.mark.slow
-def test_searched_methods_spend_the_same_real_evaluations_and_meet_the_budget(tmp_path_factory):
-    rd = _trained(tmp_path_factory)
-    report = bench(rd, BenchConfig(**{**TINY.__dict__, "methods": METHODS}), progress=False, echo=lambda s: None)
+def test_searched_methods_spend_the_same_real_evaluations_and_meet_the_budget(tiny_baseline, copy_run, tiny,
+                                                                               tiny_search):
+    rd = copy_run(tiny_baseline)
+    report = bench(rd, BenchConfig(**{**tiny.__dict__, "methods": METHODS}), progress=False, echo=lambda s: None)
     rows = report["methods"]
     assert list(rows) == list(METHODS)
     n = {rows[m]["real_evals"] for m in ("random", "flat", "hirelc")}
-    assert n == {TINY_SEARCH["warmup_real_evals"] + TINY_SEARCH["real_evals_per_cycle"]}
+    assert n == {tiny_search["warmup_real_evals"] + tiny_search["real_evals_per_cycle"]}
     for m in ("random", "flat", "hirelc"):
         assert rows[m]["effective_ratio"] >= 6.0 and rows[m]["size_ratio"] >= 6.0, m
         assert rows[m]["search_wall_s"] > 0
@@ -133,9 +139,9 @@ def test_bad_bench_options_are_one_line_errors(kw, match):
 
 # slow: one more full bench; the latency budget's search path is tested in test_pipeline
 @pytest.mark.slow
-def test_a_latency_budget_reaches_every_searched_method(tmp_path_factory):
-    rd = _trained(tmp_path_factory)
-    cfg = BenchConfig(**{**TINY.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0,
+def test_a_latency_budget_reaches_every_searched_method(tiny_baseline, copy_run, tiny):
+    rd = copy_run(tiny_baseline)
+    cfg = BenchConfig(**{**tiny.__dict__, "methods": ("fp32", "hirelc"), "max_latency_ms": 50.0,
                          "fill_budget": True})
     report = bench(rd, cfg, progress=False, echo=lambda s: None)
     summary = runs.read_json(rd / "bench" / "hirelc" / "search.json", "search summary")

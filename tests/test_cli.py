@@ -107,8 +107,8 @@ def test_train_then_lower_end_to_end(cli_run):
     assert not (rd / runs.POLICY).exists()  # lowering with a preset never replaces a searched policy.json
 
 
-def test_second_identical_train_is_reused(cli_run):
-    rd, _, _ = cli_run
+def test_second_identical_train_is_reused(cli_run, copy_run):
+    rd = copy_run(cli_run[0])  # reuse must not write, but a regression would: never into the shared run
     mtime = (rd / runs.BASELINE_CKPT).stat().st_mtime_ns
     res = invoke("train", "--data", "fashion-mnist-mini", "--model", "test_resnet", "--epochs", "1",
                  "--max-train", "200", "--run-dir", rd)
@@ -188,7 +188,7 @@ def test_lower_with_an_unknown_importance_is_one_line_and_keeps_earlier_results(
     rd, _, _ = cli_run
     before = {n: (rd / n).read_bytes() for n in (runs.LOWER_REPORT, runs.LOWERED_MODEL)}
     res = invoke("lower", "--run-dir", rd, "--policy", "w4-prune50", "--importance", "l3", "--max-steps", "2")
-    _assert_user_error(res, "unknown pruning importance 'l3'")
+    _assert_user_error(res, "'l3' is not one of 'taylor', 'magnitude'")
     assert {n: (rd / n).read_bytes() for n in before} == before
 
 

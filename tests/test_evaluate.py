@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 
+import hirelc.evaluate as E
 from hirelc import lower as L
 from hirelc.evaluate import FastProxy, Predictors, RealEvaluator
 from hirelc.policy import PRESETS
@@ -29,11 +31,26 @@ def test_saliency_is_measured_once_for_every_pruned_candidate(evaluator, monkeyp
     unpruned = PRESETS["int8"].resolve(list(b.topo.layers))
     assert ev.saliency(unpruned) is None  # nothing to rank when no layer is pruned
     ev.proxy_drop(pruned)
-    acc = ev.real_accuracy(pruned)
+    ev.real_accuracy(pruned)
     ev.proxy_drop(pruned)
     assert len(calls) == 1
-    assert 0.0 <= acc <= 100.0
     assert set(ev.saliency(pruned)) >= {s.name for s in b.topo.layers if s.prunable}
+
+
+def test_real_accuracy_is_the_lowered_candidates_top1_on_the_validation_subset(evaluator, bundle, monkeypatch):
+    b, ev = evaluator
+    made = []
+    real = E.lower_model
+    monkeypatch.setattr(E, "lower_model", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    pruned = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    acc = ev.real_accuracy(pruned)
+    (lowered, info), = made
+    assert info["params_after"] < info["params_before"]  # the candidate itself, pruned, was scored
+    # the fixed, stratified validation subset of val_samples=32 images, scored here from the logits
+    val = bundle.subset("val", 32, seed=0)
+    logits = predict_logits(lowered, val.x)
+    assert acc == pytest.approx(100.0 * (logits.argmax(1) == val.y).sum().item() / 32, abs=1e-9)
+    assert acc * 32 / 100 == pytest.approx(round(acc * 32 / 100))
 
 
 @pytest.mark.parametrize("model", ["test_resnet", "test_vit"])
@@ -66,7 +83,7 @@ def test_fast_proxy_leaves_the_baseline_alone_and_repeats_itself(built, bundle):
     assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())
 
 
-def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle, tmp_path):
+def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle, tmp_path, monkeypatch):
     from hirelc.evaluate import load_or_measure_graph_bytes
     from hirelc.export import export_lowered
 
@@ -77,7 +94,15 @@ def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle,
             p.add_(torch.rand_like(p) * 0.01)
     graph = load_or_measure_graph_bytes(tmp_path, model, b.topo)
     assert graph > 4096  # a ViT's graph is far more than the fixed allowance
-    assert load_or_measure_graph_bytes(tmp_path, model, b.topo) == graph  # read back, not measured again
+    measured = []
+    with monkeypatch.context() as m:  # the measurement, replaced where load_or_measure_graph_bytes looks it up
+        m.setattr(sys.modules[load_or_measure_graph_bytes.__module__], "measure_graph_bytes",
+                  lambda *a, **k: measured.append(1) or 1234)
+        assert load_or_measure_graph_bytes(tmp_path, model, b.topo) == graph  # read back, not measured again
+        assert measured == []
+        # another model's layers: the file does not apply, and it is measured (by the function replaced here)
+        assert load_or_measure_graph_bytes(tmp_path, built("test_resnet").model, built("test_resnet").topo) == 1234
+        assert measured == [1]
     measured, fixed = Predictors(model, b.topo, graph_bytes=graph), Predictors(model, b.topo)
     for preset in ("w4-prune50", "int8"):
         layers = PRESETS[preset].resolve(list(b.topo.layers))

@@ -18,6 +18,7 @@ from torch import nn
 
 from hirelc.cost import group_keeps, kept_shape
 from hirelc.errors import HirelcError
+from hirelc.export import ORT_PROBE
 from hirelc.lower import LowerConfig, lower_model, prune
 from hirelc.policy import PRESETS, LayerPolicy, Policy
 from hirelc.qmodules import quant_layers
@@ -92,7 +93,7 @@ def tiny():
 def lowered(tiny, bundle):
     m, topo = tiny
     layers = PRESETS["w4-prune50"].resolve(list(topo.layers))
-    low, info = lower_model(m, topo, layers, bundle, FAST, progress=False)
+    low, info = lower_model(m, topo, layers, bundle, FAST, progress=False, probe=ORT_PROBE)
     return topo, layers, low, info
 
 

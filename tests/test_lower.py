@@ -10,6 +10,7 @@ from torch import nn
 
 from hirelc import kernels as K
 from hirelc.errors import HirelcError
+from hirelc.export import ORT_PROBE
 from hirelc.lower import (
     LowerConfig,
     channel_saliency,
@@ -40,7 +41,7 @@ def lowered(built, bundle):
         if key not in cache:
             b = built(model)
             layers = PRESETS[preset].resolve(list(b.topo.layers))
-            m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+            m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, probe=ORT_PROBE)
             cache[key] = (b, layers, m, info)
         return cache[key]
 
@@ -170,7 +171,7 @@ def test_both_importances_lower_a_pruned_model(built, bundle, importance):
     b = built("test_resnet")
     layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
     cfg = LowerConfig(max_steps=0, batch_size=16, calib_batches=1, importance=importance)
-    m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+    m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, probe=ORT_PROBE)
     assert m.get_submodule("layer1.0.conv1").qweight.shape[0] == 16
     assert torch.isfinite(m.eval()(_x())).all()
 
@@ -318,7 +319,7 @@ def test_group_size_that_stops_dividing_after_pruning_is_rejected(built, bundle)
     with pytest.raises(HirelcError, match=r"layer 'layer1\.0\.conv2': group size 16 .* input dim 24 after pruning"):
         validate_layers(b.topo, layers)
     with pytest.raises(HirelcError, match="after pruning"):
-        lower_model(b.model, b.topo, layers, bundle, FAST, progress=False)
+        lower_model(b.model, b.topo, layers, bundle, FAST, progress=False, probe=ORT_PROBE)
 
 
 # ---------------------------------------------------------------- QAT and the straight-through estimator
@@ -396,7 +397,7 @@ def test_convs_feeding_residual_adds_get_output_quantizers(bundle):
     topo = build_topology(model, (1, 1, 32, 32))
     for preset, expect in (("int8", True), ("w4", True), ("w4-group32", False)):
         low, _ = lower_model(model, topo, PRESETS[preset].resolve(list(topo.layers)), bundle,
-                             LowerConfig(epochs=0, max_steps=0), progress=False)
+                             LowerConfig(epochs=0, max_steps=0), progress=False, probe=ORT_PROBE)
         with_out = [n for n in topo.names if getattr(low.get_submodule(n), "out_act", None) is not None]
         # conv2 of a residual block feeds the add: only an output quantizer lets ORT fuse it; per-group convs
         # have no integer kernel to fuse into, so they get none
@@ -465,7 +466,7 @@ def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
     model = build_model(cfg).eval()
     topo = build_topology(model, (1, 1, 32, 32))
     layers = PRESETS["int8"].resolve(list(topo.layers))
-    low, _ = lower_model(model, topo, layers, bundle, LowerConfig(epochs=0, max_steps=0), progress=False)
+    low, _ = lower_model(model, topo, layers, bundle, LowerConfig(epochs=0, max_steps=0), progress=False, probe=ORT_PROBE)
     path = tmp_path / "lowered.pt"
     save_lowered(path, low, cfg, PRESETS["int8"], layers, topo, LowerConfig())
     code = f"from hirelc.lower import load_lowered; print(type(load_lowered({str(path)!r})['model']).__name__)"
@@ -480,7 +481,7 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
 
     b = built("test_resnet")
     layers = PRESETS["int8"].resolve(list(b.topo.layers))
-    ref, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=0, calib_batches=2), progress=False)
+    ref, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=0, calib_batches=2), progress=False, probe=ORT_PROBE)
 
     def harmful_fit(model, loader, cfg, desc="", progress=True, params=None):
         with torch.no_grad():
@@ -492,7 +493,7 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
     monkeypatch.setattr(L, "fit", harmful_fit)
     monkeypatch.setattr(L, "evaluate", lambda model, loader: next(scores))
     low, info = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=3, calib_batches=2),
-                            progress=False)
+                            progress=False, probe=ORT_PROBE)
     assert info["qat_val_before"] == val_before and info["qat_val_after"] == val_after
     same = all(torch.equal(low.get_submodule(n).qweight, ref.get_submodule(n).qweight) for n in quant_layers(ref))
     assert info["qat_kept"] is (val_after >= val_before)
@@ -505,7 +506,7 @@ def test_pruned_channel_counts_match_the_cost_model(built, bundle):
 
     b = built("test_resnet")
     layers = PRESETS["w8-prune30"].resolve(list(b.topo.layers))
-    m, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, calib_batches=1), progress=False)
+    m, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, calib_batches=1), progress=False, probe=ORT_PROBE)
     keeps = group_keeps(list(b.topo.layers), layers)
     qls = quant_layers(m)
     for s in b.topo.layers:
@@ -540,12 +541,12 @@ def test_quantizer_placement_is_remembered_per_format_and_matches_the_probe(buil
     a = Policy(default=LayerPolicy(bits=8)).resolve(list(b.topo.layers))
     c = Policy(default=LayerPolicy(bits=6, keep_ratio=0.5)).resolve(list(b.topo.layers))
     assert placement_key(a) == placement_key(c)
-    probed = {k: lowered_structure(lower_model(b.model, b.topo, p, bundle, cfg, progress=False)[0])
+    probed = {k: lowered_structure(lower_model(b.model, b.topo, p, bundle, cfg, progress=False, probe=ORT_PROBE)[0])
               for k, p in (("a", a), ("c", c))}
     assert probed["a"] == probed["c"] and probed["a"]["output_quantized"]
     cache: dict = {}
-    first = lower_model(b.model, b.topo, a, bundle, cfg, progress=False, placement=cache)[0]
-    second = lower_model(b.model, b.topo, c, bundle, cfg, progress=False, placement=cache)[0]
+    first = lower_model(b.model, b.topo, a, bundle, cfg, progress=False, probe=ORT_PROBE, placement=cache)[0]
+    second = lower_model(b.model, b.topo, c, bundle, cfg, progress=False, probe=ORT_PROBE, placement=cache)[0]
     assert len(cache) == 1
     assert lowered_structure(first) == lowered_structure(second) == probed["c"]
     w4 = Policy(default=LayerPolicy(bits=4)).resolve(list(b.topo.layers))

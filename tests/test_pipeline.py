@@ -13,19 +13,26 @@ from hirelc.errors import HirelcError
 from hirelc.pipeline import CompressConfig, DataOptions, compress, search_stage
 
 TINY_DATA = DataOptions(spec="fashion-mnist-mini", max_train=300)
-TINY_SEARCH = {"cycles": 1, "warmup_real_evals": 2, "real_evals_per_cycle": 1, "candidates_per_cycle": 2,
-               "hla_timesteps": 8, "lla_timesteps": 16, "lla_episode_len": 4, "min_surrogate_points": 2,
-               "surrogate_members": 2}
 
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
+    """A finished `compress` run (int8 preset), shared by this module: read it, or copy it before changing it."""
     rd = tmp_path_factory.mktemp("run") / "r"
     cfg = CompressConfig(run_dir=str(rd), model="test_resnet", data=TINY_DATA, train_epochs=1, policy="int8",
                          qat_epochs=0.1, verify_runs=3)
     lines: list[str] = []
     report = compress(cfg, progress=False, echo=lines.append)
     return rd, cfg, report, lines
+
+
+@pytest.fixture(scope="module")
+def searched(compressed, copy_run_module, tiny_search):
+    """A copy of the compressed run whose policy.json the tiny search wrote (latency-aware by default), with the
+    search's summary."""
+    rd = copy_run_module(compressed[0], "searched")
+    (rd / runs.POLICY).unlink()
+    return rd, search_stage(rd, target_ratio=6.0, overrides=tiny_search, progress=False)
 
 
 def test_compress_writes_every_artifact_and_report(compressed):
@@ -38,19 +45,20 @@ def test_compress_writes_every_artifact_and_report(compressed):
     assert not list(rd.glob(".*.tmp"))
 
 
-def test_compress_refuses_to_overwrite_without_resume(compressed):
-    rd, cfg, _, _ = compressed
+def test_compress_refuses_to_overwrite_without_resume(compressed, copy_run):
+    rd, cfg = copy_run(compressed[0]), compressed[1]
     before = (rd / runs.REPORT_JSON).read_bytes()
     with pytest.raises(HirelcError, match="not empty"):
-        compress(cfg, progress=False, echo=lambda s: None)
+        compress(CompressConfig(**{**cfg.__dict__, "run_dir": str(rd)}), progress=False, echo=lambda s: None)
     assert (rd / runs.REPORT_JSON).read_bytes() == before
 
 
-def test_compress_resume_skips_finished_stages(compressed):
-    rd, cfg, _, _ = compressed
+def test_compress_resume_skips_finished_stages(compressed, copy_run):
+    rd, cfg = copy_run(compressed[0]), compressed[1]
     (rd / runs.REPORT_JSON).unlink()  # as if verify had been interrupted
     lines: list[str] = []
-    compress(CompressConfig(**{**cfg.__dict__, "resume": True}), progress=False, echo=lines.append)
+    compress(CompressConfig(**{**cfg.__dict__, "run_dir": str(rd), "resume": True}), progress=False,
+             echo=lines.append)
     skipped = [ln for ln in lines if "skipped" in ln]
     assert len(skipped) == 6 and "verify" not in " ".join(skipped)
     assert (rd / runs.REPORT_JSON).is_file()
@@ -67,18 +75,16 @@ def test_int8_convs_all_fuse_into_integer_kernels(compressed):
     (["--max-drop", "100", "--min-size-ratio", "1.5"], 0, None),
     (["--min-size-ratio", "1000"], 1, "size ratio"),
 ])
-def test_verify_gate_exit_codes(compressed, args, code, needle):
-    rd = compressed[0]
+def test_verify_gate_exit_codes(compressed, copy_run, args, code, needle):
+    rd = copy_run(compressed[0])  # verify rewrites the report
     res = CliRunner().invoke(app, ["verify", "-r", str(rd), "--runs", "2", *args])
     assert res.exit_code == code, res.output
     if needle:
         assert needle in res.output.lower() or needle in (res.stderr or "").lower()
 
 
-def test_search_stage_tiny_end_to_end(compressed):
-    rd = compressed[0]
-    (rd / runs.POLICY).unlink()
-    s = search_stage(rd, target_ratio=6.0, overrides=TINY_SEARCH, progress=False)
+def test_search_stage_tiny_end_to_end(searched):
+    rd, s = searched
     lines = (rd / runs.SEARCH_LOG).read_text().splitlines()
     assert len(lines) == s["n_real_evals"] >= 3
     assert s["effective_ratio"] >= 6.0
@@ -101,41 +107,35 @@ def test_search_stage_tiny_end_to_end(compressed):
 
 # slow: the ablation tests search without the latency budget in the default run
 @pytest.mark.slow
-def test_search_stage_without_latency_budget(compressed, tmp_path):
+def test_search_stage_without_latency_budget(searched, tmp_path, tiny_search):
     from hirelc.pipeline import share_latency
 
-    rd, sub = compressed[0], tmp_path / "no-latency"
+    rd, sub = searched[0], tmp_path / "no-latency"
     runs.link_baseline(rd, sub)
     share_latency(rd, sub)  # the table is reused; the ORT int8 reference is not consulted
     (sub / "latency_reference.json").unlink(missing_ok=True)
-    s = search_stage(sub, target_ratio=6.0, overrides=TINY_SEARCH, progress=False, latency_budget=False)
+    s = search_stage(sub, target_ratio=6.0, overrides=tiny_search, progress=False, latency_budget=False)
     assert s["budget"]["max_latency_ms"] is None and s["latency_budget_source"] is None
     assert s["latency_reference"] is None and not (sub / "latency_reference.json").exists()
 
 
 @pytest.mark.parametrize("content", ['{"layer": {}, "block": {}}', '[1, 2]', '{"layer": {"x": NaN}, "block": {}}'])
-def test_a_malformed_sensitivity_file_is_named_and_the_search_log_kept(compressed, content):
-    rd = compressed[0]
-    sens = rd / runs.SENSITIVITY
-    good = sens.read_bytes()
+def test_a_malformed_sensitivity_file_is_named_and_the_search_log_kept(searched, copy_run, content):
+    rd = copy_run(searched[0])
     log = (rd / runs.SEARCH_LOG).read_bytes()
-    sens.write_text(content)
-    try:
-        res = CliRunner().invoke(app, ["search", "-r", str(rd), "--target-ratio", "6"])
-        assert res.exit_code == 2, res.output
-        assert "sensitivity" in res.output and "corrupt" in res.output and "Traceback" not in res.output
-        assert (rd / runs.SEARCH_LOG).read_bytes() == log
-    finally:
-        sens.write_bytes(good)
+    (rd / runs.SENSITIVITY).write_text(content)
+    res = CliRunner().invoke(app, ["search", "-r", str(rd), "--target-ratio", "6"])
+    assert res.exit_code == 2, res.output
+    assert "sensitivity" in res.output and "corrupt" in res.output and "Traceback" not in res.output
+    assert (rd / runs.SEARCH_LOG).read_bytes() == log
 
 
-def test_impossible_budget_fails_before_any_evaluation(compressed):
-    rd = compressed[0]
-    log_before = (rd / runs.SEARCH_LOG).read_bytes() if (rd / runs.SEARCH_LOG).exists() else None
+def test_impossible_budget_fails_before_any_evaluation(searched, copy_run, tiny_search):
+    rd = copy_run(searched[0])
+    log_before = (rd / runs.SEARCH_LOG).read_bytes()
     with pytest.raises(HirelcError, match="impossible"):
-        search_stage(rd, target_ratio=500.0, overrides=TINY_SEARCH, progress=False)
-    after = (rd / runs.SEARCH_LOG).read_bytes() if (rd / runs.SEARCH_LOG).exists() else None
-    assert after == log_before
+        search_stage(rd, target_ratio=500.0, overrides=tiny_search, progress=False)
+    assert (rd / runs.SEARCH_LOG).read_bytes() == log_before
 
 
 @pytest.mark.parametrize("cmd,args,needle", [
@@ -146,8 +146,8 @@ def test_impossible_budget_fails_before_any_evaluation(compressed):
     ("search", ["--target-ratio", "nan"], "target ratio must be a finite number"),
     ("search", ["--max-size-mb", "nan"], "max size must be a finite number"),
 ])
-def test_non_finite_bounds_are_refused_and_nothing_is_touched(compressed, cmd, args, needle):
-    rd = compressed[0]
+def test_non_finite_bounds_are_refused_and_nothing_is_touched(compressed, copy_run, cmd, args, needle):
+    rd = copy_run(compressed[0])
     before = {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK}
     res = CliRunner().invoke(app, [cmd, "-r", str(rd), *args])
     assert res.exit_code == 2, res.output
@@ -180,6 +180,26 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
     assert predict(uniform_policy(list(topo.layers), 8, 1.0)) == pytest.approx(table["int8_model_ms"])
     assert predict(uniform_policy(list(topo.layers), 8, ANCHOR_KEEP)) == pytest.approx(table["pruned_int8_model_ms"])
     assert 0 < predict(PRESETS["w4-group32"].resolve(list(topo.layers)))
+
+    # off the anchors the prediction follows the table: with one layer left in fp32 (nothing pruned) that layer's
+    # fp32 time replaces its int8 time, and the rest of the network moves from the int8 towards the fp32 anchor by
+    # the layer's share of the fp32 layer time
+    from hirelc.policy import LayerPolicy
+
+    specs = list(topo.layers)
+    int8 = uniform_policy(specs, 8, 1.0)
+    fp32_ms = {s.name: table["layers"][s.name]["fp32"] for s in specs}
+    for name in dict.fromkeys([specs[0].name, max(fp32_ms, key=fp32_ms.get)]):
+        row, share = table["layers"][name], fp32_ms[name] / sum(fp32_ms.values())
+        expected = (table["int8_model_ms"] - row["w8"] + row["fp32"]
+                    + share * (table["rest_ms"] - table["int8_rest_ms"]))
+        assert predict({**int8, name: LayerPolicy(bits=None)}) == pytest.approx(expected, rel=1e-9), name
+    # and a policy between the pruning anchors, lowered and timed the real way, runs about as fast as predicted
+    from hirelc.latency import time_lowered
+
+    mid = uniform_policy(specs, 8, (1.0 + ANCHOR_KEEP) / 2)
+    measured = time_lowered(model, topo, mid, batch=8, runs_=20, path=tmp_path / "mid.onnx")
+    assert 0.5 < predict(mid) / measured < 2.0, (predict(mid), measured)
 
     # lowering in a run directory with this table records the prediction; verify sets it beside the measurement
     from hirelc.export.verify import _latency_prediction

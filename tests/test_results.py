@@ -8,10 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from hirelc.ablate import mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.results import (
+from hirelc.studies.results import (
     END,
     START,
     ablation_command,
@@ -26,50 +25,12 @@ from hirelc.results import (
 INFO = {"cpu": "Test CPU", "cores": 2, "system": "Linux", "onnxruntime": "1.0", "torch": "2.0"}
 
 
-def _row(top1, nbytes, b1, b8, eff, evals=None, wall=None):
-    return {"file": "x.onnx", "top1": top1, "bytes": nbytes, "effective_ratio": eff,
-            "latency_ms": {"1": b1, "8": b8}, "search_wall_s": wall, "real_evals": evals}
-
-
-def _bench_report() -> dict:
-    rows = {
-        "fp32": _row(90.0, 40_000_000, 2.0, 8.0, 1.0),
-        "ort-int8": _row(89.8, 10_000_000, 2.4, 9.6, 4.0),
-        "uniform-w4": _row(88.0, 6_000_000, 5.0, 20.0, 7.9),
-        "uniform-int8": _row(89.5, 10_500_000, 2.3, 9.0, 4.0),
-        "prune-int8": _row(87.0, 4_000_000, 1.2, 4.5, 11.0),
-        "random": _row(88.5, 4_100_000, 1.5, 5.0, 10.5, evals=9, wall=300.0),
-        "hirelc": _row(89.2, 3_900_000, 1.1, 4.4, 11.5, evals=9, wall=320.0),
-    }
-    for r in rows.values():
-        r["size_ratio"] = rows["fp32"]["bytes"] / r["bytes"]
-        r["speedup_vs_fp32"] = {b: rows["fp32"]["latency_ms"][b] / v for b, v in r["latency_ms"].items()}
-        r["speedup_vs_ort_int8"] = {b: rows["ort-int8"]["latency_ms"][b] / v for b, v in r["latency_ms"].items()}
-    return {"created": "2026-11-25T18:00:00+00:00", "run_dir": "runs/r18", "model": {"name": "resnet18"},
-            "data": {"name": "fashion-mnist"}, "build_wall_s": 1.0, "methods": rows,
-            "config": {"target_ratio": 8.0, "max_latency_ms": 4.93, "preset": "quick", "qat_epochs": 1.0,
-                       "runs": 50, "batch_sizes": [1, 8], "seed": 0}}
-
-
-def _ablation_report() -> dict:
-    runs_ = [{"variant": v, "seed": s, "final_top1": 85.0 + s, "best_val": 84.0, "effective_ratio": 10.0,
-              "real_evals": 9, "evals_to_best": 3, "search_wall_s": 300.0, "surrogate_spearman": 0.1,
-              "surrogate_points": []} for v in ("full", "no-surrogate") for s in (0, 1, 2)]
-    summary = {v: {m: mean_std([r[m] for r in runs_ if r["variant"] == v])
-                   for m in ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s",
-                             "real_evals")} for v in ("full", "no-surrogate")}
-    return {"created": "2026-11-25T19:00:00+00:00", "run_dir": "runs/r18_abl", "model": {"name": "resnet18"},
-            "baseline_test_acc": 87.41, "runs": runs_, "summary": summary, "surrogate": {"points": 0, "spearman": None},
-            "config": {"target_ratio": 8.0, "preset": "quick", "seeds": [0, 1, 2],
-                       "variants": ["full", "no-surrogate"], "qat_epochs": 0.1}}
-
-
 def _goals(report) -> dict:
     return {g: ok for g, ok, _ in bench_goals(report)}
 
 
-def test_goals_are_judged_from_the_measured_rows():
-    rep = _bench_report()
+def test_goals_are_judged_from_the_measured_rows(bench_report):
+    rep = bench_report()
     g = _goals(rep)
     assert g["≥ 10x effective storage at ≤ 1.0-point ORT top-1 drop"] is True  # 11.5x at -0.8
     assert g["≥ 1.3x faster than ORT int8 on CPU at no worse accuracy"] is False  # 89.2 < 89.8 (speed is there)
@@ -93,27 +54,27 @@ def test_goals_are_judged_from_the_measured_rows():
     assert _goals(faster)["≥ 1.3x faster than ORT int8 on CPU at no worse accuracy"] is True
 
 
-def test_section_restates_command_machine_tables_and_verdicts(tmp_path):
+def test_section_restates_command_machine_tables_and_verdicts(tmp_path, bench_report, ablation_report):
     b, a = tmp_path / "bench.json", tmp_path / "ablation.json"
-    b.write_text(json.dumps(_bench_report()))
-    a.write_text(json.dumps(_ablation_report()))
+    b.write_text(json.dumps(bench_report()))
+    a.write_text(json.dumps(ablation_report()))
     text = results_section([b, a], info=INFO)
     assert "hirelc bench -r runs/r18 --target-ratio 8 --max-latency-ms 4.93 --preset quick" in text
-    assert "hirelc ablate -r runs/r18_abl --seeds 0,1,2 --variants full,no-surrogate" in text
+    assert "hirelc ablate -r runs/r18_abl --seed 0 --seed 1 --seed 2 --variant full --variant no-surrogate" in text
     assert "Test CPU, 2 cores" in text and "ONNX Runtime 1.0" in text
     assert "| hirelc | 89.20 |" in text and "| full | 86.00 ± 1.00 |" in text
     assert "1.3x faster than ORT int8 on CPU at no worse accuracy: **not met**" in text
     assert text.index("bench: resnet18") < text.index("ablation: resnet18")  # the order given
 
 
-def test_section_names_the_machine_each_report_recorded(tmp_path):
+def test_section_names_the_machine_each_report_recorded(tmp_path, bench_report, ablation_report):
     here = {**INFO, "cpu": "CPU A", "isa": ["avx2", "avx512_vnni"]}
     b, a = tmp_path / "bench.json", tmp_path / "ablation.json"
-    b.write_text(json.dumps({**_bench_report(), "machine": here}))
-    a.write_text(json.dumps({**_ablation_report(), "machine": here}))
+    b.write_text(json.dumps({**bench_report(), "machine": here}))
+    a.write_text(json.dumps({**ablation_report(), "machine": here}))
     text = results_section([b, a])
     assert text.count("Machine: CPU A (avx2, avx512_vnni), 2 cores") == 1  # one machine: said once, at the top
-    a.write_text(json.dumps({**_ablation_report(), "machine": {**here, "cpu": "CPU B", "isa": []}}))
+    a.write_text(json.dumps({**ablation_report(), "machine": {**here, "cpu": "CPU B", "isa": []}}))
     text = results_section([b, a])
     assert "Machine: CPU A (avx2, avx512_vnni)" in text and "Machine: CPU B, 2 cores" in text
     assert text.index("bench: resnet18") < text.index("CPU A") < text.index("ablation: resnet18") < text.index(
@@ -133,12 +94,12 @@ def test_machine_record_names_the_cpu_and_its_int8_instruction_sets(monkeypatch,
     assert d["cpu"] == "Some CPU 9000" and d["cores"] >= 1 and {"system", "onnxruntime", "torch"} <= set(d)
 
 
-def test_bench_command_restates_the_options_used():
-    rep = _bench_report()
+def test_bench_command_restates_the_options_used(bench_report, ablation_report):
+    rep = bench_report()
     assert "--fill-budget" not in bench_command(rep)
     rep["config"].update(max_latency_ms=None, fill_budget=True)
     assert "--max-latency-ms" not in bench_command(rep) and "--fill-budget" in bench_command(rep)
-    abl = _ablation_report()
+    abl = ablation_report()
     assert "--fill-budget" not in ablation_command(abl)
     abl["config"]["fill_budget"] = True
     assert ablation_command(abl).endswith("--qat-epochs 0.1 --fill-budget")
@@ -162,8 +123,8 @@ def test_broken_markers_leave_the_file_alone(tmp_path):
     assert readme.read_text() == f"x\n{START}\nold\n"
 
 
-def test_load_tells_reports_apart_and_refuses_others(tmp_path):
-    (tmp_path / "bench.json").write_text(json.dumps(_bench_report()))
+def test_load_tells_reports_apart_and_refuses_others(tmp_path, bench_report):
+    (tmp_path / "bench.json").write_text(json.dumps(bench_report()))
     assert load(tmp_path)[0] == "bench"
     (tmp_path / "other.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(HirelcError, match="not a bench.json or ablation.json"):
@@ -175,9 +136,9 @@ def test_load_tells_reports_apart_and_refuses_others(tmp_path):
         load(tmp_path / "empty")
 
 
-def test_cli_writes_the_readme_and_bad_input_exits_2(tmp_path):
+def test_cli_writes_the_readme_and_bad_input_exits_2(tmp_path, bench_report):
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "bench.json").write_text(json.dumps(_bench_report()))
+    (tmp_path / "b" / "bench.json").write_text(json.dumps(bench_report()))
     readme = tmp_path / "README.md"
     readme.write_text("# r\n")
     res = CliRunner().invoke(app, ["results", str(tmp_path / "b"), "--readme", str(readme)])
@@ -189,10 +150,10 @@ def test_cli_writes_the_readme_and_bad_input_exits_2(tmp_path):
     assert "| hirelc | 89.20 |" in readme.read_text()  # the earlier section is untouched
 
 
-def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path):
+def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path, bench_report):
     run = tmp_path / "runs" / "bench"
     run.mkdir(parents=True)
-    (run / "bench.json").write_text(json.dumps(_bench_report()))
+    (run / "bench.json").write_text(json.dumps(bench_report()))
     (run / "bench_accuracy_vs_bytes.png").write_bytes(b"\x89PNG fake")
     readme = tmp_path / "repo" / "README.md"
     readme.parent.mkdir()
@@ -202,7 +163,7 @@ def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path):
     assert res.exit_code == 0, res.output
     kept = tmp_path / "repo" / "docs" / "results" / "resnet18-bench"
     assert (kept / "bench_accuracy_vs_bytes.png").read_bytes() == b"\x89PNG fake"
-    assert json.loads((kept / "bench.json").read_text()) == _bench_report()  # the report is kept beside them
+    assert json.loads((kept / "bench.json").read_text()) == bench_report()  # the report is kept beside them
     text = readme.read_text()
     assert "](docs/results/resnet18-bench/bench_accuracy_vs_bytes.png)" in text
     # rebuilt later from the kept folder alone: same section, nothing copied over itself
@@ -213,12 +174,12 @@ def test_plots_are_copied_and_linked_relative_to_the_readme(tmp_path):
         "bench.json", "bench_accuracy_vs_bytes.png"]
 
 
-def test_two_reports_of_one_model_and_kind_get_their_own_folders(tmp_path):
+def test_two_reports_of_one_model_and_kind_get_their_own_folders(tmp_path, bench_report):
     paths = []
     for i in range(2):
         run = tmp_path / f"b{i}"
         run.mkdir()
-        (run / "bench.json").write_text(json.dumps(_bench_report()))
+        (run / "bench.json").write_text(json.dumps(bench_report()))
         (run / "bench_accuracy_vs_bytes.png").write_bytes(bytes([i]))
         paths.append(run)
     figs = copy_plots(paths, tmp_path / "kept", tmp_path)

@@ -8,10 +8,9 @@ import os
 import stat
 
 import pytest
-from test_results import _ablation_report, _bench_report
 
 from hirelc.errors import HirelcError
-from hirelc.results import copy_plots, results_section, write_into
+from hirelc.studies.results import copy_plots, results_section, write_into
 
 ABS = "<absolute path under tmp_path>"  # replaced by the test's own tmp_path/abs, so nothing escapes into /tmp
 HOSTILE = ["../../..", "../../../escaped", ABS, "a/../../b", "..", ".", "", "a\\..\\b", "x\x00y", "..\x00/..",
@@ -24,11 +23,11 @@ def _tree(root):
 
 @pytest.mark.parametrize("name", HOSTILE)
 @pytest.mark.parametrize("kind", ["bench", "ablation"])
-def test_a_hostile_model_name_stays_inside_the_plots_folder(tmp_path, name, kind):
+def test_a_hostile_model_name_stays_inside_the_plots_folder(tmp_path, name, kind, bench_report, ablation_report):
     base = tmp_path / "a" / "b" / "c"  # three levels below tmp_path, so "../../.." would still land in it
     run = base / "run"
     run.mkdir(parents=True)
-    rep = _bench_report() if kind == "bench" else _ablation_report()
+    rep = bench_report() if kind == "bench" else ablation_report()
     absolute = tmp_path / "abs"
     rep["model"]["name"] = str(absolute) if name == ABS else name
     (run / f"{kind}.json").write_text(json.dumps(rep))
@@ -52,11 +51,11 @@ def test_a_hostile_model_name_stays_inside_the_plots_folder(tmp_path, name, kind
                     plots=figs)  # the section still renders with the raw name
 
 
-def test_a_model_name_that_is_not_a_string_or_a_model_that_is_not_a_dict(tmp_path):
+def test_a_model_name_that_is_not_a_string_or_a_model_that_is_not_a_dict(tmp_path, bench_report):
     for i, model in enumerate([{"name": ["..", ".."]}, {"name": 7}, "../../x", None]):
         run = tmp_path / f"r{i}"
         run.mkdir()
-        rep = _bench_report()
+        rep = bench_report()
         rep["model"] = model
         (run / "bench.json").write_text(json.dumps(rep))
         copy_plots([run], tmp_path / "plots", tmp_path)
@@ -64,11 +63,11 @@ def test_a_model_name_that_is_not_a_string_or_a_model_that_is_not_a_dict(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "r0", "r1", "r2", "r3"]
 
 
-def test_a_link_planted_in_the_plots_folder_is_refused(tmp_path):
+def test_a_link_planted_in_the_plots_folder_is_refused(tmp_path, bench_report):
     run, plots, outside = tmp_path / "run", tmp_path / "plots", tmp_path / "outside"
     for d in (run, plots, outside):
         d.mkdir()
-    (run / "bench.json").write_text(json.dumps(_bench_report()))
+    (run / "bench.json").write_text(json.dumps(bench_report()))
     (plots / "resnet18-bench").symlink_to(outside, target_is_directory=True)
     with pytest.raises(HirelcError, match="outside the plots folder"):
         copy_plots([run], plots, tmp_path)

@@ -28,7 +28,7 @@ def _stat(rd):
     return {p.name: p.stat().st_mtime_ns for p in rd.iterdir()}
 
 
-def test_baseline_writes_checkpoint_and_metadata_only(trained):
+def test_baseline_writes_checkpoint_and_metadata_only(trained, bundle):
     rd, mcfg, meta = trained
     assert sorted(p.name for p in rd.iterdir()) == [runs.BASELINE_META, runs.BASELINE_CKPT]  # no temp files
     on_disk = runs.read_json(rd / runs.BASELINE_META)
@@ -36,8 +36,12 @@ def test_baseline_writes_checkpoint_and_metadata_only(trained):
     assert meta["reused"] is False
     assert meta["model"] == mcfg.to_dict()
     assert meta["key"]["train"]["max_steps"] == 3
-    for k in ("val_acc", "test_acc"):
-        assert 0.0 <= meta[k] <= 100.0
+    # the recorded accuracies are the saved weights' top-1 on the whole val and test splits
+    model = load_baseline(rd)[0].eval()
+    for k, split in (("val_acc", bundle.val), ("test_acc", bundle.test)):
+        with torch.no_grad():
+            hits = (model(split.x).argmax(1) == split.y).sum().item()
+        assert meta[k] == pytest.approx(100.0 * hits / len(split.y), abs=1e-9), k
 
 
 def test_baseline_checkpoint_reproduces_recorded_accuracy(trained, bundle):
@@ -47,8 +51,8 @@ def test_baseline_checkpoint_reproduces_recorded_accuracy(trained, bundle):
     assert evaluate(model, bundle.loader("val", 256)) == meta["val_acc"]
 
 
-def test_identical_second_call_is_reused_without_training(trained, bundle, monkeypatch):
-    rd, mcfg, _ = trained
+def test_identical_second_call_is_reused_without_training(trained, bundle, monkeypatch, copy_run):
+    rd, mcfg = copy_run(trained[0]), trained[1]
     before = _stat(rd)
 
     def no_training(*a, **k):

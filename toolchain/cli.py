@@ -18,13 +18,52 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
+from typer.core import TyperGroup
 
-from hirelc.ablate import VARIANTS as ABLATION_VARIANTS
-from hirelc.bench import METHODS as BENCH_METHODS
 from hirelc import runs
 from hirelc.errors import HirelcError
+from hirelc.options import (
+    IMPORTANCES,
+    METHODS,
+    SEARCH_PRESETS,
+    VARIANTS,
+    AblateConfig,
+    BenchConfig,
+    CompressConfig,
+    DataOptions,
+    LowerConfig,
+    TrainConfig,
+    VerifyConfig,
+)
+
+# the click typer parses with (newer typers carry their own copy); its usage errors are caught below
+_click_errors = typer.core._click.exceptions if hasattr(typer.core, "_click") else __import__("click").exceptions
+
+
+class _OneLineErrors(TyperGroup):
+    """Command-line usage errors (an unknown choice, a value of the wrong type) as one ``hirelc: error:`` line
+    and exit 2, like every other bad input, instead of a usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click_errors, "NoArgsIsHelpError", ()) as e:  # `hirelc` alone: the help
+            typer.echo(e.format_message())
+            sys.exit(e.exit_code)
+        except _click_errors.UsageError as e:
+            typer.echo(f"hirelc: error: {_first_line(e.format_message()).replace('Value error, ', '')}", err=True)
+            sys.exit(EXIT_USER)
+        except _click_errors.Abort:
+            typer.echo("hirelc: aborted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="hirelc: HiReLC search for joint structured pruning + mixed-precision quantization of timm models, "
     "lowered to physically smaller integer models, exported as QDQ ONNX and verified on ONNX Runtime.",
     no_args_is_help=True,
@@ -35,13 +74,22 @@ baseline_app = typer.Typer(help="Artifacts a user would otherwise ship, for side
                            no_args_is_help=True)
 app.add_typer(baseline_app, name="baseline")
 
+# Defaults come from the option dataclasses (hirelc.options), so the CLI and the library agree on them.
+TRAIN, LOWER, VERIFY, DATA, COMPRESS = TrainConfig(), LowerConfig(), VerifyConfig(), DataOptions(), CompressConfig()
+BENCH, ABLATE = BenchConfig(), AblateConfig()
+ABLATE_SEEDS = ", ".join(str(s) for s in ABLATE.seeds)
+SearchPreset = Enum("SearchPreset", {p: p for p in SEARCH_PRESETS}, type=str)
+Importance = Enum("Importance", {p: p for p in IMPORTANCES}, type=str)
+Method = Enum("Method", {m: m for m in METHODS}, type=str)
+Variant = Enum("Variant", {v: v for v in VARIANTS}, type=str)
+
 RunDir = typer.Option(..., "--run-dir", "-r", help="Run directory: every stage reads and writes its files here.")
-DataOpt = typer.Option("fashion-mnist", "--data", "-d",
+DataOpt = typer.Option(DATA.spec, "--data", "-d",
                        help="fashion-mnist | fashion-mnist-mini | digits | ImageFolder dir | .npz file.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Directory with the Fashion-MNIST IDX files (else "
                           "$HIRELC_FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, then the embedded subset).")
-ImgOpt = typer.Option(32, "--img-size", help="Input resolution the data is resized to.")
-SeedOpt = typer.Option(0, "--seed", help="Seed for splits, initialisation and training.")
+ImgOpt = typer.Option(DATA.img_size, "--img-size", help="Input resolution the data is resized to.")
+SeedOpt = typer.Option(DATA.seed, "--seed", help="Seed for splits, initialisation and training.")
 
 
 EXIT_GATE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -91,11 +139,11 @@ def _echo_json(d: dict, keys: list[str]) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option("resnet18", "--model", "-m", help="Any timm model name (built with pretrained=False)."),
+    model: str = typer.Option(COMPRESS.model, "--model", "-m", help="Any timm model name (built with pretrained=False)."),
     data: str = DataOpt,
     run_dir: Path = RunDir,
-    epochs: int = typer.Option(3, help="Training epochs for the fp32 baseline."),
-    batch_size: int = typer.Option(128, help="Batch size."),
+    epochs: int = typer.Option(TRAIN.epochs, help="Training epochs for the fp32 baseline."),
+    batch_size: int = typer.Option(TRAIN.batch_size, help="Batch size."),
     lr: Optional[float] = typer.Option(None, help="AdamW peak learning rate (cosine schedule); default 2e-3 for "
                                        "CNNs, 1e-3 for Vision Transformers."),
     img_size: int = ImgOpt,
@@ -108,8 +156,7 @@ def train(
 ):
     """Train the fp32 baseline (or load --checkpoint); a second identical call reuses it, and an interrupted one
     continues where it stopped (the state is saved every 2 minutes and every epoch)."""
-    from hirelc.pipeline import DataOptions, train_stage
-    from hirelc.train import TrainConfig
+    from hirelc.pipeline import train_stage
 
     with _user_errors(run_dir, "train", create=True, interrupted=CONTINUE_HINT):
         opts = DataOptions(spec=data, data_dir=data_dir, img_size=img_size, seed=seed, max_train=max_train)
@@ -125,17 +172,17 @@ def lower(
     policy: str = typer.Option("policy.json", "--policy", "-p",
                                help="Preset (int8, w6, w4, w4-prune50, w8-prune30, w4-group32, fp32) or policy "
                                "JSON; a relative name is looked up in the run directory first."),
-    epochs: float = typer.Option(1.0, help="Quantization-aware fine-tuning epochs (fractions allowed)."),
-    lr: float = typer.Option(5e-4, help="Fine-tuning learning rate."),
+    epochs: float = typer.Option(LOWER.epochs, help="Quantization-aware fine-tuning epochs (fractions allowed)."),
+    lr: float = typer.Option(LOWER.lr, help="Fine-tuning learning rate."),
     weight_only: bool = typer.Option(False, "--weight-only", help="No activation quantization."),
     act_int8: bool = typer.Option(False, "--act-int8", help="Signed int8 activations instead of uint8."),
     percentile: Optional[float] = typer.Option(None, help="Activation calibration percentile (default min-max)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap fine-tuning steps."),
-    importance: str = typer.Option("taylor", help="How channels are ranked for pruning: taylor (loss saliency "
-                                   "of each channel on 256 training images) | magnitude (weight norms)."),
+    importance: Importance = typer.Option(LOWER.importance, help="How channels are ranked for pruning: taylor "
+                                          "(loss saliency of each channel on 256 training images) | magnitude "
+                                          "(weight norms)."),
 ):
     """Prune physically, swap in integer-weight layers, fine-tune (QAT) and save lowered.pt + lower_report.json."""
-    from hirelc.lower import LowerConfig
     from hirelc.pipeline import lower_stage
     from hirelc.policy import PRESETS
 
@@ -144,7 +191,7 @@ def lower(
         if spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
         cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
-                          percentile=percentile, max_steps=max_steps, importance=importance)
+                          percentile=percentile, max_steps=max_steps, importance=Importance(importance).value)
         rep = lower_stage(run_dir, spec, cfg)
         typer.echo(json.dumps({
             "accuracy": rep["accuracy"], "params_before": rep["params_before"], "params_after": rep["params_after"],
@@ -194,7 +241,7 @@ def verify(
     max_drop: Optional[float] = typer.Option(None, help="Gate: max top-1 points below fp32 on ORT."),
     min_size_ratio: Optional[float] = typer.Option(None, help="Gate: min fp32 bytes / hirelc bytes."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Gate: max hirelc batch-1 median latency (ms)."),
-    min_parity: float = typer.Option(98.0, help="Gate: min top-1 agreement (%) of model.onnx on ONNX Runtime "
+    min_parity: float = typer.Option(VERIFY.min_parity, help="Gate: min top-1 agreement (%) of model.onnx on ONNX Runtime "
                                      "with the PyTorch lowered.pt on the test split; 0 turns it off."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Gate: max memory of the hirelc ONNX Runtime session "
                                                   "(resident-set growth in MiB, session + batch 1 and 8 runs)."),
@@ -207,10 +254,10 @@ def verify(
                                                            "only when both were measured on the same CPU."),
     max_size_regression: Optional[float] = typer.Option(None, help="Gate (with --against): max % more bytes "
                                                         "than the earlier release's model.onnx."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each artifact's session memory."),
+    memory: bool = typer.Option(VERIFY.memory, "--memory/--no-memory", help="Measure each artifact's session memory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line (for CI logs) instead of "
                                  "the table."),
-    runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
+    runs_: int = typer.Option(VERIFY.runs, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
 ):
     """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), memory, bytes; write
     report.json/.md; gate on absolute bounds and, with --against, on regressions vs an earlier release.
@@ -219,7 +266,7 @@ def verify(
     provenance.json) and an --against report of another format version or dataset. Exit 1 with a one-line
     reason when a gate bound is missed; 2 bad input; 3 internal error.
     """
-    from hirelc.export import VerifyConfig, check_gate, format_table
+    from hirelc.export import check_gate, format_table
     from hirelc.export.verify import summary_line
     from hirelc.pipeline import verify_stage
 
@@ -243,9 +290,10 @@ NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-la
 @app.command()
 def search(
     run_dir: Path = RunDir,
-    target_ratio: Optional[float] = typer.Option(8.0, help="Compression the policy must reach, both in effective "
-                                                 "weight storage and in exported file bytes vs fp32.onnx."),
-    preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
+    target_ratio: Optional[float] = typer.Option(COMPRESS.target_ratio, help="Compression the policy must reach, "
+                                                 "both in effective weight storage and in exported file bytes vs "
+                                                 "fp32.onnx."),
+    preset: SearchPreset = typer.Option(COMPRESS.search_preset, help="Search effort."),
     max_size_mb: Optional[float] = typer.Option(None, help="Budget on the exported ONNX file (MB, 1e6 bytes)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Budget on ONNX Runtime batch-8 latency (ms), "
                                                    "predicted from a per-layer table measured once per model. "
@@ -263,7 +311,7 @@ def search(
     from hirelc.pipeline import search_stage
 
     with _user_errors(run_dir, "search", interrupted=RESUME_HINT):
-        s = search_stage(run_dir, target_ratio=target_ratio, preset=preset, max_size_mb=max_size_mb,
+        s = search_stage(run_dir, target_ratio=target_ratio, preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
                          overrides={"fill_budget": True} if fill_budget else None,
                          latency_budget=not no_latency_budget, echo=typer.echo)
@@ -274,22 +322,23 @@ def search(
 
 @app.command()
 def compress(
-    run_dir: Path = typer.Option(Path("hirelc-run"), "--run-dir", "-r", help="Run directory for every stage."),
-    model: str = typer.Option("resnet18", "--model", "-m", help="timm model name."),
-    data: str = typer.Option("fashion-mnist-mini", "--data", "-d", help="Dataset spec (see `hirelc train --help`)."),
+    run_dir: Path = typer.Option(Path(COMPRESS.run_dir), "--run-dir", "-r", help="Run directory for every stage."),
+    model: str = typer.Option(COMPRESS.model, "--model", "-m", help="timm model name."),
+    data: str = typer.Option(COMPRESS.data.spec, "--data", "-d", help="Dataset spec (see `hirelc train --help`)."),
     data_dir: Optional[str] = DataDirOpt,
     img_size: int = ImgOpt,
-    epochs: int = typer.Option(4, help="Baseline training epochs."),
+    epochs: int = typer.Option(COMPRESS.train_epochs, help="Baseline training epochs."),
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Use this preset/policy file instead of "
                                          "searching."),
-    target_ratio: float = typer.Option(8.0, help="Search budget: compression in effective storage and file bytes."),
-    preset: str = typer.Option("quick", help="Search effort: quick | standard | thorough."),
+    target_ratio: float = typer.Option(COMPRESS.target_ratio, help="Search budget: compression in effective "
+                                       "storage and file bytes."),
+    preset: SearchPreset = typer.Option(COMPRESS.search_preset, help="Search effort."),
     max_size_mb: Optional[float] = typer.Option(None, help="Search budget: ONNX file size (MB)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Search budget: ORT batch-8 latency (ms). Default: "
                                                    "ONNX Runtime's own int8 of the model, timed here."),
     no_latency_budget: bool = NoLatencyOpt,
-    qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of the final policy."),
-    runs_: int = typer.Option(50, "--runs", help="Timed runs per artifact in verify."),
+    qat_epochs: float = typer.Option(COMPRESS.qat_epochs, help="Fine-tuning epochs of the final policy."),
+    runs_: int = typer.Option(COMPRESS.verify_runs, "--runs", help="Timed runs per artifact in verify."),
     seed: int = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue this run directory: skip the stages whose "
                                 "outputs are current (same options, built from the current files), rerun the rest."),
@@ -300,13 +349,12 @@ def compress(
     2 bad input (one line, nothing written), 3 internal error, 130 interrupted.
     """
     from hirelc.export import format_table
-    from hirelc.pipeline import CompressConfig, DataOptions
     from hirelc.pipeline import compress as run_compress
 
     with _user_errors(run_dir, "compress", create=True, interrupted=RESUME_HINT):
         cfg = CompressConfig(run_dir=str(run_dir), model=model, data=DataOptions(spec=data, data_dir=data_dir,
                              img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
-                             target_ratio=target_ratio, search_preset=preset, max_size_mb=max_size_mb,
+                             target_ratio=target_ratio, search_preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
                              qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed)
         report = run_compress(cfg, echo=typer.echo)
@@ -317,15 +365,17 @@ def compress(
 @app.command()
 def bench(
     run_dir: Path = RunDir,
-    target_ratio: float = typer.Option(8.0, help="Search budget of the searched methods (storage and file bytes)."),
+    target_ratio: float = typer.Option(BENCH.target_ratio, help="Search budget of the searched methods (storage "
+                                       "and file bytes)."),
     max_latency_ms: Optional[float] = typer.Option(None, help="Also a latency budget for every searched method: "
                                                    "ORT batch-8 latency (ms), as in `hirelc search`."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Every searched method's repair also spends "
                                      "the budget a candidate left, as in `hirelc search --fill-budget`."),
-    preset: str = typer.Option("quick", help="Search effort of every searched method: quick | standard | thorough."),
-    qat_epochs: float = typer.Option(1.0, help="Fine-tuning epochs of every lowered artifact."),
-    runs: int = typer.Option(30, help="Timed runs per artifact and batch size (interleaved)."),
-    methods: str = typer.Option(",".join(BENCH_METHODS), help="Comma-separated subset of the methods."),
+    preset: SearchPreset = typer.Option(BENCH.preset, help="Search effort of every searched method."),
+    qat_epochs: float = typer.Option(BENCH.qat_epochs, help="Fine-tuning epochs of every lowered artifact."),
+    runs: int = typer.Option(BENCH.runs, help="Timed runs per artifact and batch size (interleaved)."),
+    methods: Optional[list[Method]] = typer.Option(None, "--method", help="A method to build and measure; repeat "
+                                                   "for several (default: all)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/bench); must not hold a "
                                        "finished comparison. An interrupted one resumes."),
     seed: int = SeedOpt,
@@ -335,33 +385,28 @@ def bench(
 
     Needs a trained baseline in RUN_DIR (`hirelc train`). Every artifact goes to its own folder under --out.
     """
-    from hirelc.bench import BenchConfig, format_bench
-    from hirelc.bench import bench as run_bench
+    from hirelc.studies.bench import bench as run_bench
+    from hirelc.studies.bench import format_bench
 
     with _user_errors(run_dir, "bench", interrupted=CONTINUE_HINT):
         cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, fill_budget=fill_budget,
-                          preset=preset, qat_epochs=qat_epochs, runs=runs, seed=seed,
-                          methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+                          preset=SearchPreset(preset).value, qat_epochs=qat_epochs, runs=runs, seed=seed,
+                          methods=tuple(Method(m).value for m in methods) if methods else BENCH.methods)
         report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_bench(report))
-
-
-def _int_list(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise HirelcError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 @app.command()
 def ablate(
     run_dir: Path = RunDir,
-    seeds: str = typer.Option("0,1,2", help="Comma-separated search seeds; every variant runs once per seed."),
-    variants: str = typer.Option(",".join(ABLATION_VARIANTS), help="Comma-separated subset of: "
-                                 + ", ".join(ABLATION_VARIANTS) + "."),
-    target_ratio: float = typer.Option(8.0, help="Search budget (effective storage and file bytes)."),
-    preset: str = typer.Option("quick", help="Search effort of every run: quick | standard | thorough."),
-    qat_epochs: float = typer.Option(0.25, help="Fine-tuning epochs of each run's winner before it is scored on ORT "
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help=f"A search seed; repeat for several (default: "
+                                              f"{ABLATE_SEEDS}). Every variant runs once per seed."),
+    variants: Optional[list[Variant]] = typer.Option(None, "--variant", help="A variant of the search to run; "
+                                                     "repeat for several (default: all)."),
+    target_ratio: float = typer.Option(ABLATE.target_ratio, help="Search budget (effective storage and file "
+                                       "bytes)."),
+    preset: SearchPreset = typer.Option(ABLATE.preset, help="Search effort of every run."),
+    qat_epochs: float = typer.Option(ABLATE.qat_epochs, help="Fine-tuning epochs of each run's winner before it is scored on ORT "
                                      "(0: calibration only, which pruned winners may not survive)."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="Every run's repair also spends the budget a "
                                      "candidate left, as in `hirelc search --fill-budget`."),
@@ -375,13 +420,14 @@ def ablate(
 
     Needs a trained baseline in RUN_DIR (`hirelc train`). Each winner is lowered, exported and scored on ORT.
     """
-    from hirelc.ablate import AblateConfig, format_ablation
-    from hirelc.ablate import ablate as run_ablate
+    from hirelc.studies.ablate import ablate as run_ablate
+    from hirelc.studies.ablate import format_ablation
 
     with _user_errors(run_dir, "ablate", interrupted=CONTINUE_HINT):
-        cfg = AblateConfig(target_ratio=target_ratio, preset=preset, qat_epochs=qat_epochs, fill_budget=fill_budget,
-                           latency_budget=not no_latency_budget, seeds=_int_list(seeds, "--seeds"),
-                           variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+        cfg = AblateConfig(target_ratio=target_ratio, preset=SearchPreset(preset).value, qat_epochs=qat_epochs,
+                           fill_budget=fill_budget, latency_budget=not no_latency_budget,
+                           seeds=tuple(seeds) if seeds else ABLATE.seeds,
+                           variants=tuple(Variant(v).value for v in variants) if variants else ABLATE.variants)
         report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_ablation(report))
 
@@ -400,7 +446,7 @@ def results(
 ):
     """The results section of the README from finished comparisons and ablations: the exact command of each,
     date, machine, the tables, and the goal figures checked against what was measured (met / not met)."""
-    from hirelc.results import copy_plots, results_section, write_into
+    from hirelc.studies.results import copy_plots, results_section, write_into
 
     with _user_errors():
         reports = list(reports)
@@ -416,7 +462,7 @@ def results(
 
 @app.command()
 def inspect(
-    model: str = typer.Option("resnet18", "--model", "-m", help="timm model name."),
+    model: str = typer.Option(COMPRESS.model, "--model", "-m", help="timm model name."),
     img_size: int = ImgOpt,
     in_chans: int = typer.Option(1, help="Input channels."),
     num_classes: int = typer.Option(10, help="Classes."),

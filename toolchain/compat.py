@@ -114,6 +114,6 @@ def ensure_timm_importable() -> None:
 def import_timm():
     """Return the timm module, importable whatever the state of torchvision."""
     ensure_timm_importable()
-    import timm
+    import timm  # imported after the torchvision guard is in place
 
     return timm

@@ -59,6 +59,19 @@ def kept_shape(spec: LayerSpec, layers: dict[str, LayerPolicy], keeps: dict[int,
     return out, inn
 
 
+def scale_count(granularity, out: int, inn: int, ksize: int = 1) -> int:
+    """Scales (and zero-points) a layer of ``out`` x ``inn`` (x ``ksize`` kernel taps) has at ``granularity``:
+    one, one per output channel, or one per group of input channels per output channel and tap (the layout of
+    :func:`hirelc.kernels.qparams_shape`; a group size that does not divide ``inn`` counts one group)."""
+    if isinstance(granularity, PerTensor):
+        return 1
+    if isinstance(granularity, PerChannel):
+        return out
+    if isinstance(granularity, PerGroup):
+        return out * max(1, inn // granularity.group_size) * ksize
+    raise TypeError(granularity)
+
+
 def layer_storage_bits(spec: LayerSpec, lp: LayerPolicy, out: int, inn: int) -> tuple[int, int]:
     """(storage bits of weights + qparams + bias, fp32 weight+bias count) for one lowered layer."""
     ksize = math.prod(spec.kernel) if spec.kernel else 1
@@ -67,15 +80,7 @@ def layer_storage_bits(spec: LayerSpec, lp: LayerPolicy, out: int, inn: int) -> 
     n_b = out if has_bias else 0
     if lp.bits is None:
         return 32 * (n_w + n_b), n_w + n_b
-    g = lp.granularity
-    if isinstance(g, PerTensor):
-        n_scales = 1
-    elif isinstance(g, PerChannel):
-        n_scales = out
-    elif isinstance(g, PerGroup):
-        n_scales = out * max(1, inn // g.group_size) * ksize
-    else:  # pragma: no cover
-        raise TypeError(g)
+    n_scales = scale_count(lp.granularity, out, inn, ksize)
     zp_bits = lp.bits if lp.scheme == Scheme.ASYMMETRIC else 0
     return lp.bits * n_w + n_scales * (SCALE_BITS + zp_bits) + 32 * n_b, n_w + n_b
 

@@ -402,7 +402,7 @@ def _load_mini() -> _Raw:
 
 def _load_digits() -> _Raw:
     """scikit-learn's 8x8 digits, scaled 0..16 -> 0..255, fixed stratified 80/20 train/test split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional heavy dependency, imported for the digits dataset only
 
     d = load_digits()
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
@@ -427,7 +427,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _read_image(path: Path) -> np.ndarray:
     """Decode one image to uint8 (H, W) if grayscale, else (H, W, 3)."""
-    from PIL import Image
+    from PIL import Image  # optional dependency, imported for image folders only
 
     try:
         with Image.open(path) as im:

@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hirelc.cost import group_keeps, kept_shape
+from hirelc.cost import group_keeps, kept_shape, scale_count
+from hirelc.export import ORT_PROBE, export_lowered
 from hirelc.export.onnx_export import fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
-from hirelc.lower import LowerConfig, lower_model
-from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme
-from hirelc.topology import Topology
+from hirelc.latency import _NoiseData, predict_latency
+from hirelc.lower import LowerConfig, channel_saliency, fold_batchnorm, lower_model, saliency_batches, select_channels
+from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, get_policy
+from hirelc.qmodules import weight_code_bits
+from hirelc.topology import Topology, dependency_graph, out_pruning_fn
 from hirelc.train import evaluate, predict_logits
 
 ONNX_OVERHEAD_BYTES = 4096  # graph structure, names and attributes of a small model (when not measured)
@@ -49,8 +54,6 @@ class Predictors:
         """Batch-8 ONNX Runtime latency from the per-layer table, when one was measured."""
         if self.latency_table is None:
             return None
-        from hirelc.latency import predict_latency
-
         return predict_latency(self.latency_table, self.topo, layers)
 
 
@@ -78,8 +81,6 @@ class RealEvaluator:
         if self.cfg.importance != "taylor" or all(lp.keep_ratio >= 1.0 for lp in layers.values()):
             return None
         if self._saliency is None:
-            from hirelc.lower import channel_saliency, saliency_batches
-
             self._saliency = channel_saliency(copy.deepcopy(self.model), self.topo,
                                               saliency_batches(self._sub, self.cfg))
         return self._saliency
@@ -95,7 +96,7 @@ class RealEvaluator:
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         t0 = time.time()
         lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
-                                 saliency=self.saliency(layers), placement=self._placement)
+                                 saliency=self.saliency(layers), placement=self._placement, probe=ORT_PROBE)
         acc = evaluate(lowered, self._sub.loader("val", 256))
         self.eval_seconds.append(time.time() - t0)
         return acc
@@ -128,9 +129,7 @@ def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_par
         width = container_bits(lp.bits)
         total += math.ceil(n_w * width / 8)
         g = lp.granularity
-        n_scales = out if isinstance(g, PerChannel) else (
-            out * max(1, inn // g.group_size) * (math.prod(s.kernel) if s.kernel else 1) if isinstance(g, PerGroup)
-            else 1)
+        n_scales = scale_count(g, out, inn, math.prod(s.kernel) if s.kernel else 1)
         total += n_scales * (4 + width / 8)  # fp32 scale + zero-point (always written)
         if width == 4 and not isinstance(g, PerGroup):  # the "fold" export: widened to int8 in the graph
             asym = lp.scheme is Scheme.ASYMMETRIC
@@ -147,37 +146,14 @@ def measure_graph_bytes(model: nn.Module, topo: Topology) -> int:
     a fixed allowance under-predicts it by 5 %. Pruning and bit-widths change tensor shapes, not nodes; a float
     layer has fewer nodes than a quantized one, so the int8 graph is the upper bound.
     """
-    import tempfile
-    from pathlib import Path
-
-    from hirelc.export import export_lowered
-    from hirelc.latency import _NoiseData
-    from hirelc.policy import get_policy
-
     layers = get_policy("int8").resolve(list(topo.layers))
     lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
-                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False)
+                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False, probe=ORT_PROBE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
         export_lowered(lowered, topo.input_shape, path, check_runtime=False)
         size = path.stat().st_size
     return max(0, int(size - Predictors(model, topo, graph_bytes=0).predict_bytes(layers)))
-
-
-def load_or_measure_graph_bytes(run_dir, model: nn.Module, topo: Topology) -> int:
-    """The run directory's measured graph bytes (saved on first use, re-measured when the layers differ)."""
-    from pathlib import Path
-
-    from hirelc import runs
-
-    path = Path(run_dir) / runs.GRAPH_BYTES
-    if path.is_file():
-        d = runs.read_json(path, "graph bytes")
-        if d.get("layers") == list(topo.names) and isinstance(d.get("graph_bytes"), int):
-            return d["graph_bytes"]
-    n = measure_graph_bytes(model, topo)
-    runs.atomic_write_json(path, {"graph_bytes": n, "layers": list(topo.names)})
-    return n
 
 
 class FastProxy:
@@ -194,8 +170,6 @@ class FastProxy:
     """
 
     def __init__(self, model: nn.Module, topo: Topology, reduce_range: bool = True):
-        from hirelc.lower import fold_batchnorm
-
         self.model, self.topo, self.reduce_range = model, topo, reduce_range
         self.folded = copy.deepcopy(model).eval()
         fold_batchnorm(self.folded, topo.input_shape)
@@ -214,8 +188,6 @@ class FastProxy:
     CACHE_ELEMS = 64_000_000  # fake-quantized weights kept between calls (256 MB of fp32)
 
     def _weight(self, name: str, lp: LayerPolicy, out_drop: tuple, in_drop: tuple) -> torch.Tensor:
-        from hirelc.qmodules import weight_code_bits
-
         w = self.mods[name].weight.detach()
         if lp.bits is None and not out_drop and not in_drop:
             return w
@@ -244,8 +216,6 @@ class FastProxy:
 
     def _stream_norms(self) -> dict[str, list[str]]:
         """LayerNorms inside each prunable group (those reading a pruned stream), by group leader."""
-        from hirelc.topology import dependency_graph, out_pruning_fn
-
         leaders = [s.name for s in self.topo.layers if s.prunable and s.kind != "attn_qkv"]
         if not any(isinstance(m, nn.LayerNorm) for m in self.model.modules()) or not leaders:
             return {}
@@ -282,8 +252,6 @@ class FastProxy:
     @torch.no_grad()
     def logits(self, layers: dict[str, LayerPolicy], x: torch.Tensor, saliency=None,
                batch_size: int = 256) -> torch.Tensor:
-        from hirelc.lower import select_channels
-
         specs = {s.name: s for s in self.topo.layers}
         selection = select_channels(self.model, self.topo, layers, saliency=saliency)
         out_drop: dict[str, list[int]] = {}

@@ -23,16 +23,28 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from hirelc import runs
 from hirelc.cost import group_keeps, kept_shape
-from hirelc.policy import FORMAT_KEYS, LayerPolicy, PerChannel, PerGroup, Scheme, check_layer, format_key
+from hirelc.export import ORT_PROBE, export_fp32, export_lowered
+from hirelc.export.runtime import median_latency
+from hirelc.lower import LowerConfig, calibrate, freeze, lower_model, swap_quantized
+from hirelc.machine import record
+from hirelc.policy import (
+    FORMAT_KEYS,
+    LayerPolicy,
+    PerChannel,
+    PerGroup,
+    Scheme,
+    check_layer,
+    format_key,
+    uniform_policy,
+)
+from hirelc.qmodules import ActQuant, quant_layers
 from hirelc.topology import LayerSpec, Topology
 
 LATENCY_TABLE = "latency_table.json"
@@ -72,26 +84,11 @@ def _input_shapes(model: nn.Module, topo: Topology) -> dict[str, tuple[int, ...]
 
 
 def _time_onnx(path: Path, shape: tuple[int, ...], runs_: int) -> float:
-    from hirelc.export import make_session
-
-    sess = make_session(path)
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs_):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return median_latency(path, shape, runs=runs_, warmup=3)
 
 
 def _single_layer(mod: nn.Module, lp: LayerPolicy | None, in_shape: tuple[int, ...]) -> nn.Module:
     """``mod`` alone, quantized as lowering would quantize it inside the network."""
-    from hirelc.lower import calibrate, freeze, swap_quantized
-    from hirelc.qmodules import ActQuant, quant_layers
-
     wrap = nn.Sequential(copy.deepcopy(mod))
     if lp is not None:
         swap_quantized(wrap, {"0": lp})
@@ -118,11 +115,8 @@ class _NoiseData:
 def time_lowered(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], batch: int, runs_: int,
                  path: Path) -> float:
     """Lower ``model`` for ``layers`` the real way (no fine-tuning, ranges from noise), export, time it."""
-    from hirelc.export import export_lowered
-    from hirelc.lower import LowerConfig, lower_model
-
     lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
-                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False)
+                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False, probe=ORT_PROBE)
     export_lowered(lowered, topo.input_shape, path, check_runtime=False)  # timed next
     return _time_onnx(path, (batch, *topo.input_shape[1:]), runs_)
 
@@ -153,11 +147,6 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
                           progress: bool = True, group_sizes: tuple[int, ...] = GROUP_SIZES,
                           anchor_keep: float = ANCHOR_KEEP) -> dict:
     """Time every layer alone in each format, and the whole model at the three anchors, at ``batch``."""
-    from tqdm.auto import tqdm
-
-    from hirelc.export import export_fp32, export_lowered
-    from hirelc.search.space import uniform_policy
-
     model = model.eval()
     shapes = _input_shapes(model, topo)
     table: dict = {"version": TABLE_VERSION, "batch": batch, "machine": machine_key(), "layers": {}}
@@ -213,9 +202,7 @@ def fast_formats(table: dict, tolerance: float = FAST_TOLERANCE) -> tuple[str, .
 
 def machine_key() -> dict:
     """What a table's times depend on: the CPU (name, int8 instruction sets), its cores, ONNX Runtime's version."""
-    from hirelc.machine import describe
-
-    m = describe()
+    m = record()
     return {k: m[k] for k in ("cpu", "isa", "cores", "onnxruntime")}
 
 
@@ -236,28 +223,3 @@ def predict_latency(table: dict, topo: Topology, layers: dict[str, LayerPolicy])
         rest_int -= slope * (1.0 - k)
     rest = (1.0 - q) * table["rest_ms"] * k + q * rest_int
     return float(max(_layer_sum(table, topo, layers, keeps) + rest, 0.0))
-
-
-def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
-                    progress: bool = True) -> dict:
-    """The run directory's latency table, measured and saved on first use, or again when its format is older or
-    it was measured on another machine (a run directory copied between hosts)."""
-    path = Path(run_dir) / LATENCY_TABLE
-    if path.exists():
-        table = runs.read_json(path, "latency table")
-        if usable(table, topo, batch):
-            return table
-    table = measure_latency_table(model, topo, batch=batch, progress=progress)
-    runs.atomic_write_json(path, table)
-    return table
-
-
-def stored_prediction(run_dir: str | Path, topo: Topology, layers: dict[str, LayerPolicy]) -> dict | None:
-    """``{"batch", "ms"}`` predicted from the run directory's latency table, None when it has no usable one."""
-    path = Path(run_dir) / LATENCY_TABLE
-    if not path.is_file():
-        return None
-    table = runs.read_json(path, "latency table")
-    if not usable(table, topo):
-        return None
-    return {"batch": int(table["batch"]), "ms": predict_latency(table, topo, layers)}

@@ -35,11 +35,29 @@ def cpu() -> dict:
             "isa": [f for f in INT8_ISA if f in flags]}
 
 
-def describe() -> dict:
-    """The machine of a bench / ablation report: CPU, cores, system, ONNX Runtime and torch versions."""
-    import onnxruntime
-    import torch
+def record(threads: int | None = None) -> dict:
+    """The machine a report's figures were measured on.
+
+    ``platform``, ``processor``, ``cpu`` (model name), ``isa`` (see :func:`cpu`), ``cpu_count`` and ``cores``
+    (both ``os.cpu_count()``), ``system`` (terse platform), ``python``, ``onnxruntime`` and ``torch`` versions,
+    ``threads`` (ONNX Runtime intra-op threads; ``threads`` or every core) and ``intra_op_spinning`` (false: idle
+    ORT threads do not busy-wait).
+    """
+    import onnxruntime  # heavy dependency, imported on use so importing hirelc.machine stays cheap
+    import torch  # heavy dependency, imported on use so importing hirelc.machine stays cheap
 
     c = cpu()
-    return {"cpu": c["model"], "isa": c["isa"], "cores": os.cpu_count(), "system": platform.platform(terse=True),
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu": c["model"], "isa": c["isa"], "cpu_count": os.cpu_count(), "cores": os.cpu_count(),
+            "system": platform.platform(terse=True), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "threads": threads or os.cpu_count(), "intra_op_spinning": False}
+
+
+DESCRIBE_KEYS = ("cpu", "isa", "cores", "system", "onnxruntime", "torch")
+
+
+def describe() -> dict:
+    """The short machine description (``DESCRIBE_KEYS`` of :func:`record`): CPU, cores, system, versions."""
+    r = record()
+    return {k: r[k] for k in DESCRIBE_KEYS}

@@ -75,7 +75,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise HirelcError(f"checkpoint not found: {p}")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # imported for .safetensors checkpoints only
 
             sd = load_file(str(p))
         else:

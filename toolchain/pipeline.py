@@ -7,36 +7,43 @@ reload exactly that data from it, so ``hirelc lower --run-dir R`` needs no data 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
-from hirelc import runs
+import numpy as np
+import torch
+from torch import nn
+
+from hirelc import latency, runs
+from hirelc.data import load_data
 from hirelc.errors import HirelcError
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    spec: str = "fashion-mnist"
-    data_dir: str | None = None
-    img_size: int = 32
-    val_fraction: float = 0.1
-    seed: int = 0
-    max_train: int | None = None
-
-    def __post_init__(self):
-        from hirelc.validate import at_least, finite
-
-        at_least("--img-size", self.img_size, 8)
-        at_least("--seed", self.seed, 0)
-        at_least("--max-train", self.max_train, 1)
-        finite("validation fraction", self.val_fraction, low=0.0, high=1.0, strict_low=True, strict_high=True)
+from hirelc.evaluate import Predictors, RealEvaluator, measure_graph_bytes
+from hirelc.export import (
+    ORT_PROBE,
+    VerifyConfig,
+    benchmark_interleaved,
+    export_fp32,
+    export_lowered,
+    ort_int8_baseline,
+    verify_run,
+)
+from hirelc.export.onnx_export import check_export_options
+from hirelc.lower import LowerConfig, load_lowered, lower_model, save_lowered
+from hirelc.models import model_config
+from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of this API)
+from hirelc.policy import LayerPolicy, Policy, get_policy
+from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
+from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
+from hirelc.search.space import uniform_grid
+from hirelc.topology import Topology, build_topology
+from hirelc.train import TrainConfig, evaluate, load_baseline, predict_logits, set_threads, train_baseline
 
 
 def load_bundle(opts: DataOptions, in_chans: int | None = None):
-    from hirelc.data import load_data
-
     return load_data(opts.spec, data_dir=opts.data_dir, img_size=opts.img_size, in_chans=in_chans,
                      val_fraction=opts.val_fraction, seed=opts.seed, max_train=opts.max_train)
 
@@ -58,9 +65,6 @@ def run_bundle(run_dir: str | Path):
 def train_stage(run_dir: str | Path, model: str, data: DataOptions, train_cfg, *, patch_size: int | None = None,
                 in_chans: int | None = None, checkpoint: str | None = None, progress: bool = True) -> dict:
     """Train (or reuse) the fp32 baseline and record the run's data and model options."""
-    from hirelc.models import model_config
-    from hirelc.train import train_baseline
-
     if checkpoint and not Path(checkpoint).is_file():
         raise HirelcError(f"checkpoint not found: {checkpoint}")
     bundle = load_bundle(data, in_chans)
@@ -84,10 +88,45 @@ def train_options(model: str, data: DataOptions, train_cfg, patch_size: int | No
             "in_chans": in_chans, "checkpoint": runs.file_digest(checkpoint) if checkpoint else None}
 
 
-def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool = True) -> dict:
-    from hirelc.lower import lower_run
-    from hirelc.policy import get_policy
+def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, progress: bool = True) -> dict:
+    """Lower ``policy`` on the baseline of ``run_dir`` -> lowered.pt + lower_report.json; returns the report."""
+    rd = Path(run_dir)
+    model, mcfg, meta = load_baseline(rd)
+    if meta.get("data", {}).get("fingerprint") != bundle.fingerprint:
+        raise HirelcError(
+            f"the data given ({bundle.name}, fingerprint {bundle.fingerprint}) is not the data the baseline in "
+            f"{rd} was trained on ({meta.get('data', {}).get('fingerprint')})"
+        )
+    topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
+    layers = policy.resolve(list(topo.layers))
+    lowered, info = lower_model(model, topo, layers, bundle, cfg, progress=progress, probe=ORT_PROBE)
+    val = evaluate(lowered, bundle.loader("val", 256))
+    test = evaluate(lowered, bundle.loader("test", 256))
+    report = {
+        "model": mcfg.to_dict(),
+        "data": bundle.describe(),
+        "policy": policy.to_dict(),
+        "lower_config": asdict(cfg),
+        "accuracy": {
+            "baseline_val": meta["val_acc"],
+            "baseline_test": meta["test_acc"],
+            "lowered_val": val,
+            "lowered_test": test,
+            "test_drop": meta["test_acc"] - test,
+        },
+        **info,
+        # from the run directory's latency table (the one a --max-latency-ms search used), when there is one
+        "predicted_latency": stored_prediction(rd, topo, layers),
+        "layers": {k: v.to_dict() for k, v in layers.items()},
+        "warnings": [f"policy rule {p!r} matches no layer of {mcfg.name}" for p in policy.unmatched(topo.names)],
+    }
+    save_lowered(rd / runs.LOWERED_MODEL, lowered, mcfg, policy, layers, topo, cfg)
+    runs.atomic_write_json(rd / runs.LOWER_REPORT, report)
+    return report
 
+
+def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool = True) -> dict:
+    """The `hirelc lower` stage: :func:`lower_run` on the run directory's own data, recorded in provenance."""
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     policy = get_policy(policy_spec)
     report = lower_run(rd, policy, run_bundle(rd), lower_cfg, progress=progress)
@@ -110,11 +149,6 @@ def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = Fa
     ``weight_format``: ``fold`` (integer kernels on ONNX Runtime at every bit width) or ``plain`` (INT4/UINT4 into
     DequantizeLinear); an option the installed onnxruntime cannot run is an error before anything is written.
     """
-    from hirelc.export import export_fp32, export_lowered
-    from hirelc.export.onnx_export import check_export_options
-    from hirelc.lower import load_lowered
-    from hirelc.train import load_baseline
-
     check_export_options(opset, weight_format)
     rd = runs.require_run_dir(run_dir)
     if fp32:
@@ -137,8 +171,6 @@ def export_options(weight_only: bool = False, weight_format: str = "fold", opset
 
 def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256) -> dict:
     """ONNX Runtime's own static int8 quantization of fp32.onnx, calibrated on the same training data."""
-    from hirelc.export import ort_int8_baseline
-
     if calib_samples < 1:
         raise HirelcError(f"--calib-samples must be >= 1, got {calib_samples}")
     rd = runs.require_run_dir(run_dir, runs.CONFIG)
@@ -173,12 +205,23 @@ def check_provenance(rd: Path) -> None:
                               f"the current files)")
 
 
-def verify_stage(run_dir: str | Path, verify_cfg) -> dict:
-    from hirelc.export import verify_run
+def lowered_reference(rd: Path, eval_batch: int = 256):
+    """The logits of the run directory's lowered.pt as a function of test inputs (what verify compares model.onnx
+    with), or None when there is no lowered.pt."""
+    if not (rd / runs.LOWERED_MODEL).is_file():
+        return None
+    model = load_lowered(rd / runs.LOWERED_MODEL)["model"]
 
+    def logits(x: np.ndarray) -> np.ndarray:
+        return predict_logits(model, torch.from_numpy(x), eval_batch).numpy()
+
+    return logits
+
+
+def verify_stage(run_dir: str | Path, verify_cfg) -> dict:
     rd = runs.require_run_dir(run_dir)
     check_provenance(rd)
-    report = verify_run(rd, run_bundle(rd), verify_cfg)
+    report = verify_run(rd, run_bundle(rd), verify_cfg, reference=lowered_reference(rd, verify_cfg.eval_batch))
     runs.record(rd, runs.REPORT_JSON, verify_inputs(rd), asdict(verify_cfg))
     return report
 
@@ -191,45 +234,9 @@ def verify_inputs(rd: Path) -> tuple[str, ...]:
 STAGES = ("train", "policy", "lower", "export", "fp32", "ort-int8", "verify")
 
 
-@dataclass(frozen=True)
-class CompressConfig:
-    """The main job in one run directory. Defaults: resnet18 on the embedded Fashion-MNIST subset."""
-
-    run_dir: str = "hirelc-run"
-    model: str = "resnet18"
-    data: DataOptions = field(default_factory=lambda: DataOptions(spec="fashion-mnist-mini"))
-    train_epochs: int = 4
-    policy: str | None = None  # preset or policy JSON; None = run the HiReLC search
-    target_ratio: float = 8.0
-    search_preset: str = "quick"
-    max_size_mb: float | None = None
-    max_latency_ms: float | None = None
-    latency_budget: bool = True  # without max_latency_ms: no slower than ORT int8 of the model (batch 8)
-    qat_epochs: float = 1.0
-    verify_runs: int = 50
-    resume: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        from hirelc.validate import finite
-
-        finite("--target-ratio", self.target_ratio, low=1.0)
-        finite("--qat-epochs", self.qat_epochs, low=0.0)
-        if self.max_size_mb is not None:
-            finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
-        if self.max_latency_ms is not None:
-            finite("--max-latency-ms", self.max_latency_ms, low=0.0, strict_low=True)
-        if self.verify_runs < 1:
-            raise HirelcError(f"--runs must be >= 1, got {self.verify_runs}")
-        if self.seed < 0:
-            raise HirelcError(f"--seed must be >= 0, got {self.seed}")
 
 
 def _compress_parts(cfg: CompressConfig):
-    from hirelc.export import VerifyConfig
-    from hirelc.lower import LowerConfig
-    from hirelc.train import TrainConfig
-
     return (TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed),
             VerifyConfig(runs=cfg.verify_runs))
 
@@ -237,8 +244,6 @@ def _compress_parts(cfg: CompressConfig):
 def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
     """Why ``stage`` of :func:`compress` must run (again), or None when its outputs are what it would build now:
     each output's provenance record must match its current input files and this call's options."""
-    from hirelc.policy import get_policy
-
     train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
     if stage == "train":
         return runs.stale(rd, runs.BASELINE_CKPT, (), train_options(cfg.model, cfg.data, train_cfg))
@@ -285,8 +290,6 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
 def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
     train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
     if cfg.policy:
-        from hirelc.policy import get_policy
-
         get_policy(cfg.policy)  # a bad policy is an error before any training
     for i, stage in enumerate(STAGES, 1):
         why = stage_stale(rd, stage, cfg) if rd.is_dir() else "new run directory"
@@ -300,8 +303,6 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
             echo(f"      data: {meta['data']['source']}; baseline test accuracy {meta['test_acc']:.2f} %")
         elif stage == "policy":
             if cfg.policy:
-                from hirelc.policy import get_policy
-
                 get_policy(cfg.policy).save(rd / runs.POLICY)
                 runs.record(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
                 echo(f"      policy: {cfg.policy}")
@@ -340,15 +341,10 @@ def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30) -> dict:
 
     Saved in the run directory with the machine it was timed on, and measured again on another machine.
     """
-    import tempfile
-
-    from hirelc.export import benchmark_interleaved, export_fp32, ort_int8_baseline
-    from hirelc.latency import machine_key
-
     path = rd / LATENCY_REFERENCE
     if path.is_file():
         ref = runs.read_json(path, "latency reference")
-        if ref.get("machine") == machine_key() and isinstance(ref.get("b8_ms"), (int, float)):
+        if ref.get("machine") == latency.machine_key() and isinstance(ref.get("b8_ms"), (int, float)):
             return ref
     shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
     with tempfile.TemporaryDirectory(prefix="hirelc-ref-") as tmp:
@@ -359,17 +355,52 @@ def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30) -> dict:
         t = benchmark_interleaved({"fp32": fp32, "ort-int8": int8}, shape, batch_sizes=(1, 8), runs=runs_)
     ref = {"source": "ort-int8", "b1_ms": t["ort-int8"][1]["median_ms"], "b8_ms": t["ort-int8"][8]["median_ms"],
            "fp32_b1_ms": t["fp32"][1]["median_ms"], "fp32_b8_ms": t["fp32"][8]["median_ms"], "runs": runs_,
-           "machine": machine_key()}
+           "machine": latency.machine_key()}
     runs.atomic_write_json(path, ref)
     return ref
+
+
+def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
+                    progress: bool = True) -> dict:
+    """The run directory's latency table, measured and saved on first use, or again when its format is older or
+    it was measured on another machine (a run directory copied between hosts)."""
+    path = Path(run_dir) / latency.LATENCY_TABLE
+    if path.exists():
+        table = runs.read_json(path, "latency table")
+        if latency.usable(table, topo, batch):
+            return table
+    table = latency.measure_latency_table(model, topo, batch=batch, progress=progress)
+    runs.atomic_write_json(path, table)
+    return table
+
+
+def stored_prediction(run_dir: str | Path, topo: Topology, layers: dict[str, LayerPolicy]) -> dict | None:
+    """``{"batch", "ms"}`` predicted from the run directory's latency table, None when it has no usable one."""
+    path = Path(run_dir) / latency.LATENCY_TABLE
+    if not path.is_file():
+        return None
+    table = runs.read_json(path, "latency table")
+    if not latency.usable(table, topo):
+        return None
+    return {"batch": int(table["batch"]), "ms": latency.predict_latency(table, topo, layers)}
+
+
+def load_or_measure_graph_bytes(run_dir, model: nn.Module, topo: Topology) -> int:
+    """The run directory's measured graph bytes (saved on first use, re-measured when the layers differ)."""
+    path = Path(run_dir) / runs.GRAPH_BYTES
+    if path.is_file():
+        d = runs.read_json(path, "graph bytes")
+        if d.get("layers") == list(topo.names) and isinstance(d.get("graph_bytes"), int):
+            return d["graph_bytes"]
+    n = measure_graph_bytes(model, topo)
+    runs.atomic_write_json(path, {"graph_bytes": n, "layers": list(topo.names)})
+    return n
 
 
 def prepare_latency(rd: Path, model, mcfg, topo, reference: bool = True, progress: bool = True) -> None:
     """Measure the run directory's latency table (and ORT int8 reference) of its baseline ``model`` once, for
     studies that search in sub-directories: :func:`share_latency` then copies them into each, so every search
     predicts alike."""
-    from hirelc.latency import load_or_measure
-
     load_or_measure(rd, model, topo, batch=8, progress=progress)
     if reference:
         ort_int8_reference(rd, model, mcfg, run_bundle(rd))
@@ -377,9 +408,7 @@ def prepare_latency(rd: Path, model, mcfg, topo, reference: bool = True, progres
 
 def share_latency(rd: Path, sub: Path) -> None:
     """Copy the latency table and reference measured in ``rd`` into the study folder ``sub``."""
-    from hirelc.latency import LATENCY_TABLE
-
-    for name in (LATENCY_TABLE, LATENCY_REFERENCE):
+    for name in (latency.LATENCY_TABLE, LATENCY_REFERENCE):
         if (rd / name).is_file() and not (sub / name).exists():
             runs.atomic_write_text(sub / name, (rd / name).read_text())
 
@@ -416,17 +445,6 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     ``latency_budget=False`` drops that bound. The run directory's latency table also decides which weight
     formats the space offers (:func:`hirelc.latency.fast_formats`), unless ``overrides`` name ``formats``.
     """
-    import dataclasses
-
-    import torch
-
-    from hirelc.evaluate import Predictors, RealEvaluator, load_or_measure_graph_bytes
-    from hirelc.policy import get_policy
-    from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
-    from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
-    from hirelc.topology import build_topology
-    from hirelc.train import load_baseline, set_threads
-
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     if preset not in PRESETS:
         raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
@@ -445,15 +463,11 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     specs = list(topo.layers)
     # an impossible budget fails here, before any training; the graph's own bytes are measured once per run dir
     predictors = Predictors(model, topo, graph_bytes=load_or_measure_graph_bytes(rd, model, topo))
-    from hirelc.latency import fast_formats, load_or_measure
-
     predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
     if "formats" not in (overrides or {}):
-        config = dataclasses.replace(config, formats=fast_formats(predictors.latency_table))
+        config = dataclasses.replace(config, formats=latency.fast_formats(predictors.latency_table))
     reference = None
     if max_latency_ms is None and latency_budget:
-        from hirelc.search.space import uniform_grid
-
         reference = dict(ort_int8_reference(rd, model, mcfg, run_bundle(rd)))
         limit = reference["b8_ms"]
         # When no policy of the space is predicted that fast, the bound becomes the fastest one predicted, so the

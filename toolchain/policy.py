@@ -10,77 +10,26 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from hirelc.errors import HirelcError
+from hirelc.kernels.granularity import (  # noqa: F401 (re-exported: policies are written in these terms)
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    Scheme,
+    parse_granularity,
+)
+from hirelc.runs import atomic_write_text
 
 if TYPE_CHECKING:
     from hirelc.topology import LayerSpec
 
 POLICY_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
-
-
-class Scheme(str, Enum):
-    SYMMETRIC = "symmetric"
-    ASYMMETRIC = "asymmetric"
-
-
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale (and zero-point) for the whole weight."""
-
-    def to_json(self) -> str:
-        return "per-tensor"
-
-
-@dataclass(frozen=True)
-class PerChannel:
-    """One scale per output channel (axis 0 of the weight in PyTorch layout)."""
-
-    axis: int = 0
-
-    def to_json(self) -> str:
-        return "per-channel"
-
-
-@dataclass(frozen=True)
-class PerGroup:
-    """One scale per block of ``group_size`` consecutive input channels, per output channel.
-
-    Maps to ONNX ``DequantizeLinear`` with ``block_size=group_size`` along the input dimension.
-    """
-
-    group_size: int
-
-    def __post_init__(self):
-        if self.group_size < 2:
-            raise HirelcError(f"per-group granularity needs a group size >= 2, got {self.group_size}")
-
-    def to_json(self) -> str:
-        return f"per-group:{self.group_size}"
-
-
-Granularity = Union[PerTensor, PerChannel, PerGroup]
-
-
-def parse_granularity(text: str) -> Granularity:
-    """Parse ``per-tensor`` | ``per-channel`` | ``per-group:G`` (``G`` an integer)."""
-    t = str(text).strip().lower()
-    if t == "per-tensor":
-        return PerTensor()
-    if t == "per-channel":
-        return PerChannel()
-    if t.startswith("per-group"):
-        _, _, g = t.partition(":")
-        try:
-            return PerGroup(int(g))
-        except ValueError:
-            raise HirelcError(f"bad granularity {text!r}: per-group needs a size, e.g. per-group:32") from None
-    raise HirelcError(f"unknown granularity {text!r} (use per-tensor, per-channel or per-group:G)")
 
 
 @dataclass(frozen=True)
@@ -186,6 +135,18 @@ def check_layer(spec: "LayerSpec", lp: LayerPolicy) -> str | None:
     return None
 
 
+def uniform_policy(specs: list["LayerSpec"], bits: int | None, keep: float, scheme: Scheme = Scheme.SYMMETRIC,
+                   granularity: Granularity | None = None) -> dict[str, LayerPolicy]:
+    """The same choice for every layer where valid (non-prunable layers keep 1.0; invalid groups -> per-channel)."""
+    out = {}
+    for s in specs:
+        lp = LayerPolicy(bits, keep if s.prunable else 1.0, scheme, granularity or PerChannel())
+        if check_layer(s, lp):
+            lp = replace(lp, granularity=PerChannel())
+        out[s.name] = lp
+    return out
+
+
 def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
@@ -273,8 +234,6 @@ class Policy:
         return cls(default=default, rules=tuple(rules), name=str(d.get("name", "custom")))
 
     def save(self, path: str | Path) -> None:
-        from hirelc.runs import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -90,7 +90,7 @@ def dumps(obj: Any) -> str:
 
 def _plain(obj: Any) -> Any:
     """numpy scalars and arrays as Python values, so :func:`strict` sees their floats."""
-    import numpy as np
+    import numpy as np  # imported on use: the base helpers load no numerical library
 
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
@@ -110,7 +110,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` through a temporary file. Written through a file object, so the archive's inner folder is
     always ``archive`` (not the random temporary name): the same object gives the same bytes."""
-    import torch
+    import torch  # imported on use: the base helpers load no numerical library
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -134,7 +134,7 @@ def _no_constant(name: str):
 
 
 def _json_default(o: Any):
-    import numpy as np
+    import numpy as np  # imported on use: the base helpers load no numerical library
 
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -271,7 +271,7 @@ def locked(run_dir: str | Path, command: str) -> Iterator[Path]:
     so it can never go stale. While it is held, temporary files of writers that died (``.NAME.*.tmp``) are
     removed: nobody else can be writing them.
     """
-    import fcntl
+    import fcntl  # POSIX only; imported where the lock is taken
 
     rd = Path(run_dir)
     if rd.exists() and not rd.is_dir():

@@ -33,6 +33,7 @@ usual; :func:`hirelc.lower.lower_model` names the layers kept whole for this rea
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -143,26 +144,18 @@ def _compressible(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, tuple[int, ...]], list[str], set[str]]:
-    """Output shape of every conv/linear at ``input_shape``, their execution order, and the convs whose output
-    feeds a BatchNorm (found by tensor identity, which works for any architecture)."""
+def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Output shape of every conv/linear at ``input_shape`` and their execution order."""
     shapes: dict[str, tuple[int, ...]] = {}
     order: list[str] = []
-    produced: dict[int, str] = {}
-    bn_fed: set[str] = set()
     hooks = []
     for n, m in _compressible(model):
         def hook(_m, _inp, out, n=n):
             if n not in shapes:
                 order.append(n)
             shapes[n] = tuple(out.shape)
-            produced[id(out)] = n
 
         hooks.append(m.register_forward_hook(hook))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            hooks.append(m.register_forward_pre_hook(
-                lambda _m, inp: bn_fed.add(produced[id(inp[0])]) if id(inp[0]) in produced else None))
     was_training = model.training
     model.eval()
     try:
@@ -174,14 +167,55 @@ def _shape_of(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str,
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return shapes, order, bn_fed
+    return shapes, order
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (a dotted path) by ``new``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+@torch.no_grad()
+def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...], single: bool = True) -> list[tuple[str, str]]:
+    """(conv, BatchNorm2d) name pairs where the BN directly and alone consumes the conv's output.
+
+    Pairs are found by running the model once and matching tensor identity (conv output is the BN input),
+    which works for any architecture; a conv read by two BNs is left out (kept with ``single=False``).
+    """
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda _m, _i, out, n=n: produced.__setitem__(id(out), n)))
+        elif isinstance(m, nn.BatchNorm2d):
+            def pre(_m, inp, n=n):
+                src = produced.get(id(inp[0]))
+                if src is not None:
+                    pairs.append((src, n))
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not single:
+        return pairs
+    consumers: dict[str, int] = {}
+    for c, _ in pairs:
+        consumers[c] = consumers.get(c, 0) + 1
+    return [(c, b) for c, b in pairs if consumers[c] == 1]
 
 
 def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
     """torch-pruning's dependency graph of ``model`` (built on a zero input of ``input_shape``)."""
-    import warnings
-
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy: imported when a dependency graph is built
 
     was_training = model.training
     model.eval()
@@ -193,7 +227,7 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]):
 
 
 def out_pruning_fn(mod: nn.Module):
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy: imported when a dependency graph is built
 
     return tp.prune_conv_out_channels if isinstance(mod, nn.Conv2d) else tp.prune_linear_out_channels
 
@@ -214,7 +248,8 @@ def coupled_members(dg, mod: nn.Module, names: dict[nn.Module, str]) -> tuple[se
 def build_topology(model: nn.Module, input_shape: tuple[int, ...]) -> Topology:
     """LayerSpecs, blocks and coupled prune groups of ``model`` for inputs of ``input_shape`` (1, C, H, W)."""
     input_shape = tuple(int(v) for v in input_shape)
-    shapes, order, bn_fed = _shape_of(model, input_shape)
+    shapes, order = _shape_of(model, input_shape)
+    bn_fed = {conv for conv, _ in conv_bn_pairs(model, input_shape, single=False)}
     mods = dict(_compressible(model))
     if not order:
         raise HirelcError("the model has no Conv2d or Linear layer to compress")
@@ -308,8 +343,6 @@ def _unprunable_streams(model: nn.Module, input_shape: tuple[int, ...], leaders:
     which must then still run and produce the same output shape; a group that fails (an unusual parameter
     torch-pruning does not see, a reshape to a fixed width) is reported and the copy rebuilt from ``model``.
     """
-    import warnings
-
     if not leaders:
         return []
     bad: list[int] = []

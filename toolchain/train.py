@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from hirelc import runs
 from hirelc.errors import HirelcError
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float | None = None  # AdamW peak (None: default_lr of the model); cosine decay to 1% after warm-up
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    warmup_frac: float = 0.05
-    augment: bool = True  # random 4-px shifts + horizontal flips, done in torch
-    seed: int = 0
-    max_steps: int | None = None  # cap on optimizer steps (tests, quick evaluations)
-
-    def __post_init__(self):
-        from hirelc.validate import at_least, finite
-
-        at_least("--epochs", self.epochs, 1)  # 0 would save an untrained baseline as if it were one
-        at_least("--batch-size", self.batch_size, 1)
-        at_least("--seed", self.seed, 0)
-        at_least("--max-steps", self.max_steps, 0)
-        if self.lr is not None:
-            finite("--lr", self.lr, low=0.0, strict_low=True)
-        finite("weight decay", self.weight_decay, low=0.0)
-        finite("label smoothing", self.label_smoothing, low=0.0, high=1.0, strict_high=True)
-        finite("warm-up fraction", self.warmup_frac, low=0.0, high=1.0)
-
+from hirelc.models import ModelConfig, build_model, load_checkpoint
+from hirelc.options import TrainConfig  # noqa: F401 (part of this API)
 
 CNN_LR, VIT_LR = 2e-3, 1e-3
 
@@ -53,8 +30,6 @@ def default_lr(model_cfg) -> float:
 
 def set_threads() -> None:
     """Use every core for intra-op work (the machine is small; oversubscription only hurts)."""
-    import os
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
@@ -95,8 +70,6 @@ def fit(model: nn.Module, loader, cfg: TrainConfig, desc: str = "train", progres
     a later call with the same ``state_key`` continues from it and ends on the same weights as an
     uninterrupted run. A state file with another key is ignored (and overwritten).
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -215,8 +188,6 @@ def train_baseline(run_dir: str | Path, model_cfg, bundle, cfg: TrainConfig, pro
     A second call with the same model, data fingerprint and training config reuses the checkpoint.
     ``checkpoint`` loads given weights instead of training (``epochs`` is then ignored).
     """
-    from hirelc.models import build_model, load_checkpoint
-
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(model_cfg))
 
@@ -271,8 +242,6 @@ def train_baseline(run_dir: str | Path, model_cfg, bundle, cfg: TrainConfig, pro
 
 def load_baseline(run_dir: str | Path):
     """(model, ModelConfig, metadata) of a run directory's trained baseline."""
-    from hirelc.models import ModelConfig, build_model, load_checkpoint
-
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT)
     meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     try:

@@ -8,6 +8,7 @@ import pytest
 from export_toys import FAST
 from torch import nn
 
+from hirelc.export import ORT_PROBE
 from hirelc.lower import LowerConfig, lower_model
 from hirelc.policy import PRESETS
 
@@ -30,7 +31,7 @@ def lower(built, bundle) -> Callable[..., Lowered]:
             b = built(name)
             layers = PRESETS[preset].resolve(list(b.topo.layers))
             cfg = LowerConfig(**{**FAST.__dict__, **overrides})
-            m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+            m, info = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, probe=ORT_PROBE)
             cache[key] = Lowered(b, layers, m, info)
         return cache[key]
 
@@ -39,7 +40,8 @@ def lower(built, bundle) -> Callable[..., Lowered]:
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, lower, bundle):
-    """A run directory by hand: fp32.onnx, ort_int8.onnx, model.onnx, lowered.pt, lower_report.json (test_resnet)."""
+    """A run directory by hand: fp32.onnx, ort_int8.onnx, model.onnx, lowered.pt, lower_report.json (test_resnet).
+    Shared by the session: read it, or copy it before anything writes into it (verify writes its report)."""
     from hirelc import runs
     from hirelc.export import export_fp32, export_lowered, ort_int8_baseline
     from hirelc.lower import save_lowered

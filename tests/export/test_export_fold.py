@@ -15,7 +15,7 @@ import torch
 from export_toys import FAST, TOY_QUANT, TOY_SHAPE, toy_model
 from onnx import TensorProto
 
-from hirelc.export import export_lowered, fused_op_counts, make_session, ort_predict, unfused_layers
+from hirelc.export import ORT_PROBE, export_lowered, fused_op_counts, make_session, ort_predict, unfused_layers
 from hirelc.export.runtime import optimized_graph
 from hirelc.lower import lower_model
 from hirelc.policy import LayerPolicy, PerChannel, PerTensor, Scheme
@@ -42,7 +42,7 @@ def mixed(built, bundle):
         if (name, shift) not in cache:
             b = built(name)
             layers = _mixed(list(b.topo.names), shift)
-            cache[name, shift] = layers, lower_model(b.model, b.topo, layers, bundle, FAST, progress=False)[0]
+            cache[name, shift] = layers, lower_model(b.model, b.topo, layers, bundle, FAST, progress=False, probe=ORT_PROBE)[0]
         return cache[name, shift]
 
     return get

@@ -23,5 +23,14 @@ def test_public_api():
         "container_bits", "channel_importance", "fisher_channel_importance", "head_importance",
         "head_channel_indices", "topk_keep", "taylor_channel_importance",
     }  # fmt: skip
-    assert set(k.__all__) == expected
+    types = {"Granularity", "PerTensor", "PerChannel", "PerGroup", "Scheme", "parse_granularity"}
+    assert set(k.__all__) == expected | types
     assert all(callable(getattr(k, name)) for name in expected)
+    assert k.parse_granularity("per-group:32") == k.PerGroup(32) and k.Scheme("asymmetric") is k.Scheme.ASYMMETRIC
+
+
+def test_policies_are_written_in_the_kernels_granularity_types():
+    import hirelc.kernels as k
+    from hirelc import policy
+
+    assert policy.PerGroup is k.PerGroup and policy.Scheme is k.Scheme and policy.parse_granularity is k.parse_granularity

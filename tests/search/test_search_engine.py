@@ -1,7 +1,9 @@
 import json
+import math
 import shutil
 
 import pytest
+from scipy.stats import spearmanr
 from search_synth import BLOCK_SENS, SENS, SyntheticEvaluator, make_specs
 
 from hirelc.errors import HirelcError
@@ -46,8 +48,12 @@ def test_winner_is_really_evaluated_and_meets_the_budget(full_run):
     for h in result.history:  # every evaluated policy is one the export can represent
         assert all(check_layer(s, LayerPolicy.from_dict(h["policy"][s.name])) is None for s in specs)
     assert set(result.allocation) == {"stem", "blocks.0", "blocks.1", "head"}
-    assert result.surrogate_spearman is None or -1 <= result.surrogate_spearman <= 1
     assert [h["predicted_acc"] is None for h in result.history] == [True] * 5 + [False] * 4
+    # four predictions made before their real evaluation (at least three are needed): their rank correlation
+    pred, real = zip(*[(h["predicted_acc"], h["real_acc"]) for h in result.history[5:]], strict=True)
+    rho = spearmanr(pred, real).statistic
+    assert math.isfinite(rho) and isinstance(result.surrogate_spearman, float)
+    assert -1 <= result.surrogate_spearman <= 1 and result.surrogate_spearman == pytest.approx(rho)
     assert result.policy().resolve(specs) == result.layers
 
 
@@ -78,9 +84,12 @@ def test_resume_extends_a_finished_search_by_more_cycles(full_run, tmp_path):
     specs, _, _, result = full_run
     one = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), _cycles(1), BUDGET, tmp_path, progress=False)
     assert one.n_real_evals == 7
+    # two predictions only: too few for a rank correlation, even though two distinct points would rank perfectly
+    assert sum(h["predicted_acc"] is not None for h in one.history) == 2 and one.surrogate_spearman is None
     ev = SyntheticEvaluator(specs)
     two = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, tmp_path, resume=True, progress=False)
     assert ev.real_calls == 2 and two.layers == result.layers
+    assert two.surrogate_spearman == result.surrogate_spearman  # over the resumed search's whole history
     assert [h["policy"] for h in two.history] == [h["policy"] for h in result.history]
 
 

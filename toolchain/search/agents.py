@@ -24,7 +24,7 @@ def agent_seed(*parts: int | str) -> int:
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run torch with ``n`` intra-op threads inside the block, restoring the previous count after."""
-    import torch
+    import torch  # imported on use: the search's config types load without torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -52,7 +52,7 @@ def quiet_logger():
     always creates a folder, so the logger is built directly and handed over with ``set_logger``, which makes
     ``_setup_learn`` keep it.
     """
-    from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.logger import Logger  # heavy: imported when an agent is built
 
     return Logger(folder=None, output_formats=[])
 

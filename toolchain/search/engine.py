@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hirelc.cost import effective_ratio, policy_storage
 from hirelc.errors import HirelcError
@@ -298,8 +299,6 @@ class _Search:
 
     # ---- phases --------------------------------------------------------------------------------------------
     def run(self, progress: bool) -> SearchResult:
-        from tqdm.auto import tqdm
-
         c = self.config
         total = c.warmup_real_evals + c.cycles * c.real_evals_per_cycle
         with tqdm(total=total, disable=not progress, desc="search", unit="eval") as bar:

@@ -11,29 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from hirelc.policy import LayerPolicy
+from hirelc.report import pareto_front
 from hirelc.search.surrogate import spearman
 from hirelc.topology import LayerSpec
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (both coordinates maximised), sorted by x then y.
-
-    A point is dominated when another is >= on both coordinates and > on one; equal points are all kept.
-    """
-    pts = np.asarray(points, dtype=float).reshape(-1, 2)
-    keep = []
-    for i, p in enumerate(pts):
-        dominated = np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1))
-        if not dominated:
-            keep.append(i)
-    return sorted(keep, key=lambda i: (pts[i, 0], pts[i, 1]))
-
-
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy dependency, imported on use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy dependency, imported on use
 
     return plt
 

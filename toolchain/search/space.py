@@ -34,7 +34,7 @@ order); other prunable members copy it, non-prunable members keep 1.0 (their sha
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -42,7 +42,17 @@ import numpy as np
 
 from hirelc.cost import group_keeps, kept_shape, layer_storage_bits, policy_storage
 from hirelc.errors import HirelcError
-from hirelc.policy import Granularity, LayerPolicy, PerChannel, PerGroup, PerTensor, Scheme, check_layer, format_key
+from hirelc.policy import (  # noqa: F401 (uniform_policy: part of the search space API)
+    Granularity,
+    LayerPolicy,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    Scheme,
+    check_layer,
+    format_key,
+    uniform_policy,
+)
 from hirelc.search.config import Budget, SearchConfig
 from hirelc.topology import LayerSpec
 
@@ -206,18 +216,6 @@ def random_policy(specs: list[LayerSpec], rng: np.random.Generator, constraints:
     return share_group_keeps(specs, layers)
 
 
-def uniform_policy(
-    specs: list[LayerSpec], bits: int, keep: float, scheme: Scheme = Scheme.SYMMETRIC,
-    granularity: Granularity | None = None,
-) -> Layers:
-    """The same choice for every layer where valid (non-prunable layers keep 1.0; invalid groups -> per-channel)."""
-    out = {}
-    for s in specs:
-        lp = LayerPolicy(bits, keep if s.prunable else 1.0, scheme, granularity or PerChannel())
-        if check_layer(s, lp):
-            lp = dataclasses.replace(lp, granularity=PerChannel())
-        out[s.name] = lp
-    return out
 
 
 def most_aggressive_policy(specs: list[LayerSpec], constraints: ConstraintsArg) -> Layers:
@@ -302,6 +300,53 @@ def _bits(spec: LayerSpec, lp: LayerPolicy, layers: Layers, keeps: dict[int, flo
     return layer_storage_bits(spec, lp, *kept_shape(spec, layers, keeps))[0]
 
 
+Move = tuple[LayerSpec, LayerPolicy, list[LayerSpec], int]  # layer, its new policy, layers touched, bits saved
+
+
+def _prune_groups(specs: list[LayerSpec]) -> tuple[dict[int, str], dict[int, list[LayerSpec]]]:
+    """Each prune group's leader (its first prunable layer) and every layer whose storage its keep ratio sets."""
+    leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
+    coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
+    return leaders, coupled
+
+
+def _one_level_moves(specs: list[LayerSpec], cur: Layers, constraints: ConstraintsArg,
+                     groups: tuple[dict[int, str], dict[int, list[LayerSpec]]], compress: bool) -> Iterator[Move]:
+    """Every single-level move from ``cur``, in model order and per layer on bits, keep, granularity.
+
+    ``compress``: one bit level down, one keep level down on a prune-group leader, a coarser granularity;
+    otherwise the same moves back. Yields :data:`Move` tuples; the storage bits saved are negative for moves
+    that add bits. A keep move touches every layer its group's keep ratio sets.
+    """
+    leaders, coupled = groups
+    keeps = group_keeps(specs, cur)
+    for s in specs:
+        c = _for(s, constraints)
+        idx, masks = encode(s, cur[s.name], c), valid_mask(s, c)
+        for axis in (0, 1, 3):  # bits, keep, granularity (the scheme's zero-points are negligible)
+            if axis == 1 and leaders.get(s.prune_group) != s.name:
+                continue  # only a group's leader moves its keep ratio
+            # bits and keep compress towards higher indices, granularity (finest last) towards lower ones
+            up = compress != (axis == 3)
+            ok = np.flatnonzero(masks[axis])
+            nxt = ok[ok > idx[axis]] if up else ok[ok < idx[axis]]
+            if nxt.size == 0:
+                continue
+            step = idx.copy()
+            step[axis] = nxt.min() if up else nxt.max()
+            lp = decode(s, step, c)
+            if axis == 1:
+                touched, tk = coupled[s.prune_group], {**keeps, s.prune_group: lp.keep_ratio}
+                saved = sum(_bits(t, cur[t.name], cur, keeps) - _bits(t, cur[t.name], cur, tk) for t in touched)
+            else:
+                touched, saved = [s], _bits(s, cur[s.name], cur, keeps) - _bits(s, lp, cur, keeps)
+            yield s, lp, touched, saved
+
+
+def _sensitivity(touched: list[LayerSpec], sensitivity: Mapping[str, float]) -> float:
+    return sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6
+
+
 def tighten(
     specs: list[LayerSpec], layers: Layers, constraints: ConstraintsArg, sensitivity: Mapping[str, float],
     done: Callable[[Layers], bool], max_steps: int = 10_000, cost: Callable[[Layers], float] | None = None,
@@ -315,41 +360,22 @@ def tighten(
     predicted latency, which fewer bits can raise); moves whose result fails ``allowed`` are never taken.
     Brings a candidate inside the budget instead of discarding it.
     """
-    leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
-    coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
+    groups = _prune_groups(specs)
     cur = dict(layers)
     for _ in range(max_steps):
         if done(cur):
             break
-        keeps = group_keeps(specs, cur)
         cur_cost = cost(cur) if cost is not None else 0.0
         best: tuple[float, LayerSpec, LayerPolicy] | None = None
-        for s in specs:
-            c = _for(s, constraints)
-            idx, masks = encode(s, cur[s.name], c), valid_mask(s, c)
-            for axis in (0, 1, 3):  # bits, keep, granularity (the scheme's zero-points are negligible)
-                if axis == 1 and leaders.get(s.prune_group) != s.name:
-                    continue  # only a group's leader moves its keep ratio
-                ok = np.flatnonzero(masks[axis])
-                nxt = ok[ok < idx[axis]] if axis == 3 else ok[ok > idx[axis]]
-                if nxt.size == 0:
-                    continue
-                step = idx.copy()
-                step[axis] = nxt.max() if axis == 3 else nxt.min()
-                lp = decode(s, step, c)
-                if axis == 1:
-                    touched, tk = coupled[s.prune_group], {**keeps, s.prune_group: lp.keep_ratio}
-                    saved = sum(_bits(t, cur[t.name], cur, keeps) - _bits(t, cur[t.name], cur, tk) for t in touched)
-                else:
-                    touched, saved = [s], _bits(s, cur[s.name], cur, keeps) - _bits(s, lp, cur, keeps)
-                new = {**cur, s.name: lp} if cost is not None or allowed is not None else None
-                if cost is not None:
-                    saved = cur_cost - cost(new)
-                if saved <= 0 or (allowed is not None and not allowed(new)):
-                    continue
-                score = (sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6) / saved
-                if best is None or score < best[0]:
-                    best = (score, s, lp)
+        for s, lp, touched, saved in _one_level_moves(specs, cur, constraints, groups, compress=True):
+            new = {**cur, s.name: lp} if cost is not None or allowed is not None else None
+            if cost is not None:
+                saved = cur_cost - cost(new)
+            if saved <= 0 or (allowed is not None and not allowed(new)):
+                continue
+            score = _sensitivity(touched, sensitivity) / saved
+            if best is None or score < best[0]:
+                best = (score, s, lp)
         if best is None:
             break
         cur = share_group_keeps(specs, {**cur, best[1].name: best[2]})
@@ -367,36 +393,14 @@ def loosen(
     result still ``fits``; it stops when none fits. A repaired candidate far inside its budget (compressed
     further than the budget asks, so less accurate than it need be) ends next to the budget's edge instead.
     """
-    leaders = {s.prune_group: s.name for s in reversed(specs) if s.prunable and s.prune_group >= 0}
-    coupled = {g: [t for t in specs if g in (t.prune_group, t.input_group)] for g in leaders}
+    groups = _prune_groups(specs)
     cur = dict(layers)
     if not fits(cur):
         return cur
     for _ in range(max_steps):
-        keeps = group_keeps(specs, cur)
-        moves: list[tuple[float, str, LayerPolicy]] = []
-        for s in specs:
-            c = _for(s, constraints)
-            idx, masks = encode(s, cur[s.name], c), valid_mask(s, c)
-            for axis in (0, 1, 3):
-                if axis == 1 and leaders.get(s.prune_group) != s.name:
-                    continue
-                ok = np.flatnonzero(masks[axis])
-                back = ok[ok > idx[axis]] if axis == 3 else ok[ok < idx[axis]]
-                if back.size == 0:
-                    continue
-                step = idx.copy()
-                step[axis] = back.min() if axis == 3 else back.max()
-                lp = decode(s, step, c)
-                if lp == cur[s.name]:
-                    continue
-                if axis == 1:
-                    touched, tk = coupled[s.prune_group], {**keeps, s.prune_group: lp.keep_ratio}
-                    added = sum(_bits(t, cur[t.name], cur, tk) - _bits(t, cur[t.name], cur, keeps) for t in touched)
-                else:
-                    touched, added = [s], _bits(s, lp, cur, keeps) - _bits(s, cur[s.name], cur, keeps)
-                gain = sum(float(sensitivity.get(t.name, 0.0)) for t in touched) + 1e-6
-                moves.append((gain / max(added, 1), s.name, lp))
+        moves = [(_sensitivity(touched, sensitivity) / max(-saved, 1), s.name, lp)
+                 for s, lp, touched, saved in _one_level_moves(specs, cur, constraints, groups, compress=False)
+                 if lp != cur[s.name]]
         moves.sort(key=lambda m: -m[0])
         for _, name, lp in moves:
             new = share_group_keeps(specs, {**cur, name: lp})

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 from hirelc.cost import policy_storage
@@ -24,20 +25,12 @@ N_LAYER_FEATURES = 8
 N_GLOBAL_FEATURES = 5
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1, tied values sharing their average rank."""
-    r = np.empty(len(x))
-    r[np.argsort(x, kind="stable")] = np.arange(len(x))
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inv, weights=r) / counts)[inv]
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); nan for fewer than 2 points or a constant input."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined; scipy would warn or raise here
         return float("nan")
-    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+    return float(spearmanr(x, y).statistic)
 
 
 def policy_features(specs: list[LayerSpec], layers: Layers, sensitivity: Mapping[str, float]) -> np.ndarray:

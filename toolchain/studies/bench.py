@@ -23,55 +23,39 @@ machine's noise falls on all of them alike. Results go to ``<out>/bench.json``, 
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hirelc import runs
-from hirelc.errors import HirelcError
-from hirelc.machine import describe
+from hirelc.cost import policy_storage
+from hirelc.export import export_fp32, ort_int8_baseline
+from hirelc.export.runtime import benchmark_interleaved, make_session, ort_accuracy
+from hirelc.lower import LowerConfig
+from hirelc.machine import record
+from hirelc.options import METHODS, BenchConfig  # noqa: F401 (part of this API)
+from hirelc.pipeline import (
+    export_stage,
+    load_or_measure_graph_bytes,
+    lower_stage,
+    prepare_latency,
+    run_bundle,
+    search_stage,
+    share_latency,
+)
+from hirelc.policy import PRESETS, LayerPolicy, Policy
+from hirelc.report import fmt, md_table, utc_now
+from hirelc.search.plots import plot_bench
+from hirelc.topology import build_topology
+from hirelc.train import load_baseline, set_threads
 
-METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "random", "flat", "hirelc")
 SEARCHED = {"random": "random", "flat": "flat", "hirelc": "hierarchical"}
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    target_ratio: float = 8.0  # the search budget (effective storage and file bytes)
-    max_latency_ms: float | None = None  # optional search budget on ORT batch-8 latency (every searched method)
-    fill_budget: bool = False  # every searched method's repair also spends the budget it left (SearchConfig)
-    preset: str = "quick"  # search effort, the same for every searched method
-    qat_epochs: float = 1.0  # fine-tuning of every lowered artifact
-    runs: int = 30  # timed runs per artifact and batch size
-    batch_sizes: tuple[int, ...] = (1, 8)
-    seed: int = 0
-    methods: tuple[str, ...] = METHODS
-    search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
-    lower_max_steps: int | None = None  # cap on fine-tuning steps (tests)
-
-    def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise HirelcError(f"unknown bench method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")
-        if "prune-int8" in self.methods and "hirelc" not in self.methods:
-            raise HirelcError("prune-int8 is sized to hirelc's parameter count: include the hirelc method")
-        from hirelc.validate import at_least, finite
-
-        finite("--target-ratio", self.target_ratio, low=1.0)
-        finite("--qat-epochs", self.qat_epochs, low=0.0)
-        at_least("--runs", self.runs, 1)
-        at_least("--seed", self.seed, 0)
-        if self.max_latency_ms is not None:
-            finite("--max-latency-ms", self.max_latency_ms, low=0.0, strict_low=True)
 
 
 def uniform_keep_for_params(specs, bits: int, target_params: int):
     """The single keep ratio whose pruned model keeps about ``target_params`` compressible parameters."""
-    from hirelc.cost import policy_storage
-    from hirelc.policy import LayerPolicy, Policy
-
     def kept(k: float) -> int:
         layers = Policy(default=LayerPolicy(bits=bits, keep_ratio=k)).resolve(specs)
         return policy_storage(specs, layers)["kept_params"]
@@ -86,20 +70,11 @@ def uniform_keep_for_params(specs, bits: int, target_params: int):
 
 
 def _lower_cfg(cfg: BenchConfig, **kw):
-    from hirelc.lower import LowerConfig
-
     return LowerConfig(epochs=cfg.qat_epochs, max_steps=cfg.lower_max_steps, seed=cfg.seed, **kw)
 
 
 def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[str, dict]:
     """Every artifact of the comparison: ``{method: {path, run_dir, search?}}`` (finished ones are reused)."""
-    from hirelc.cost import policy_storage
-    from hirelc.export import export_fp32, ort_int8_baseline
-    from hirelc.pipeline import export_stage, lower_stage, prepare_latency, run_bundle, search_stage, share_latency
-    from hirelc.policy import PRESETS, LayerPolicy, Policy
-    from hirelc.topology import build_topology
-    from hirelc.train import load_baseline
-
     arts: dict[str, dict] = {}
     model, mcfg, _ = load_baseline(rd)
     shape = (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
@@ -135,8 +110,6 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         # One latency table (and ORT int8 reference) for every searched method: each judges its candidates by
         # the same predictions and the same default latency budget.
         prepare_latency(rd, model, mcfg, topo, reference=cfg.max_latency_ms is None, progress=progress)
-        from hirelc.evaluate import load_or_measure_graph_bytes
-
         load_or_measure_graph_bytes(rd, model, topo)
     for method in order:
         sub = out / method
@@ -167,13 +140,10 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
     return {m: arts[m] for m in cfg.methods}
 
 
-def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | Path | None = None,
+def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Path | None = None,
           progress: bool = True, echo=print) -> dict:
     """Build and measure every method; write bench.json, bench.md and the plots into ``out_dir``."""
-    from hirelc.export.runtime import benchmark_interleaved, make_session, ort_accuracy
-    from hirelc.pipeline import run_bundle
-    from hirelc.train import set_threads
-
+    cfg = cfg or BenchConfig()
     rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison")
     set_threads()
     t0 = time.time()
@@ -215,8 +185,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
                                     for b, v in r["latency_ms"].items()}
     meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(),
+        "created": utc_now(),
+        "machine": record(),
         "run_dir": str(rd),
         "model": meta.get("model"),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
@@ -224,17 +194,11 @@ def bench(run_dir: str | Path, cfg: BenchConfig = BenchConfig(), out_dir: str | 
         "build_wall_s": round(build_s, 1),
         "methods": rows,
     }
-    from hirelc.search.plots import plot_bench
-
     plot_bench(rows, "bytes", out / "bench_accuracy_vs_bytes.png", "ONNX file bytes")
     plot_bench(rows, "latency_b8", out / "bench_accuracy_vs_latency.png", "ORT CPU batch-8 latency (ms)")
     runs.atomic_write_json(out / BENCH_JSON, report)
     runs.atomic_write_text(out / BENCH_MD, format_bench(report))
     return report
-
-
-def _f(v, spec: str, suffix: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
 def format_bench(report: dict) -> str:
@@ -255,18 +219,18 @@ def format_bench(report: dict) -> str:
         f"{report['config']['preset']}, {report['config']['qat_epochs']} fine-tuning epochs, "
         f"{report['config']['runs']} interleaved runs",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
     ]
+    rows = []
     for m, r in report["methods"].items():
-        cells = [m, f"{r['top1']:.2f}", _f(r["effective_ratio"], ".2f", "x"), f"{r['bytes']:,}",
+        cells = [m, f"{r['top1']:.2f}", fmt(r["effective_ratio"], ".2f", "x"), f"{r['bytes']:,}",
                  f"{r['size_ratio']:.2f}x"]
         cells += [f"{r['latency_ms'][b]:.3f}" for b in bs]
-        cells += [_f(r["speedup_vs_fp32"][b], ".2f", "x") for b in bs]
-        cells += [_f(r["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs]
-        cells += [_f(r.get("predicted_latency_ms_b8"), ".3f")] if pred else []
-        cells += [_f(r["search_wall_s"], ".0f"), _f(r["real_evals"], "d")]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells += [fmt(r["speedup_vs_fp32"][b], ".2f", "x") for b in bs]
+        cells += [fmt(r["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs]
+        cells += [fmt(r.get("predicted_latency_ms_b8"), ".3f")] if pred else []
+        cells += [fmt(r["search_wall_s"], ".0f"), fmt(r["real_evals"], "d")]
+        rows.append(cells)
+    lines += md_table(head, rows)
     lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
               "Latency: ONNX Runtime CPU, medians of interleaved runs in one process."]
     if pred:

@@ -22,55 +22,35 @@ with its Spearman correlation. Outputs in ``<out>``: ``ablation.json``, ``ablati
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hirelc import runs
-from hirelc.errors import HirelcError
-from hirelc.machine import describe
+from hirelc.export.runtime import make_session, ort_accuracy
+from hirelc.lower import LowerConfig
+from hirelc.machine import record
+from hirelc.options import VARIANTS, AblateConfig  # noqa: F401 (part of this API)
+from hirelc.pipeline import (
+    export_stage,
+    load_or_measure_graph_bytes,
+    lower_stage,
+    prepare_latency,
+    run_bundle,
+    search_stage,
+    share_latency,
+)
+from hirelc.report import fmt, md_table, utc_now
+from hirelc.search.plots import plot_ablation, plot_surrogate
+from hirelc.search.surrogate import spearman
+from hirelc.topology import build_topology
+from hirelc.train import load_baseline, set_threads
 
-VARIANTS: dict[str, dict] = {
-    "full": {},
-    "no-surrogate": {"use_surrogate": False},
-    "uniform-sensitivity": {"fisher_guided": False},
-    "single-agent": {"ensemble": False},
-}
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 METRICS = ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s")
 
 
-@dataclass(frozen=True)
-class AblateConfig:
-    target_ratio: float = 8.0
-    preset: str = "quick"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    # fine-tuning of each winner before it is scored. Not 0: the search scores candidates after a short QAT, and a
-    # pruned winner scored on calibration alone can collapse (resnet18, 16x: 33 % without, where the search saw 87 %)
-    qat_epochs: float = 0.25
-    fill_budget: bool = False  # every run's repair also spends the budget a candidate left (SearchConfig)
-    latency_budget: bool = True  # every run's winner no slower than ORT int8 of the model (as `hirelc search`)
-    search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
-    lower_max_steps: int | None = None
-
-    def __post_init__(self):
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise HirelcError(f"unknown ablation variant(s) {', '.join(unknown)} (use {', '.join(VARIANTS)})")
-        if not self.variants or not self.seeds:
-            raise HirelcError("give at least one variant and one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise HirelcError("seeds must be distinct")
-        from hirelc.validate import finite
-
-        finite("--target-ratio", self.target_ratio, low=1.0)
-        finite("--qat-epochs", self.qat_epochs, low=0.0)
-        if min(self.seeds) < 0:
-            raise HirelcError(f"--seeds must be >= 0, got {min(self.seeds)}")
 
 
 def evals_to_best(history: list[dict]) -> int | None:
@@ -97,11 +77,6 @@ def _read_history(path: Path) -> list[dict]:
 def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
     """Measure the baseline's graph bytes and latency table (and the ORT int8 budget when ``reference``) once
     in ``rd``; every run's folder links or copies them."""
-    from hirelc.evaluate import load_or_measure_graph_bytes
-    from hirelc.pipeline import prepare_latency
-    from hirelc.topology import build_topology
-    from hirelc.train import load_baseline
-
     model, mcfg, _ = load_baseline(rd)
     topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
     load_or_measure_graph_bytes(rd, model, topo)
@@ -110,10 +85,6 @@ def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
-    from hirelc.export.runtime import make_session, ort_accuracy
-    from hirelc.lower import LowerConfig
-    from hirelc.pipeline import export_stage, lower_stage, search_stage, share_latency
-
     runs.link_baseline(rd, sub)
     share_latency(rd, sub)
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
@@ -140,14 +111,10 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     }
 
 
-def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str | Path | None = None,
+def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | Path | None = None,
            progress: bool = True, echo=print) -> dict:
     """Run every (variant, seed), then write ablation.json, ablation.md and the plots into ``out_dir``."""
-    from hirelc.pipeline import run_bundle
-    from hirelc.search.plots import plot_ablation, plot_surrogate
-    from hirelc.search.surrogate import spearman
-    from hirelc.train import set_threads
-
+    cfg = cfg or AblateConfig()
     rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation")
     set_threads()
     t0 = time.time()
@@ -161,8 +128,8 @@ def ablate(run_dir: str | Path, cfg: AblateConfig = AblateConfig(), out_dir: str
     pred, real = [p for p, _ in pooled], [r for _, r in pooled]
     meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe(),
+        "created": utc_now(),
+        "machine": record(),
         "run_dir": str(rd),
         "model": meta.get("model"),
         "baseline_test_acc": meta.get("test_acc"),
@@ -198,16 +165,15 @@ def format_ablation(report: dict) -> str:
         f"{', budget filled after repair' if c.get('fill_budget') else ''}; baseline test "
         f"{report.get('baseline_test_acc')} %",
         "",
-        "| variant | final ORT top-1 % | best search val % | effective ratio | real evals | winner found at eval "
-        "| search s |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for v, s in report["summary"].items():
-        lines.append(f"| {v} | {_ms(s['final_top1'], '.2f')} | {_ms(s['best_val'], '.2f')} | "
-                     f"{_ms(s['effective_ratio'], '.2f')} | {_ms(s['real_evals'], '.1f')} | "
-                     f"{_ms(s['evals_to_best'], '.1f')} | {_ms(s['search_wall_s'], '.0f')} |")
+    head = ["variant", "final ORT top-1 %", "best search val %", "effective ratio", "real evals",
+            "winner found at eval", "search s"]
+    lines += md_table(head, ([v, _ms(s["final_top1"], ".2f"), _ms(s["best_val"], ".2f"),
+                              _ms(s["effective_ratio"], ".2f"), _ms(s["real_evals"], ".1f"),
+                              _ms(s["evals_to_best"], ".1f"), _ms(s["search_wall_s"], ".0f")]
+                             for v, s in report["summary"].items()))
     sur = report["surrogate"]
-    rho = "-" if sur["spearman"] is None else f"{sur['spearman']:.2f}"
+    rho = fmt(sur["spearman"], ".2f")
     lines += ["", f"Mean ± sample std over seeds. Surrogate predicted vs real accuracy, pooled over the runs that "
               f"use it: Spearman {rho} on {sur['points']} points (each predicted before the surrogate saw it)."]
     return "\n".join(lines) + "\n"

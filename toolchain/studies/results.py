@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from hirelc import runs
-from hirelc.ablate import ABLATION_JSON, format_ablation
-from hirelc.bench import BENCH_JSON, format_bench
 from hirelc.errors import HirelcError
-from hirelc.machine import describe
+from hirelc.machine import record
+from hirelc.report import dominates
+from hirelc.studies.ablate import ABLATION_JSON, format_ablation
+from hirelc.studies.bench import BENCH_JSON, format_bench
 
 START, END = "<!-- hirelc-results:start -->", "<!-- hirelc-results:end -->"
 UNIFORM = ("ort-int8", "uniform-w4", "uniform-int8", "prune-int8")  # the one-setting-for-all baselines
@@ -54,14 +56,9 @@ def bench_command(report: dict) -> str:
 
 def ablation_command(report: dict) -> str:
     c = report["config"]
-    return (f"hirelc ablate -r {report['run_dir']} --seeds {','.join(map(str, c['seeds']))} "
-            f"--variants {','.join(c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
+    return (f"hirelc ablate -r {report['run_dir']} {' '.join(f'--seed {s}' for s in c['seeds'])} "
+            f"{' '.join(f'--variant {v}' for v in c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
             f"--qat-epochs {c['qat_epochs']:g}" + (" --fill-budget" if c.get("fill_budget") else ""))
-
-
-def _dominates(a: dict, b: dict, x) -> bool:
-    """a is at least as good as b on both axes (accuracy up, x down) and better on one."""
-    return a["top1"] >= b["top1"] and x(a) <= x(b) and (a["top1"] > b["top1"] or x(a) < x(b))
 
 
 def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
@@ -81,7 +78,8 @@ def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
         if axis == "latency" and "8" not in h["latency_ms"]:
             continue
         others = [m for m in UNIFORM if m in rows]
-        beaten_by = [m for m in others if _dominates(rows[m], h, x)]
+        # accuracy up, x down
+        beaten_by = [m for m in others if dominates((rows[m]["top1"], -x(rows[m])), (h["top1"], -x(h)))]
         goals.append((f"on or beyond the Pareto front of the uniform baselines ({what})", not beaten_by,
                       "dominated by " + ", ".join(beaten_by) if beaten_by else
                       f"no uniform baseline ({', '.join(others)}) is both {better} and more accurate"))
@@ -141,8 +139,6 @@ def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> d
     when taken in this call), holding the report file, its Markdown and its PNG plots, so the section can be
     rebuilt later from ``dest`` alone. Returns the plots' paths relative to ``base`` (where the Markdown file
     lies), per report file. A report already inside its folder there is used in place."""
-    import shutil
-
     dest, out, used = Path(dest), {}, set()
     for p in paths:
         kind, rep = load(p)
@@ -180,7 +176,7 @@ def results_section(paths: list[str | Path], info: dict | None = None,
     loaded = [load(p) for p in paths]
     figures = [(plots or {}).get(_report_file(p), []) for p in paths]
     # the machine each report recorded when it ran (this one, described once, for reports too old to say)
-    here = info or (None if all(rep.get("machine") for _, rep in loaded) else describe())
+    here = info or (None if all(rep.get("machine") for _, rep in loaded) else record())
     recorded = [info or rep.get("machine") or here for _, rep in loaded]
     one = all(m == recorded[0] for m in recorded)
     lines = [

@@ -1,0 +1,38 @@
+"""Quantization-aware fine-tuning of a lowered model (straight-through estimator through the quantizers)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from hirelc.options import LowerConfig
+from hirelc.train import TrainConfig, evaluate, fit
+
+
+def fine_tune(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True) -> tuple[dict, bool | None]:
+    """Fine-tune ``model`` in place for ``cfg.epochs`` (capped at ``cfg.max_steps``) on the training split.
+
+    Returns the training record (steps, wall time, loss, and the validation accuracy before / after when
+    ``cfg.keep_best``) and whether the fine-tuned weights were kept: ``None`` without a check, ``False`` when
+    fine-tuning lowered validation accuracy and the calibrated weights were restored.
+    """
+    if not (cfg.epochs > 0 or (cfg.max_steps or 0) > 0):
+        return {"steps": 0, "wall_s": 0.0, "loss": None}, None
+    loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    steps = int(round(cfg.epochs * len(loader)))
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps) if steps else cfg.max_steps
+    tcfg = TrainConfig(epochs=max(1, int(-(-steps // len(loader)))), batch_size=cfg.batch_size, lr=cfg.lr,
+                       weight_decay=0.0, label_smoothing=0.0, warmup_frac=0.02, seed=cfg.seed, max_steps=steps)
+    before = copy.deepcopy(model.state_dict()) if cfg.keep_best else None
+    acc_before = evaluate(model, bundle.loader("val", 256)) if cfg.keep_best else None
+    record = fit(model, loader, tcfg, desc="QAT fine-tune", progress=progress)
+    if not cfg.keep_best:
+        return record, None
+    acc_after = evaluate(model, bundle.loader("val", 256))
+    kept = acc_after >= acc_before
+    record.update(val_before=acc_before, val_after=acc_after)
+    if not kept:  # a short fine-tune can hurt a well-converged model; the calibrated one stays
+        model.load_state_dict(before)
+    return record, kept
