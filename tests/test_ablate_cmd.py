@@ -8,10 +8,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from hirelc.studies.ablate import ABLATION_JSON, VARIANTS, AblateConfig, ablate, evals_to_best, mean_std
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import run_bundle
+from hirelc.studies.ablate import ABLATION_JSON, VARIANTS, AblateConfig, ablate, evals_to_best, mean_std
 
 # One agent per level in every run keeps the searches cheap: these tests cover the ablation machinery; what each
 # switch does to the search is tested in tests/search. The default run ablates two variants on one seed; the slow
@@ -162,7 +162,7 @@ def test_outputs_are_written_and_a_finished_ablation_is_not_overwritten(ablated)
     assert "| full |" in md and "| no-surrogate |" in md and " ± " in md
     assert (out / "ablation.png").stat().st_size > 0
     before = (out / ABLATION_JSON).read_bytes()
-    res = CliRunner().invoke(app, ["ablate", "-r", str(rd), "--variants", "full", "--seeds", "0"])
+    res = CliRunner().invoke(app, ["ablate", "-r", str(rd), "--variant", "full", "--seed", "0"])
     assert res.exit_code == 2 and "already holds a finished ablation" in res.output
     assert (out / ABLATION_JSON).read_bytes() == before
 
@@ -186,10 +186,10 @@ def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):
 def test_cli_bad_input_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path / "none")])
     assert res.exit_code == 2 and "Traceback" not in res.output
-    res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path), "--seeds", "a,b"])
-    assert res.exit_code == 2 and "--seeds must be comma-separated integers" in res.output
-    res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path), "--variants", "nope"])
-    assert res.exit_code == 2 and "unknown ablation variant" in res.output
+    res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path), "--seed", "a"])
+    assert res.exit_code == 2 and "Invalid value for '--seed'" in res.output
+    res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path), "--variant", "nope"])
+    assert res.exit_code == 2 and "'nope' is not one of" in res.output
 
 
 # slow: one more search; --fill-budget itself is tested in tests/search

@@ -250,4 +250,4 @@ def test_corrupt_provenance_is_named(copy):
 def test_reports_are_strict_json(run):
     rd = run[0]
     for name in (runs.REPORT_JSON, runs.LOWER_REPORT, runs.PROVENANCE, runs.BASELINE_META):
-        json.loads((rd / name).read_text(), parse_constant=lambda c: pytest.fail(f"{name} holds {c}"))
+        json.loads((rd / name).read_text(), parse_constant=lambda c, name=name: pytest.fail(f"{name} holds {c}"))

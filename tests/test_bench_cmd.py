@@ -8,12 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from hirelc import runs
-from hirelc.studies.bench import METHODS, BenchConfig, bench, uniform_keep_for_params
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.pipeline import DataOptions, train_stage
 from hirelc.pipeline import run_bundle
-from hirelc.train import TrainConfig
+from hirelc.studies.bench import METHODS, BenchConfig, bench, uniform_keep_for_params
 
 # one searched method in the default run (random and flat share its code path, and the engine tests cover
 # their search behaviour); the slow test runs all eight

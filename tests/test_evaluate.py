@@ -11,6 +11,7 @@ import torch
 import hirelc.evaluate as E
 from hirelc import lower as L
 from hirelc.evaluate import FastProxy, Predictors, RealEvaluator
+from hirelc.export import ORT_PROBE
 from hirelc.policy import PRESETS
 from hirelc.train import predict_logits
 
@@ -26,7 +27,7 @@ def test_saliency_is_measured_once_for_every_pruned_candidate(evaluator, monkeyp
     b, ev = evaluator
     calls = []
     real = L.channel_saliency
-    monkeypatch.setattr(L, "channel_saliency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(E, "channel_saliency", lambda *a, **k: calls.append(1) or real(*a, **k))
     pruned = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
     unpruned = PRESETS["int8"].resolve(list(b.topo.layers))
     assert ev.saliency(unpruned) is None  # nothing to rank when no layer is pruned
@@ -84,8 +85,8 @@ def test_fast_proxy_leaves_the_baseline_alone_and_repeats_itself(built, bundle):
 
 
 def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle, tmp_path, monkeypatch):
-    from hirelc.evaluate import load_or_measure_graph_bytes
     from hirelc.export import export_lowered
+    from hirelc.pipeline import load_or_measure_graph_bytes
 
     b = built("test_vit")
     model = copy.deepcopy(b.model)
@@ -94,20 +95,20 @@ def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle,
             p.add_(torch.rand_like(p) * 0.01)
     graph = load_or_measure_graph_bytes(tmp_path, model, b.topo)
     assert graph > 4096  # a ViT's graph is far more than the fixed allowance
-    measured = []
+    calls = []
     with monkeypatch.context() as m:  # the measurement, replaced where load_or_measure_graph_bytes looks it up
         m.setattr(sys.modules[load_or_measure_graph_bytes.__module__], "measure_graph_bytes",
-                  lambda *a, **k: measured.append(1) or 1234)
+                  lambda *a, **k: calls.append(1) or 1234)
         assert load_or_measure_graph_bytes(tmp_path, model, b.topo) == graph  # read back, not measured again
-        assert measured == []
+        assert calls == []
         # another model's layers: the file does not apply, and it is measured (by the function replaced here)
         assert load_or_measure_graph_bytes(tmp_path, built("test_resnet").model, built("test_resnet").topo) == 1234
-        assert measured == [1]
+        assert calls == [1]
     measured, fixed = Predictors(model, b.topo, graph_bytes=graph), Predictors(model, b.topo)
     for preset in ("w4-prune50", "int8"):
         layers = PRESETS[preset].resolve(list(b.topo.layers))
         low, _ = L.lower_model(model, b.topo, layers, bundle, L.LowerConfig(max_steps=0, batch_size=16,
-                               calib_batches=1), progress=False)
+                               calib_batches=1), progress=False, probe=ORT_PROBE)
         path = tmp_path / f"{preset}.onnx"
         export_lowered(low, b.topo.input_shape, path)
         real = path.stat().st_size

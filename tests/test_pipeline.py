@@ -195,15 +195,17 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
                     + share * (table["rest_ms"] - table["int8_rest_ms"]))
         assert predict({**int8, name: LayerPolicy(bits=None)}) == pytest.approx(expected, rel=1e-9), name
     # and a policy between the pruning anchors, lowered and timed the real way, runs about as fast as predicted
+    # (loosely: sub-millisecond medians on a shared CPU differ up to 2x between sessions)
     from hirelc.latency import time_lowered
 
     mid = uniform_policy(specs, 8, (1.0 + ANCHOR_KEEP) / 2)
     measured = time_lowered(model, topo, mid, batch=8, runs_=20, path=tmp_path / "mid.onnx")
-    assert 0.5 < predict(mid) / measured < 2.0, (predict(mid), measured)
+    assert 1 / 3 < predict(mid) / measured < 3, (predict(mid), measured)
 
     # lowering in a run directory with this table records the prediction; verify sets it beside the measurement
     from hirelc.export.verify import _latency_prediction
-    from hirelc.latency import LATENCY_TABLE, stored_prediction
+    from hirelc.latency import LATENCY_TABLE
+    from hirelc.pipeline import load_or_measure, stored_prediction
 
     rd = tmp_path / "with_table"
     rd.mkdir()
@@ -223,9 +225,9 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
     assert stored_prediction(rd, topo, uniform_policy(list(topo.layers), 8, 1.0)) is None
     calls = []
     monkeypatch.setattr(L, "measure_latency_table", lambda *a, **k: calls.append(1) or table)
-    assert L.load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]
+    assert load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]
     assert runs.read_json(rd / LATENCY_TABLE, "t")["machine"] == L.machine_key()
-    assert L.load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]  # reused
+    assert load_or_measure(rd, model, topo, batch=8, progress=False) == table and calls == [1]  # reused
 
 
 def test_latency_formats():

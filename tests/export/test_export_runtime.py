@@ -85,11 +85,12 @@ def test_fused_op_counts_count_what_ort_runs(run_dir):
     assert fp32["QLinearConv"] == fp32["QuantizeLinear"] == fp32["DequantizeLinear"] == 0
     hirelc = fused_op_counts(run_dir / runs.HIRELC_ONNX)
     assert hirelc["QLinearConv"] == n_conv  # every conv's output is re-quantized: each one fuses
-    assert hirelc["Conv"] + hirelc["FusedConv"] == 0
+    assert hirelc["MatMulIntegerToFloat"] == fp32["Gemm"] == 1  # the classifier: integer weights, float output
+    assert sum(hirelc[op] for op in ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")) == 0
     assert hirelc["QuantizeLinear"] > 0  # the float input still enters through a QuantizeLinear
-    # without graph optimizations nothing fuses: the counts are of the graph ORT runs, not of the file
+    # at ORT's basic level no QDQ group fuses: the counts are of the graph ORT runs, not of the file
     plain = fused_op_counts(run_dir / runs.HIRELC_ONNX, level="basic")
-    assert plain["QLinearConv"] <= hirelc["QLinearConv"]
+    assert plain["QLinearConv"] == 0 and plain["Conv"] == n_conv and plain["DequantizeLinear"] > 0
 
 
 def test_unfused_layers_are_the_convs_feeding_residual_adds(lower):

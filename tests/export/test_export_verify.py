@@ -11,6 +11,7 @@ import pytest
 from hirelc import runs
 from hirelc.errors import HirelcError
 from hirelc.export import VerifyConfig, check_gate, export_fp32, export_lowered, format_table, verify_run
+from hirelc.pipeline import lowered_reference
 
 pytestmark = pytest.mark.ort
 
@@ -25,7 +26,7 @@ def verified(run_dir, bundle, tmp_path_factory):
     """(a copy of the shared run directory, its report): verify writes report.json and report.md into it."""
     rd = tmp_path_factory.mktemp("verified") / "run"
     shutil.copytree(run_dir, rd)
-    return rd, verify_run(rd, bundle, QUICK)
+    return rd, verify_run(rd, bundle, QUICK, reference=lowered_reference(rd))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_a_model_onnx_that_is_not_the_lowered_model_fails_parity(tmp_path, run_d
     rd.mkdir()
     shutil.copy(run_dir / runs.LOWERED_MODEL, rd / runs.LOWERED_MODEL)
     _negated_logits(run_dir / runs.HIRELC_ONNX, rd / runs.HIRELC_ONNX)
-    rep = verify_run(rd, bundle, VerifyConfig(runs=1, warmup=0, batch_sizes=(1,), parity_samples=200, memory=False))
+    rep = verify_run(rd, bundle, VerifyConfig(runs=1, warmup=0, batch_sizes=(1,), parity_samples=200, memory=False),
+                     reference=lowered_reference(rd))
     p, ok = rep["parity"], report["parity"]
     assert p["status"] == "ok" and p["samples"] == 200
     assert p["top1_agreement"] < 50.0 <= ok["top1_agreement"]

@@ -27,23 +27,14 @@ import statistics
 import time
 from pathlib import Path
 
-from hirelc import runs
+from hirelc import pipeline, runs
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
-from hirelc.machine import record
 from hirelc.options import VARIANTS, AblateConfig  # noqa: F401 (part of this API)
-from hirelc.pipeline import (
-    export_stage,
-    load_or_measure_graph_bytes,
-    lower_stage,
-    prepare_latency,
-    run_bundle,
-    search_stage,
-    share_latency,
-)
-from hirelc.report import fmt, md_table, utc_now
+from hirelc.report import fmt, md_table
 from hirelc.search.plots import plot_ablation, plot_surrogate
 from hirelc.search.surrogate import spearman
+from hirelc.studies import report_header
 from hirelc.topology import build_topology
 from hirelc.train import load_baseline, set_threads
 
@@ -79,25 +70,25 @@ def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
     in ``rd``; every run's folder links or copies them."""
     model, mcfg, _ = load_baseline(rd)
     topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
-    load_or_measure_graph_bytes(rd, model, topo)
-    prepare_latency(rd, model, mcfg, topo, reference=reference)
+    pipeline.load_or_measure_graph_bytes(rd, model, topo)
+    pipeline.prepare_latency(rd, model, mcfg, topo, reference=reference)
 
 
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     runs.link_baseline(rd, sub)
-    share_latency(rd, sub)
+    pipeline.share_latency(rd, sub)
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
-        search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
+        pipeline.search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
                      latency_budget=cfg.latency_budget,
                      overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")
-        lower_stage(sub, str(sub / runs.POLICY),
+        pipeline.lower_stage(sub, str(sub / runs.POLICY),
                     LowerConfig(epochs=cfg.qat_epochs, max_steps=cfg.lower_max_steps, seed=seed), progress=progress)
-        export_stage(sub)
+        pipeline.export_stage(sub)
     top1 = ort_accuracy(make_session(sub / runs.HIRELC_ONNX), bundle.test.x.numpy(), bundle.test.y.numpy())
     history = _read_history(sub / "search.jsonl")
     report = runs.read_json(sub / runs.LOWER_REPORT, "lower report")
@@ -118,7 +109,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation")
     set_threads()
     t0 = time.time()
-    bundle = run_bundle(rd)
+    bundle = pipeline.run_bundle(rd)
     _share_graph_bytes(rd, reference=cfg.latency_budget)
     rows = [_one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
             for v in cfg.variants for s in cfg.seeds]
@@ -126,13 +117,8 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
                for v in cfg.variants}
     pooled = [p for r in rows if VARIANTS[r["variant"]].get("use_surrogate", True) for p in r["surrogate_points"]]
     pred, real = [p for p, _ in pooled], [r for _, r in pooled]
-    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
-        "created": utc_now(),
-        "machine": record(),
-        "run_dir": str(rd),
-        "model": meta.get("model"),
-        "baseline_test_acc": meta.get("test_acc"),
+        **report_header(rd),
         "config": {**dataclasses.asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
         "wall_s": round(time.time() - t0, 1),
         "runs": rows,

@@ -31,7 +31,6 @@ from hirelc.cost import policy_storage
 from hirelc.export import export_fp32, ort_int8_baseline
 from hirelc.export.runtime import benchmark_interleaved, make_session, ort_accuracy
 from hirelc.lower import LowerConfig
-from hirelc.machine import record
 from hirelc.options import METHODS, BenchConfig  # noqa: F401 (part of this API)
 from hirelc.pipeline import (
     export_stage,
@@ -43,8 +42,9 @@ from hirelc.pipeline import (
     share_latency,
 )
 from hirelc.policy import PRESETS, LayerPolicy, Policy
-from hirelc.report import fmt, md_table, utc_now
+from hirelc.report import fmt, md_table
 from hirelc.search.plots import plot_bench
+from hirelc.studies import report_header
 from hirelc.topology import build_topology
 from hirelc.train import load_baseline, set_threads
 
@@ -183,12 +183,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
                                 for b, v in r["latency_ms"].items()}
         r["speedup_vs_ort_int8"] = {b: (rows["ort-int8"]["latency_ms"][b] / v if "ort-int8" in rows else None)
                                     for b, v in r["latency_ms"].items()}
-    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
     report = {
-        "created": utc_now(),
-        "machine": record(),
-        "run_dir": str(rd),
-        "model": meta.get("model"),
+        **report_header(rd),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
         "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
         "build_wall_s": round(build_s, 1),
