@@ -477,7 +477,7 @@ def test_lowered_file_loads_in_a_fresh_interpreter(tmp_path, bundle):
 
 @pytest.mark.parametrize("val_before,val_after", [(50.0, 40.0), (40.0, 50.0)])
 def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypatch, val_before, val_after):
-    import hirelc.lower as L
+    import hirelc.lower.qat as qat
 
     b = built("test_resnet")
     layers = PRESETS["int8"].resolve(list(b.topo.layers))
@@ -490,8 +490,8 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
         return {"steps": 3, "loss": 1.0, "wall_s": 0.0}
 
     scores = iter([val_before, val_after])
-    monkeypatch.setattr(L, "fit", harmful_fit)
-    monkeypatch.setattr(L, "evaluate", lambda model, loader: next(scores))
+    monkeypatch.setattr(qat, "fit", harmful_fit)
+    monkeypatch.setattr(qat, "evaluate", lambda model, loader: next(scores))
     low, info = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=3, calib_batches=2),
                             progress=False, probe=ORT_PROBE)
     assert info["qat_val_before"] == val_before and info["qat_val_after"] == val_after
