@@ -404,6 +404,11 @@ def test_convs_feeding_residual_adds_get_output_quantizers(bundle):
         assert ("layer1.0.conv2" in with_out) is expect, (preset, with_out)
         assert "fc" not in with_out  # the head keeps float logits: it runs as MatMulIntegerToFloat
         assert all(low.get_submodule(n).out_act.calibrated for n in with_out)
+    # without a runtime to ask, only layer inputs are quantized: no output or residual-block quantizers
+    low, info = lower_model(model, topo, PRESETS["int8"].resolve(list(topo.layers)), bundle,
+                            LowerConfig(epochs=0, max_steps=0), progress=False)
+    assert info["output_quantized_layers"] == 0 and info["input_quantized_blocks"] == 0
+    assert all(getattr(low.get_submodule(n), "out_act", None) is None for n in topo.names)
 
 
 class _Payload:
