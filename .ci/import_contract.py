@@ -112,7 +112,10 @@ def _visit(node: ast.AST, in_function: bool, module: str, path: Path, lines: lis
            known: set[str], edges: dict[str, set[str]], problems: list[str]) -> None:
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _type_checking(child):
-            continue  # annotations only: never executed
+            # the body is for annotations only; an else branch runs
+            _visit(ast.Module(body=child.orelse, type_ignores=[]), in_function, module, path, lines, is_package,
+                   known, edges, problems)
+            continue
         if isinstance(child, (ast.Import, ast.ImportFrom)):
             targets = _targets(child, module, is_package, known)
             ours = [t for t in targets if _within(t, "hirelc")]

@@ -15,7 +15,8 @@ key                            meaning
 ``data``                       dataset ``name``, ``fingerprint``, ``test_samples`` used for accuracy
 ``machine``                    ``platform``, ``processor``, ``cpu`` (model name), ``isa`` (the int8-relevant
                                instruction sets it has: avx2, avx512f, avx512_vnni, avx_vnni, amx_int8),
-                               ``cpu_count``, ``python``, ``onnxruntime``, ``threads``,
+                               ``cpu_count``, ``cores``, ``system``, ``python``, ``onnxruntime``, ``torch``,
+                               ``threads``,
                                ``intra_op_spinning`` (false: idle ORT threads do not busy-wait)
 ``providers``                  provider -> ``"used"`` (CPUExecutionProvider), ``"available, not used"`` or
                                ``"unavailable"`` (CUDAExecutionProvider, TensorrtExecutionProvider)
@@ -99,7 +100,7 @@ Reference = Callable[[np.ndarray], np.ndarray]  # inputs -> the lowered PyTorch 
 def _parity(reference: Reference | None, sess, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
     """hirelc ONNX (ORT) vs the lowered PyTorch model (``reference``) on the same samples."""
     if reference is None:
-        return {"status": "skipped", "note": f"no PyTorch reference ({runs.LOWERED_MODEL} missing)", "samples": 0,
+        return {"status": "skipped", "note": f"no PyTorch reference ({runs.LOWERED_MODEL} missing, or none given)", "samples": 0,
                 "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None,
                 "pytorch_top1": None, "onnx_top1": None}
     ref = np.asarray(reference(x))

@@ -60,6 +60,9 @@ def test_each_kind_of_violation_is_reported(contract, tmp_path):
         "k/quant.py": "from hirelc import validate\n",  # kernels may import only hirelc.errors
         "t/validate.py": "",
         "t/errors.py": "",
+        "t/cost.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    pass\nelse:\n"
+                     "    from hirelc import studies\n",  # an else branch of TYPE_CHECKING runs: upward
+        "t/studies/__init__.py": "",
     })
     problems = contract.check(root, {"t": "hirelc", "k": "hirelc.kernels"})
     text = "\n".join(problems)
@@ -71,8 +74,9 @@ def test_each_kind_of_violation_is_reported(contract, tmp_path):
     assert "hirelc.search imports hirelc.latency, which hirelc.search must not use" in text
     assert "hirelc.stray: in no layer" in text
     assert "hirelc.kernels.quant imports hirelc.validate: hirelc.kernels may import only" in text
+    assert "hirelc.cost (core) imports hirelc.studies (studies), a layer above it" in text
     assert "hirelc.data" not in text and "hirelc.cli" not in text
-    assert len(problems) == 8, problems
+    assert len(problems) == 9, problems
 
 
 def test_a_clean_tree_passes(contract, tmp_path):

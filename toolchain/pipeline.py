@@ -207,13 +207,16 @@ def check_provenance(rd: Path) -> None:
 
 def lowered_reference(rd: Path, eval_batch: int = 256):
     """The logits of the run directory's lowered.pt as a function of test inputs (what verify compares model.onnx
-    with), or None when there is no lowered.pt."""
+    with), or None when there is no lowered.pt. The file is loaded on the first call, so a run directory
+    verified without a model.onnx never reads it."""
     if not (rd / runs.LOWERED_MODEL).is_file():
         return None
-    model = load_lowered(rd / runs.LOWERED_MODEL)["model"]
+    loaded: list[nn.Module] = []
 
     def logits(x: np.ndarray) -> np.ndarray:
-        return predict_logits(model, torch.from_numpy(x), eval_batch).numpy()
+        if not loaded:
+            loaded.append(load_lowered(rd / runs.LOWERED_MODEL)["model"])
+        return predict_logits(loaded[0], torch.from_numpy(x), eval_batch).numpy()
 
     return logits
 

@@ -63,7 +63,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
             outs, blocks = placement[key]
             place_quantizers(m, outs, blocks, cfg)
         else:
-            outs = add_output_quantizers(m, topo.input_shape, cfg, probe) if cfg.fuse_outputs and probe else []
+            outs = add_output_quantizers(m, topo.input_shape, cfg, probe) if cfg.fuse_outputs and probe is not None else []
             if outs:
                 blocks = add_block_quantizers(m, topo, outs, cfg, probe) if cfg.fuse_adds else []
             if key is not None:
