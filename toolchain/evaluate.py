@@ -27,7 +27,7 @@ from hirelc.cost import group_keeps, kept_shape, scale_count
 from hirelc.export import ORT_PROBE, export_lowered
 from hirelc.export.onnx_export import fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
-from hirelc.latency import _NoiseData, predict_latency
+from hirelc.latency import lowered_on_noise, predict_latency
 from hirelc.lower import LowerConfig, channel_saliency, fold_batchnorm, lower_model, saliency_batches, select_channels
 from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, get_policy
 from hirelc.qmodules import weight_code_bits
@@ -147,8 +147,7 @@ def measure_graph_bytes(model: nn.Module, topo: Topology) -> int:
     layer has fewer nodes than a quantized one, so the int8 graph is the upper bound.
     """
     layers = get_policy("int8").resolve(list(topo.layers))
-    lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
-                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False, probe=ORT_PROBE)
+    lowered = lowered_on_noise(model, topo, layers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
         export_lowered(lowered, topo.input_shape, path, check_runtime=False)

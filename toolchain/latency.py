@@ -83,10 +83,6 @@ def _input_shapes(model: nn.Module, topo: Topology) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _time_onnx(path: Path, shape: tuple[int, ...], runs_: int) -> float:
-    return median_latency(path, shape, runs=runs_, warmup=3)
-
-
 def _single_layer(mod: nn.Module, lp: LayerPolicy | None, in_shape: tuple[int, ...]) -> nn.Module:
     """``mod`` alone, quantized as lowering would quantize it inside the network."""
     wrap = nn.Sequential(copy.deepcopy(mod))
@@ -112,13 +108,18 @@ class _NoiseData:
         return [(x, torch.zeros(batch_size, dtype=torch.long))]
 
 
+def lowered_on_noise(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]) -> nn.Module:
+    """``model`` lowered for ``layers`` the real way (ORT-placed quantizers) but without fine-tuning and with
+    activation ranges from one batch of noise: enough to measure its graph's time or bytes, not its accuracy."""
+    return lower_model(model, topo, layers, _NoiseData(topo.input_shape),
+                       LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False, probe=ORT_PROBE)[0]
+
+
 def time_lowered(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy], batch: int, runs_: int,
                  path: Path) -> float:
     """Lower ``model`` for ``layers`` the real way (no fine-tuning, ranges from noise), export, time it."""
-    lowered, _ = lower_model(model, topo, layers, _NoiseData(topo.input_shape),
-                             LowerConfig(epochs=0, batch_size=16, calib_batches=1), progress=False, probe=ORT_PROBE)
-    export_lowered(lowered, topo.input_shape, path, check_runtime=False)  # timed next
-    return _time_onnx(path, (batch, *topo.input_shape[1:]), runs_)
+    export_lowered(lowered_on_noise(model, topo, layers), topo.input_shape, path, check_runtime=False)  # timed next
+    return median_latency(path, (batch, *topo.input_shape[1:]), runs=runs_, warmup=3)
 
 
 def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> tuple[float, float]:
@@ -153,7 +154,7 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "full.onnx"
         export_fp32(model, topo.input_shape, full)
-        table["fp32_model_ms"] = _time_onnx(full, (batch, *topo.input_shape[1:]), runs_)
+        table["fp32_model_ms"] = median_latency(full, (batch, *topo.input_shape[1:]), runs=runs_, warmup=3)
         bar = tqdm(topo.layers, desc="latency table", disable=not progress, leave=False)
         for s in bar:
             in_shape = shapes[s.name]
@@ -165,7 +166,7 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
                     export_fp32(wrap, in_shape, path)
                 else:
                     export_lowered(wrap, in_shape, path, check_runtime=False)  # timed next: it loads or fails there
-                row[key] = _time_onnx(path, (batch, *in_shape[1:]), runs_)
+                row[key] = median_latency(path, (batch, *in_shape[1:]), runs=runs_, warmup=3)
             table["layers"][s.name] = row
         int8 = uniform_policy(list(topo.layers), 8, 1.0)
         table["int8_model_ms"] = time_lowered(model, topo, int8, batch, runs_, Path(tmp) / "int8.onnx")

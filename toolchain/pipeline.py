@@ -8,6 +8,7 @@ reload exactly that data from it, so ``hirelc lower --run-dir R`` needs no data 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import tempfile
@@ -211,12 +212,10 @@ def lowered_reference(rd: Path, eval_batch: int = 256):
     verified without a model.onnx never reads it."""
     if not (rd / runs.LOWERED_MODEL).is_file():
         return None
-    loaded: list[nn.Module] = []
+    model = functools.cache(lambda: load_lowered(rd / runs.LOWERED_MODEL)["model"])
 
     def logits(x: np.ndarray) -> np.ndarray:
-        if not loaded:
-            loaded.append(load_lowered(rd / runs.LOWERED_MODEL)["model"])
-        return predict_logits(loaded[0], torch.from_numpy(x), eval_batch).numpy()
+        return predict_logits(model(), torch.from_numpy(x), eval_batch).numpy()
 
     return logits
 
