@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -70,22 +71,45 @@ def _load(model: str | Path | bytes, so, providers: list[str]):
         raise HirelcError(f"ONNX Runtime cannot load {where}: {msg}") from None
 
 
-def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None, spin: bool = False):
+def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None, spin: bool = False,
+                 provider_options: dict | None = None, profile_prefix: str | None = None):
     """An ``InferenceSession`` on ``provider`` ("cpu", "cuda", "tensorrt"); threads default to all cores.
 
     ``spin=False`` (the default) stops idle intra-op threads from busy-waiting, so that sessions timed side by
     side do not slow each other down; a single latency-critical session in production may prefer ``True``.
+    ``provider_options`` go to the requested provider; ``profile_prefix`` turns on ORT's profiler.
     """
     if provider not in PROVIDERS:
         raise HirelcError(f"unknown provider {provider!r} (use {', '.join(PROVIDERS)})")
     name = PROVIDERS[provider]
-    if not available_providers()[name]:
-        raise HirelcError(f"{name} is unavailable in this onnxruntime build (available: CPUExecutionProvider)")
-    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]  # CPU: ops the EP lacks
-    sess = _load(path, _session_options(threads, spin=spin), providers)
+    have = available_providers()
+    if not have[name]:
+        raise HirelcError(f"{name} is unavailable in this onnxruntime build "
+                          f"(available: {', '.join(k for k, v in have.items() if v)})")
+    if provider != "cpu":
+        _preload_gpu_libraries()
+    # CPU as the second provider runs the ops the accelerator lacks (what_ran reports how many)
+    providers = [(name, provider_options or {})] + ([] if provider == "cpu" else ["CPUExecutionProvider"])
+    so = _session_options(threads, spin=spin)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    sess = _load(path, so, providers)
     if name not in sess.get_providers():
         raise HirelcError(f"{name} failed to initialise for {path if not isinstance(path, bytes) else 'model'}")
     return sess
+
+
+def _preload_gpu_libraries() -> None:
+    """Load the CUDA, cuDNN and TensorRT libraries of the pip wheels (onnxruntime-gpu >= 1.21), so that no system
+    CUDA is needed; a no-op on builds without ``preload_dlls``."""
+    import onnxruntime as ort  # imported on use, as in all of hirelc.export
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # a missing library shows up as the provider failing to initialise, with its name
+            pass
 
 
 def ort_predict(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -127,7 +151,8 @@ def fused_op_counts(path: str | Path | bytes, level: str = "all") -> dict[str, i
 def benchmark_interleaved(paths: dict[str, str | Path], input_shape: tuple[int, ...], batch_sizes=(1, 8),
                           runs: int = 50, warmup: int = 5, threads: int | None = None,
                           seed: int = 0) -> dict[str, dict[int, dict]]:
-    """Latency of several models measured side by side: ``{name: {batch: {median_ms, p90_ms, mean_ms, runs}}}``.
+    """Latency of several models measured side by side on ONNX Runtime CPU:
+    ``{name: {batch: {median_ms, p90_ms, mean_ms, runs}}}``.
 
     Sessions are created once; then each round runs every model once, in an order rotated every round, so
     the noise of a shared machine falls on all models alike. ``input_shape`` is one sample's (C, H, W) or
@@ -135,32 +160,47 @@ def benchmark_interleaved(paths: dict[str, str | Path], input_shape: tuple[int, 
     """
     if not paths:
         raise HirelcError("benchmark: no models given")
+    return benchmark_runners({k: _ort_runner(make_session(p, threads=threads)) for k, p in paths.items()},
+                             input_shape, batch_sizes, runs, warmup, seed)
+
+
+def benchmark_runners(runners: dict[str, Callable[[np.ndarray], object]], input_shape: tuple[int, ...],
+                      batch_sizes=(1, 8), runs: int = 50, warmup: int = 5,
+                      seed: int = 0) -> dict[str, dict[int, dict]]:
+    """Like :func:`benchmark_interleaved`, for models already loaded: ``runners`` map a name to a function
+    running one batch (an ONNX Runtime session, an OpenVINO request, ...)."""
+    if not runners:
+        raise HirelcError("benchmark: no models given")
     if runs < 1:
         raise HirelcError(f"benchmark: runs must be >= 1, got {runs}")
-    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
     shape = tuple(input_shape)[-3:]
     rng = np.random.default_rng(seed)
-    result: dict[str, dict[int, dict]] = {k: {} for k in sessions}
+    result: dict[str, dict[int, dict]] = {k: {} for k in runners}
     for b in batch_sizes:
-        times = _timed_rounds(sessions, rng.standard_normal((b, *shape), dtype=np.float32), runs, warmup)
+        times = _timed_rounds(runners, rng.standard_normal((b, *shape), dtype=np.float32), runs, warmup)
         for k, t in times.items():
             result[k][b] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
                             "mean_ms": float(t.mean()), "runs": int(t.size)}
     return result
 
 
-def _timed_rounds(sessions: dict, feed: np.ndarray, runs: int, warmup: int) -> dict[str, np.ndarray]:
-    """Milliseconds of each session's run on ``feed``, ``warmup + runs`` rounds, the first ``warmup`` not
-    kept; every round runs each session once, in an order rotated from round to round."""
-    names = list(sessions)
+def _ort_runner(sess) -> Callable[[np.ndarray], object]:
+    name = sess.get_inputs()[0].name
+    return lambda feed: sess.run(None, {name: feed})
+
+
+def _timed_rounds(runners: dict[str, Callable[[np.ndarray], object]], feed: np.ndarray, runs: int,
+                  warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each runner's call on ``feed``, ``warmup + runs`` rounds, the first ``warmup`` not
+    kept; every round runs each model once, in an order rotated from round to round."""
+    names = list(runners)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(warmup + runs):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
-            sess = sessions[k]
-            inp = sess.get_inputs()[0].name
+            run = runners[k]
             t0 = time.perf_counter()
-            sess.run(None, {inp: feed})
+            run(feed)
             if r >= warmup:
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: np.asarray(v) for k, v in times.items()}
@@ -170,7 +210,8 @@ def median_latency(path: str | Path | bytes, shape: tuple[int, ...], runs: int =
                    seed: int = 0, threads: int | None = None) -> float:
     """Median milliseconds of one model's run on a seeded random input of the full ``shape`` (any rank)."""
     feed = np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
-    return float(np.median(_timed_rounds({"m": make_session(path, threads=threads)}, feed, runs, warmup)["m"]))
+    runner = _ort_runner(make_session(path, threads=threads))
+    return float(np.median(_timed_rounds({"m": runner}, feed, runs, warmup)["m"]))
 
 
 # ---------------------------------------------------------------- memory a session needs

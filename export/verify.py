@@ -18,10 +18,21 @@ key                            meaning
                                ``cpu_count``, ``cores``, ``system``, ``python``, ``onnxruntime``, ``torch``,
                                ``threads``,
                                ``intra_op_spinning`` (false: idle ORT threads do not busy-wait)
-``providers``                  provider -> ``"used"`` (CPUExecutionProvider), ``"available, not used"`` or
-                               ``"unavailable"`` (CUDAExecutionProvider, TensorrtExecutionProvider)
+``providers``                  ONNX Runtime provider -> ``"used"`` (by a target measured), ``"available, not
+                               used"`` or ``"unavailable"`` in this onnxruntime build
+``gate_target``                the target (``ort-cpu``, ``ort-cuda``, ``ort-tensorrt``, ``openvino``) whose
+                               figures fill ``artifacts.*.top1`` / ``latency``, ``parity``, ``accuracy_drop``
+                               and ``speedup``, and which the gate checks
+``targets.<target>``           for each target measured: ``runtime`` (name, version, provider or device),
+                               ``artifacts.<name>``: ``top1``, ``latency`` (as below, interleaved within the
+                               target), ``what_ran`` (ONNX Runtime: ``provider``, ``kernels``, ``on_provider``,
+                               ``share``, ``by_provider``, ``off_provider_ops`` from a profiled run, and for
+                               TensorRT ``tensorrt_check``, ``int8_engine``, ``cached_engines``; OpenVINO:
+                               ``layers`` with each compute layer's runtime ``precision``, ``by_type``,
+                               ``compute_layers``, ``integer_layers``, ``integer_share``); ``parity``,
+                               ``accuracy_drop``, ``speedup`` on that target
 ``artifacts.<name>``           for each of ``fp32``, ``ort_int8``, ``hirelc`` present: ``file``, ``bytes``,
-                               ``size_ratio`` (fp32 bytes / these bytes), ``top1`` (ORT, whole test split),
+                               ``size_ratio`` (fp32 bytes / these bytes), ``top1`` (gate target, whole test split),
                                ``fused_ops`` (op counts after ORT optimisation, see
                                :func:`~hirelc.export.runtime.fused_op_counts`), ``latency`` (batch ->
                                ``median_ms``, ``p90_ms``, ``mean_ms``, ``runs``; interleaved), ``memory``
@@ -43,13 +54,14 @@ key                            meaning
 ``against``                    null, or (``--against``) ``report`` (the earlier release's report.json),
                                ``created``, ``rows``: per ``check`` (top-1, bytes, latency bN) ``old``, ``new``,
                                ``change``, ``unit``, ``bound``, ``verdict`` (ok / regressed / not compared /
-                               -), ``note`` (why a latency was not compared: another machine)
+                               -), ``note`` (why a latency was not compared: another machine or target)
 ``gate``                       ``passed`` (bool), ``failures`` (one line each), ``bounds`` (the limits checked)
 =============================  ===============================================================================
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -59,14 +71,14 @@ import numpy as np
 from hirelc import runs
 from hirelc.errors import HirelcError
 from hirelc.export.runtime import (
+    PROVIDERS,
     available_providers,
-    benchmark_interleaved,
+    benchmark_runners,
     fused_op_counts,
     make_session,
-    ort_accuracy,
-    ort_predict,
     session_memory,
 )
+from hirelc.export.targets import ORT_TARGETS, TRT_CACHE, TargetSession, check_target, open_target, runtime_version
 from hirelc.machine import record
 from hirelc.options import DEFAULT_MIN_PARITY, VerifyConfig  # noqa: F401 (VerifyConfig: part of this API)
 from hirelc.report import fmt, md_table, utc_now
@@ -80,10 +92,11 @@ LABELS = {"fp32": "fp32", "ort_int8": "ort-int8", "hirelc": "hirelc"}
 
 
 
-def _providers() -> dict[str, str]:
+def _providers(targets: tuple[str, ...]) -> dict[str, str]:
+    used = {PROVIDERS[ORT_TARGETS[t]] for t in targets if t in ORT_TARGETS}
     out = {}
     for name, have in available_providers().items():
-        out[name] = "used" if name == "CPUExecutionProvider" else ("available, not used" if have else "unavailable")
+        out[name] = "used" if name in used else ("available, not used" if have else "unavailable")
     return out
 
 
@@ -97,14 +110,13 @@ def _check_input(sess, path: Path, shape: tuple[int, ...]) -> None:
 Reference = Callable[[np.ndarray], np.ndarray]  # inputs -> the lowered PyTorch model's logits
 
 
-def _parity(reference: Reference | None, sess, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
-    """hirelc ONNX (ORT) vs the lowered PyTorch model (``reference``) on the same samples."""
-    if reference is None:
+def _parity(ref: np.ndarray | None, sess: TargetSession, x: np.ndarray, y: np.ndarray, eval_batch: int) -> dict:
+    """hirelc ONNX on one target vs the lowered PyTorch model's logits ``ref`` on the same samples."""
+    if ref is None:
         return {"status": "skipped", "note": f"no PyTorch reference ({runs.LOWERED_MODEL} missing, or none given)", "samples": 0,
                 "top1_agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "logit_scale": None,
                 "pytorch_top1": None, "onnx_top1": None}
-    ref = np.asarray(reference(x))
-    got = ort_predict(sess, x, eval_batch)
+    got = sess.predict(x, eval_batch)
     if ref.shape != got.shape:
         raise HirelcError(f"{runs.HIRELC_ONNX} gives logits of shape {got.shape}, {runs.LOWERED_MODEL} "
                           f"{ref.shape}: they are not the same model")
@@ -121,15 +133,51 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(a / b) if a is not None and b else None
 
 
+def _measure_target(target: str, present: dict[str, Path], rd: Path, cfg: VerifyConfig, x, y, parity_set,
+                    shape) -> dict:
+    """Top-1, parity, interleaved latency and what really ran of every artifact on one target."""
+    sessions = {k: open_target(target, p, cfg.threads, cache_dir=rd / TRT_CACHE) for k, p in present.items()}
+    arts = {k: {"top1": s.accuracy(x, y, cfg.eval_batch), "what_ran": s.what_ran()} for k, s in sessions.items()}
+    parity = None
+    if "hirelc" in sessions:
+        px, py, ref = parity_set
+        parity = _parity(ref, sessions["hirelc"], px, py, cfg.eval_batch)
+    lat = benchmark_runners(sessions, shape, cfg.batch_sizes, cfg.runs, cfg.warmup)
+    del sessions
+    for k in arts:
+        arts[k]["latency"] = {str(b): v for b, v in lat[k].items()}
+
+    def median(k: str, b: int) -> float | None:
+        return lat[k][b]["median_ms"] if k in lat and b in lat[k] else None
+
+    h = arts.get("hirelc")
+    return {
+        "runtime": runtime_version(target),
+        "artifacts": arts,
+        "parity": parity,
+        "accuracy_drop": arts["fp32"]["top1"] - h["top1"] if h and "fp32" in arts else None,
+        "speedup": {
+            "fp32_over_hirelc": {str(b): _ratio(median("fp32", b), median("hirelc", b)) for b in cfg.batch_sizes},
+            "ort_int8_over_hirelc": {str(b): _ratio(median("ort_int8", b), median("hirelc", b))
+                                     for b in cfg.batch_sizes},
+        },
+        "_median": median,
+    }
+
+
 def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig | None = None,
                reference: Reference | None = None) -> dict:
-    """Measure every ONNX artifact of ``run_dir`` on ORT; write report.json + report.md; return the report.
+    """Measure every ONNX artifact of ``run_dir`` on each target of ``cfg``; write report.json + report.md.
 
     ``reference`` computes the lowered PyTorch model's logits for a batch of test inputs (the parity check of
-    model.onnx against it); without one parity is reported as skipped and the parity bound fails.
+    model.onnx against it); without one parity is reported as skipped and the parity bound fails. The report's
+    top-level ``artifacts`` / ``parity`` / ``speedup`` figures are those of the gate's target; ``targets`` holds
+    every target's.
     """
     cfg = cfg or VerifyConfig()
     rd = runs.require_run_dir(run_dir)
+    for t in cfg.targets:  # a target this machine cannot run: exit 2 before anything is measured
+        check_target(t)
     old = load_previous(cfg.against, bundle) if cfg.against else None  # unreadable or incompatible: exit 2 now
     present = {k: rd / f for k, f in ARTIFACTS.items() if (rd / f).is_file()}
     if not present:
@@ -137,32 +185,29 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig | None = None,
                           f"(run `hirelc export` first)")
     shape = (bundle.in_chans, bundle.img_size, bundle.img_size)
     x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
-    sessions = {k: make_session(p, threads=cfg.threads) for k, p in present.items()}  # corrupt file -> error
-    for k, s in sessions.items():
-        _check_input(s, present[k], shape)
+    for p in present.values():  # a corrupt file or one for other data: an error before anything is timed
+        _check_input(make_session(p, threads=1), p, shape)
     fp32_bytes = present["fp32"].stat().st_size if "fp32" in present else None
     artifacts = {}
     for k, p in present.items():
         size = p.stat().st_size
         artifacts[k] = {"file": p.name, "bytes": size, "size_ratio": _ratio(fp32_bytes, size),
-                        "top1": ort_accuracy(sessions[k], x, y, cfg.eval_batch), "fused_ops": fused_op_counts(p),
-                        "latency": {}}
-    parity = None
-    if "hirelc" in present:
-        sub = None if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples)
-        px, py = (x, y) if sub is None else (sub.x.numpy(), sub.y.numpy())
-        parity = _parity(reference, sessions["hirelc"], px, py, cfg.eval_batch)
-    del sessions
-    lat = benchmark_interleaved({k: str(p) for k, p in present.items()}, shape, cfg.batch_sizes, cfg.runs,
-                                cfg.warmup, cfg.threads)
+                        "fused_ops": fused_op_counts(p)}
+    sub = None if cfg.parity_samples is None else bundle.subset("test", cfg.parity_samples)
+    px, py = (x, y) if sub is None else (sub.x.numpy(), sub.y.numpy())
+    ref = np.asarray(reference(px)) if reference is not None and "hirelc" in present else None
+    targets = {t: _measure_target(t, present, rd, cfg, x, y, (px, py, ref), shape) for t in cfg.targets}
     for k in present:
-        artifacts[k]["latency"] = {str(b): v for b, v in lat[k].items()}
         artifacts[k]["memory"] = (session_memory(present[k], shape, cfg.batch_sizes, cfg.threads)
                                   if cfg.memory else None)
     lower = runs.read_json(rd / runs.LOWER_REPORT, "lower report") if (rd / runs.LOWER_REPORT).is_file() else {}
-
-    def median(k: str, b: int) -> float | None:
-        return lat[k][b]["median_ms"] if k in lat and b in lat[k] else None
+    gate = targets[cfg.gated_target]
+    for k, a in artifacts.items():
+        a["top1"] = gate["artifacts"][k]["top1"]
+        a["latency"] = gate["artifacts"][k]["latency"]
+    median = gate["_median"]
+    for t in targets.values():
+        del t["_median"]
 
     h = artifacts.get("hirelc")
     report = {
@@ -171,19 +216,17 @@ def verify_run(run_dir: str | Path, bundle, cfg: VerifyConfig | None = None,
         "run_dir": str(rd),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
         "machine": record(cfg.threads),
-        "providers": _providers(),
+        "providers": _providers(cfg.targets),
+        "gate_target": cfg.gated_target,
         "artifacts": artifacts,
-        "parity": parity,
-        "accuracy_drop": artifacts["fp32"]["top1"] - h["top1"] if h and "fp32" in artifacts else None,
+        "targets": targets,
+        "parity": gate["parity"],
+        "accuracy_drop": gate["accuracy_drop"],
         "size_ratio": h["size_ratio"] if h else None,
         "effective_storage_ratio": lower.get("effective_ratio"),
         "effective_bits_per_param": lower.get("effective_bits_per_param"),
-        "speedup": {
-            "fp32_over_hirelc": {str(b): _ratio(median("fp32", b), median("hirelc", b)) for b in cfg.batch_sizes},
-            "ort_int8_over_hirelc": {str(b): _ratio(median("ort_int8", b), median("hirelc", b))
-                                     for b in cfg.batch_sizes},
-        },
-        "latency_prediction": _latency_prediction(lower, median),
+        "speedup": gate["speedup"],
+        "latency_prediction": _latency_prediction(lower, median) if cfg.gated_target == "ort-cpu" else None,
         "verify_config": asdict(cfg),
         "against": None,
     }
@@ -250,13 +293,17 @@ def compare_with(old: dict, report: dict, cfg: VerifyConfig) -> dict:
     row("top-1", o["top1"], n["top1"], o["top1"] - n["top1"], " points lost", cfg.max_top1_regression)
     row("bytes", o["bytes"], n["bytes"], 100.0 * (n["bytes"] / o["bytes"] - 1), " %", cfg.max_size_regression)
     why = _same_machine(old.get("machine") or {}, report["machine"])
+    why = f"measured on another machine: {why}" if why else None
+    then, now = old.get("gate_target", "ort-cpu"), report.get("gate_target", "ort-cpu")
+    if why is None and then != now:
+        why = f"measured on another target ({then} then, {now} now)"
     for b in cfg.batch_sizes:
         ol = ((o.get("latency") or {}).get(str(b)) or {}).get("median_ms")
         nl = ((n.get("latency") or {}).get(str(b)) or {}).get("median_ms")
         missing = None if ol and nl else f"batch {b} not measured in both reports"
         change = 100.0 * (nl / ol - 1) if not (why or missing) else None
         row(f"latency b{b}", ol, nl, change, " %", cfg.max_latency_regression,
-            why_not=(f"measured on another machine: {why}" if why else missing))
+            why_not=why or missing)
     return {"report": old["_path"], "created": old.get("created"), "rows": rows}
 
 
@@ -314,8 +361,8 @@ def check_gate(report: dict, cfg: VerifyConfig) -> list[str]:
         if lat is None:
             out.append(f"gate: latency at batch {cfg.latency_batch} was not measured")
         elif lat["median_ms"] > cfg.max_latency_ms:
-            out.append(f"gate: batch-{cfg.latency_batch} median latency {lat['median_ms']:.3f} ms > allowed "
-                       f"{cfg.max_latency_ms:g} ms")
+            out.append(f"gate: batch-{cfg.latency_batch} median latency {lat['median_ms']:.3f} ms on "
+                       f"{report.get('gate_target', 'ort-cpu')} > allowed {cfg.max_latency_ms:g} ms")
     return out
 
 
@@ -336,6 +383,52 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def what_ran_summary(what: dict | None) -> str:
+    """One phrase for a target's ``what_ran``: the share of kernels on the provider, or of integer layers."""
+    if not what:
+        return "-"
+    if "integer_layers" in what:  # OpenVINO
+        precisions = Counter(layer["precision"] for layer in what["layers"])
+        return (f"{what['integer_layers']}/{what['compute_layers']} conv/matmul integer ("
+                + ", ".join(f"{p} {n}" for p, n in precisions.most_common()) + ")")
+    share = what.get("share")
+    text = f"{share:.0%} of {what['kernels']} kernels on {what['provider']}" if share is not None else "no kernels"
+    if "int8_engine" in what:
+        text += ", int8 engine" if what["int8_engine"] else ", not an int8 engine"
+        if not what["tensorrt_check"]["ok"]:
+            text += f" ({what['tensorrt_check']['problems'][0]})"
+    return text
+
+
+def _target_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    batches = list(report["verify_config"]["batch_sizes"])
+    head = ["target", "artifact", "top-1 %"] + [f"b{b} ms" for b in batches] + [f"b{b}/hirelc" for b in batches]
+    head += ["what ran"]
+    rows = []
+    for t, m in report.get("targets", {}).items():
+        hl = m["artifacts"].get("hirelc", {}).get("latency", {})
+        for k, a in m["artifacts"].items():
+            med = [a["latency"].get(str(b), {}).get("median_ms") for b in batches]
+            row = [t, LABELS[k], fmt(a["top1"], ".2f")] + [fmt(v, ".3f") for v in med]
+            row += [fmt(_ratio(v, hl.get(str(b), {}).get("median_ms")), ".2f", "x") for v, b in zip(med, batches, strict=True)]
+            rows.append(row + [what_ran_summary(a.get("what_ran"))])
+    return head, rows
+
+
+def _plain_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:  # names left, figures right
+        return "  ".join(c.ljust(w) if i < 2 or i == len(r) - 1 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+
+    return [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def _several_targets(report: dict) -> bool:
+    return list(report.get("targets", {})) not in ([], ["ort-cpu"])
+
+
 def format_table(report: dict) -> str:
     """A one-screen terminal table of the report (``bN/hirelc``: that row's latency / hirelc's)."""
     head, rows = _rows(report)
@@ -345,6 +438,8 @@ def format_table(report: dict) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    if _several_targets(report):
+        out += ["", f"per target (the gate reads {report['gate_target']}):", *_plain_table(*_target_rows(report))]
     p = report.get("parity")
     if p and p["status"] == "ok":
         out.append(f"parity ONNX vs PyTorch: top-1 agreement {p['top1_agreement']:.2f}% on {p['samples']} samples, "
@@ -383,8 +478,16 @@ def format_markdown(report: dict) -> str:
     md = [f"# hirelc verification report\n\n{report['created']} - `{report['run_dir']}` - data "
           f"{report['data']['name']} ({report['data']['test_samples']} test samples)\n",
           *md_table(head, rows),
-          "\nLatency: ONNX Runtime CPU, medians of interleaved runs; `bN/hirelc` = that row's latency / hirelc's "
-          "(> 1: hirelc is faster).\n"]
+          f"\nLatency: {report.get('gate_target', 'ort-cpu')}, medians of interleaved runs; `bN/hirelc` = that row's "
+          "latency / hirelc's (> 1: hirelc is faster).\n"]
+    if _several_targets(report):
+        md.append(f"## Targets\n\nThe table above and the gate use {report['gate_target']}. Each target's "
+                  "latencies are interleaved medians within that target.\n")
+        md += md_table(*_target_rows(report))
+        md.append("")
+        for t, m in report["targets"].items():
+            md.append(f"- {t}: {m['runtime']}")
+        md.append("")
     p = report.get("parity")
     if p:
         md.append("## Parity (hirelc ONNX vs PyTorch lowered model)\n")

@@ -27,6 +27,7 @@ from hirelc.options import (
     IMPORTANCES,
     METHODS,
     SEARCH_PRESETS,
+    TARGETS,
     VARIANTS,
     AblateConfig,
     BenchConfig,
@@ -82,6 +83,14 @@ SearchPreset = Enum("SearchPreset", {p: p for p in SEARCH_PRESETS}, type=str)
 Importance = Enum("Importance", {p: p for p in IMPORTANCES}, type=str)
 Method = Enum("Method", {m: m for m in METHODS}, type=str)
 Variant = Enum("Variant", {v: v for v in VARIANTS}, type=str)
+Target = Enum("Target", {t: t for t in TARGETS}, type=str)
+TARGET_HELP = ("Runtime to measure on, repeat for several: ort-cpu (default), ort-cuda, ort-tensorrt (int8, engine "
+               "cache in RUN_DIR/trt_cache), openvino (CPU). One this machine cannot run is exit 2, never a "
+               "fallback to the CPU.")
+
+
+def _targets(targets: Optional[list], default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(Target(t).value for t in targets) if targets else default
 
 RunDir = typer.Option(..., "--run-dir", "-r", help="Run directory: every stage reads and writes its files here.")
 DataOpt = typer.Option(DATA.spec, "--data", "-d",
@@ -258,9 +267,13 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line (for CI logs) instead of "
                                  "the table."),
     runs_: int = typer.Option(VERIFY.runs, "--runs", help="Timed runs per artifact and batch size (after warm-up)."),
+    targets: Optional[list[Target]] = typer.Option(None, "--target", help=TARGET_HELP),
+    gate_target: Optional[Target] = typer.Option(None, "--gate-target", help="The target whose top-1, parity and "
+                                                 "latency the gate bounds apply to (default: the first --target)."),
 ):
-    """Run every artifact on ONNX Runtime: accuracy, parity, latency (interleaved), memory, bytes; write
-    report.json/.md; gate on absolute bounds and, with --against, on regressions vs an earlier release.
+    """Run every artifact on each target (default ONNX Runtime CPU): accuracy, parity, latency (interleaved),
+    what really ran, memory, bytes; write report.json/.md; gate on absolute bounds and, with --against, on
+    regressions vs an earlier release.
 
     Refuses (exit 2) artifacts not built from the run directory's current files (content hashes in
     provenance.json) and an --against report of another format version or dataset. Exit 1 with a one-line
@@ -274,7 +287,9 @@ def verify(
         cfg = VerifyConfig(max_drop=max_drop, min_size_ratio=min_size_ratio, max_latency_ms=max_latency_ms,
                            runs=runs_, min_parity=min_parity or None, max_memory_mb=max_memory_mb, memory=memory,
                            against=str(against) if against else None, max_top1_regression=max_top1_regression,
-                           max_latency_regression=max_latency_regression, max_size_regression=max_size_regression)
+                           max_latency_regression=max_latency_regression, max_size_regression=max_size_regression,
+                           targets=_targets(targets, VERIFY.targets),
+                           gate_target=Target(gate_target).value if gate_target else None)
         report = verify_stage(run_dir, cfg)
         typer.echo(json.dumps(runs.strict(summary_line(report))) if as_json else format_table(report))
         failures = check_gate(report, cfg)
@@ -379,6 +394,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/bench); must not hold a "
                                        "finished comparison. An interrupted one resumes."),
     seed: int = SeedOpt,
+    targets: Optional[list[Target]] = typer.Option(None, "--target", help=TARGET_HELP + " The first fills the "
+                                                   "main table and the plots."),
 ):
     """Compare hirelc with fp32, ORT int8, uniform int4/int8, uniform pruning + int8, random search and a flat
     single-agent search on one budget: ORT accuracy, bytes, latency b1/b8 -> bench.json, bench.md, plots.
@@ -391,7 +408,8 @@ def bench(
     with _user_errors(run_dir, "bench", interrupted=CONTINUE_HINT):
         cfg = BenchConfig(target_ratio=target_ratio, max_latency_ms=max_latency_ms, fill_budget=fill_budget,
                           preset=SearchPreset(preset).value, qat_epochs=qat_epochs, runs=runs, seed=seed,
-                          methods=tuple(Method(m).value for m in methods) if methods else BENCH.methods)
+                          methods=tuple(Method(m).value for m in methods) if methods else BENCH.methods,
+                          targets=_targets(targets, BENCH.targets))
         report = run_bench(run_dir, cfg, out_dir=out, echo=typer.echo)
         typer.echo(format_bench(report))
 

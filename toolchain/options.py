@@ -21,6 +21,8 @@ SALIENCY_BATCH = 128
 DEFAULT_MIN_PARITY = 98.0  # a model.onnx that is not the lowered model agrees on far fewer images
 SEARCH_PRESETS = ("quick", "standard", "thorough")  # search effort (hirelc.search.PRESETS holds their settings)
 # what `hirelc bench` builds and measures on one budget
+# where `hirelc verify` / `hirelc bench` run the artifacts (hirelc.export.targets opens them)
+TARGETS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "openvino")
 METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "random", "flat", "hirelc")
 # the searches `hirelc ablate` compares: SearchConfig fields each one changes
 VARIANTS: dict[str, dict] = {
@@ -126,8 +128,11 @@ class VerifyConfig:
     max_top1_regression: float | None = None  # gate: hirelc top-1 at most this many points below the old one
     max_latency_regression: float | None = None  # gate: % slower than the old hirelc, per batch (same CPU only)
     max_size_regression: float | None = None  # gate: % more bytes than the old hirelc file
+    targets: tuple[str, ...] = ("ort-cpu",)  # runtimes every artifact is measured on (TARGETS)
+    gate_target: str | None = None  # the target whose figures the gate checks; None = the first of targets
 
     def __post_init__(self):
+        check_targets(self.targets, self.gate_target, "verify")
         if self.runs < 1 or self.warmup < 0:
             raise HirelcError(f"verify: runs must be >= 1 and warmup >= 0, got {self.runs} / {self.warmup}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -161,7 +166,25 @@ class VerifyConfig:
                 "min_parity": self.min_parity, "max_memory_mb": self.max_memory_mb,
                 "max_top1_regression": self.max_top1_regression,
                 "max_latency_regression": self.max_latency_regression,
-                "max_size_regression": self.max_size_regression}
+                "max_size_regression": self.max_size_regression, "gate_target": self.gated_target}
+
+    @property
+    def gated_target(self) -> str:
+        """The target the release gate reads its figures from."""
+        return self.gate_target or self.targets[0]
+
+
+def check_targets(targets: tuple[str, ...], gate_target: str | None, command: str) -> None:
+    """Known targets, none twice, and a gate target among them."""
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise HirelcError(f"{command}: unknown target(s) {', '.join(unknown) or '(none given)'} "
+                          f"(use {', '.join(TARGETS)})")
+    if len(set(targets)) != len(targets):
+        raise HirelcError(f"{command}: a target is given twice ({', '.join(targets)})")
+    if gate_target is not None and gate_target not in targets:
+        raise HirelcError(f"{command}: --gate-target {gate_target} is not among the targets measured "
+                          f"({', '.join(targets)}); add --target {gate_target}")
 
 
 
@@ -212,8 +235,10 @@ class BenchConfig:
     methods: tuple[str, ...] = METHODS
     search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
     lower_max_steps: int | None = None  # cap on fine-tuning steps (tests)
+    targets: tuple[str, ...] = ("ort-cpu",)  # runtimes every artifact is measured on; the first fills the plots
 
     def __post_init__(self):
+        check_targets(self.targets, None, "bench")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise HirelcError(f"unknown bench method(s) {', '.join(unknown)} (use {', '.join(METHODS)})")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ort
 QUICK = VerifyConfig(runs=3, warmup=1, parity_samples=200)
 KEYS = {"version", "created", "run_dir", "data", "machine", "providers", "artifacts", "parity", "accuracy_drop",
         "size_ratio", "effective_storage_ratio", "effective_bits_per_param", "speedup", "latency_prediction",
-        "verify_config", "against", "gate"}
+        "verify_config", "against", "gate", "gate_target", "targets"}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ from pathlib import Path
 from hirelc import runs
 from hirelc.cost import policy_storage
 from hirelc.export import export_fp32, ort_int8_baseline
-from hirelc.export.runtime import benchmark_interleaved, make_session, ort_accuracy
+from hirelc.export.runtime import benchmark_runners
+from hirelc.export.targets import TRT_CACHE, check_target, open_target
+from hirelc.export.verify import what_ran_summary
 from hirelc.lower import LowerConfig
 from hirelc.options import METHODS, BenchConfig  # noqa: F401 (part of this API)
 from hirelc.pipeline import (
@@ -146,26 +148,22 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
     cfg = cfg or BenchConfig()
     rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison")
     set_threads()
+    for t in cfg.targets:  # a target this machine cannot run: exit 2 now, not after the searches
+        check_target(t)
     t0 = time.time()
     arts = _build(rd, out, cfg, progress, echo)
     build_s = time.time() - t0
 
     bundle = run_bundle(rd)
-    x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
-    echo(f"  measuring {len(arts)} artifacts on ONNX Runtime ({len(y)} test images, {cfg.runs} timed runs)")
-    rows: dict[str, dict] = {}
-    for m, a in arts.items():
-        sess = make_session(a["path"])
-        rows[m] = {"file": str(Path(a["path"]).relative_to(out)), "bytes": Path(a["path"]).stat().st_size,
-                   "top1": ort_accuracy(sess, x, y)}
-        del sess
-    lat = benchmark_interleaved({m: str(a["path"]) for m, a in arts.items()},
-                                (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes, cfg.runs)
+    rows: dict[str, dict] = {m: {"file": str(Path(a["path"]).relative_to(out)),
+                                 "bytes": Path(a["path"]).stat().st_size} for m, a in arts.items()}
+    per_target = {t: measure_on_target(t, arts, bundle, cfg, out, echo) for t in cfg.targets}
     fp32_bytes = (out / runs.FP32_ONNX).stat().st_size
     for m, a in arts.items():
         r = rows[m]
+        r.update(top1=per_target[cfg.targets[0]][m]["top1"], latency_ms=per_target[cfg.targets[0]][m]["latency_ms"])
+        r["targets"] = {t: per_target[t][m] for t in cfg.targets}
         r["size_ratio"] = fp32_bytes / r["bytes"]
-        r["latency_ms"] = {str(b): lat[m][b]["median_ms"] for b in cfg.batch_sizes}
         if "run_dir" in a:
             r["effective_ratio"] = runs.read_json(a["run_dir"] / runs.LOWER_REPORT, "lower report")["effective_ratio"]
         else:
@@ -185,7 +183,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
                                     for b, v in r["latency_ms"].items()}
     report = {
         **report_header(rd),
-        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(y))},
+        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(bundle.test.y))},
         "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
         "build_wall_s": round(build_s, 1),
         "methods": rows,
@@ -195,6 +193,25 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
     runs.atomic_write_json(out / BENCH_JSON, report)
     runs.atomic_write_text(out / BENCH_MD, format_bench(report))
     return report
+
+
+def measure_on_target(target: str, arts: dict[str, dict], bundle, cfg: BenchConfig, out: Path, echo) -> dict:
+    """Every artifact on one target: ``{method: {top1, latency_ms, speedup_vs_ort_int8, what_ran}}``, latencies
+    interleaved within the target."""
+    x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
+    echo(f"  measuring {len(arts)} artifacts on {target} ({len(y)} test images, {cfg.runs} timed runs)")
+    check_target(target)
+    sessions = {m: open_target(target, a["path"], cache_dir=out / TRT_CACHE) for m, a in arts.items()}
+    res = {m: {"top1": s.accuracy(x, y), "what_ran": s.what_ran()} for m, s in sessions.items()}
+    lat = benchmark_runners(sessions, (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes,
+                            cfg.runs)
+    del sessions
+    for m, r in res.items():
+        r["latency_ms"] = {str(b): lat[m][b]["median_ms"] for b in cfg.batch_sizes}
+    for r in res.values():
+        r["speedup_vs_ort_int8"] = {b: (res["ort-int8"]["latency_ms"][b] / v if "ort-int8" in res else None)
+                                    for b, v in r["latency_ms"].items()}
+    return res
 
 
 def format_bench(report: dict) -> str:
@@ -227,8 +244,25 @@ def format_bench(report: dict) -> str:
         cells += [fmt(r["search_wall_s"], ".0f"), fmt(r["real_evals"], "d")]
         rows.append(cells)
     lines += md_table(head, rows)
+    targets = report["config"].get("targets", ["ort-cpu"])
     lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
-              "Latency: ONNX Runtime CPU, medians of interleaved runs in one process."]
+              f"Latency: {targets[0]}, medians of interleaved runs in one process."]
+    if targets != ["ort-cpu"]:
+        lines += ["", "## Per target", "", "Each target's latencies are interleaved medians within that target; "
+                  "`what ran`: the share of kernels on the requested ONNX Runtime provider, or OpenVINO's runtime "
+                  "precision of each convolution and matrix multiplication.", ""]
+        head = ["target", "method", "top-1 %"] + [f"b{b} ms" for b in bs]
+        head += [f"b{b} ort-int8/x" for b in bs] + ["what ran"]
+        trows = []
+        for t in targets:
+            for m, r in report["methods"].items():
+                tr = (r.get("targets") or {}).get(t)
+                if tr is None:
+                    continue
+                trows.append([t, m, f"{tr['top1']:.2f}", *(f"{tr['latency_ms'][b]:.3f}" for b in bs),
+                              *(fmt(tr["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs),
+                              what_ran_summary(tr.get("what_ran"))])
+        lines += md_table(head, trows)
     if pred:
         lines.append("`pred b8 ms`: the batch-8 latency the search's latency table predicted for its winner.")
     return "\n".join(lines) + "\n"
