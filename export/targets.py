@@ -184,19 +184,24 @@ def _openvino_session(path: Path, threads: int | None) -> TargetSession:
 
 def openvino_precisions(compiled) -> dict:
     """The runtime precision of every compute layer of an OpenVINO compiled model: ``layers`` (name, type,
-    precision), ``by_type`` (type -> precision -> count) and ``integer_share`` (share run as u8/i8/u4/i4)."""
+    runtime ``precision``, ``activations`` type, ``integer``: an integer kernel on integer activations),
+    ``by_type`` (type -> precision -> count) and ``integer_share`` (share of integer kernels)."""
     layers = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         kind = info["layerType"].astype(str) if "layerType" in info else ""
         if kind in OV_COMPUTE:
+            # an integer kernel takes integer activations; a weight-compressed layer reports its weights' i8/u4
+            # as runtime precision while it multiplies float activations
+            act = op.input(0).get_element_type().get_type_name() if op.get_input_size() else "?"
             layers.append({"name": op.get_friendly_name(), "type": kind,
-                           "precision": info["runtimePrecision"].astype(str)})
+                           "precision": info["runtimePrecision"].astype(str), "activations": act,
+                           "integer": act in OV_INTEGER})
     by_type: dict[str, dict[str, int]] = {}
     for layer in layers:
         by_type.setdefault(layer["type"], {}).setdefault(layer["precision"], 0)
         by_type[layer["type"]][layer["precision"]] += 1
-    n_int = sum(layer["precision"] in OV_INTEGER for layer in layers)
+    n_int = sum(layer["integer"] for layer in layers)
     return {"layers": layers, "by_type": by_type, "compute_layers": len(layers),
             "integer_layers": n_int, "integer_share": n_int / len(layers) if layers else None}
 

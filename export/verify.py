@@ -28,7 +28,8 @@ key                            meaning
                                target), ``what_ran`` (ONNX Runtime: ``provider``, ``kernels``, ``on_provider``,
                                ``share``, ``by_provider``, ``off_provider_ops`` from a profiled run, and for
                                TensorRT ``tensorrt_check``, ``int8_engine``, ``cached_engines``; OpenVINO:
-                               ``layers`` with each compute layer's runtime ``precision``, ``by_type``,
+                               ``layers`` with each compute layer's runtime ``precision``, ``activations``
+                               type and ``integer`` (an integer kernel on integer activations), ``by_type``,
                                ``compute_layers``, ``integer_layers``, ``integer_share``); ``parity``,
                                ``accuracy_drop``, ``speedup`` on that target
 ``artifacts.<name>``           for each of ``fp32``, ``ort_int8``, ``hirelc`` present: ``file``, ``bytes``,
@@ -388,9 +389,13 @@ def what_ran_summary(what: dict | None) -> str:
     if not what:
         return "-"
     if "integer_layers" in what:  # OpenVINO
-        precisions = Counter(layer["precision"] for layer in what["layers"])
+        def kind(layer: dict) -> str:  # "u8", "f32", or "i8 weights on f32" (a weight-compressed float layer)
+            act, prec = layer.get("activations", layer["precision"]), layer["precision"]
+            return prec if layer.get("integer") or prec == act else f"{prec} weights on {act}"
+
+        kinds = Counter(kind(layer) for layer in what["layers"])
         return (f"{what['integer_layers']}/{what['compute_layers']} conv/matmul integer ("
-                + ", ".join(f"{p} {n}" for p, n in precisions.most_common()) + ")")
+                + ", ".join(f"{p} {n}" for p, n in kinds.most_common()) + ")")
     share = what.get("share")
     text = f"{share:.0%} of {what['kernels']} kernels on {what['provider']}" if share is not None else "no kernels"
     if "int8_engine" in what:

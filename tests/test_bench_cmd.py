@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -15,14 +16,16 @@ from hirelc.studies.bench import METHODS, BenchConfig, bench, uniform_keep_for_p
 
 # one searched method in the default run (random and flat share its code path, and the engine tests cover
 # their search behaviour); the slow test runs all eight
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 FAST_METHODS = ("fp32", "ort-int8", "uniform-w4", "uniform-int8", "prune-int8", "hirelc")
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_search) -> BenchConfig:
     # one agent per level keeps the searches cheap (the ensemble's search is tested in tests/search)
+    # measured on OpenVINO too where it is installed (the dev extra has it), so the per-target report is tested
     return BenchConfig(target_ratio=6.0, qat_epochs=0.0, runs=2, search_overrides={**tiny_search, "ensemble": False},
-                       methods=FAST_METHODS)
+                       methods=FAST_METHODS, targets=("ort-cpu", "openvino") if HAVE_OPENVINO else ("ort-cpu",))
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +163,32 @@ def test_a_latency_budget_reaches_every_searched_method(tiny_baseline, copy_run,
 def test_bench_without_a_baseline_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["bench", "-r", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "hirelc: error:" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed (the dev extra has it)")
+def test_every_method_is_measured_on_every_target(benched):
+    rd, report, lines = benched
+    assert report["config"]["targets"] == ["ort-cpu", "openvino"]
+    assert any("on openvino" in ln for ln in lines)
+    for m, r in report["methods"].items():
+        assert list(r["targets"]) == ["ort-cpu", "openvino"]
+        cpu, ov = r["targets"]["ort-cpu"], r["targets"]["openvino"]
+        assert r["top1"] == cpu["top1"] and r["latency_ms"] == cpu["latency_ms"]  # the first target fills the table
+        assert set(ov["latency_ms"]) == {"1", "8"} and ov["latency_ms"]["8"] > 0
+        assert cpu["what_ran"]["share"] == 1.0
+        ints = ov["what_ran"]["integer_share"]
+        # fp32 and the weight-only int4 artifact run in float on OpenVINO; every other artifact on integers
+        assert ints == (0.0 if m in ("fp32", "uniform-w4") else 1.0), (m, ov["what_ran"]["by_type"])
+    md = (rd / "bench" / "bench.md").read_text()
+    assert "## Per target" in md and "| openvino | hirelc |" in md and "conv/matmul integer" in md
+
+
+def test_bench_on_a_target_this_machine_lacks_exits_2_before_building(tiny_baseline, copy_run):
+    from hirelc.export.runtime import available_providers
+
+    if available_providers()["TensorrtExecutionProvider"]:
+        pytest.skip("this onnxruntime has TensorRT")
+    rd = copy_run(tiny_baseline)
+    res = CliRunner().invoke(app, ["bench", "-r", str(rd), "--method", "fp32", "--target", "ort-tensorrt"])
+    assert res.exit_code == 2 and res.output.startswith("hirelc: error: target ort-tensorrt:"), res.output
+    assert not (rd / "bench" / "fp32.onnx").exists()

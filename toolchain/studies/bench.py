@@ -184,7 +184,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
     report = {
         **report_header(rd),
         "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "test_samples": int(len(bundle.test.y))},
-        "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
+        "config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods), "targets": list(cfg.targets)},
         "build_wall_s": round(build_s, 1),
         "methods": rows,
     }
@@ -244,7 +244,7 @@ def format_bench(report: dict) -> str:
         cells += [fmt(r["search_wall_s"], ".0f"), fmt(r["real_evals"], "d")]
         rows.append(cells)
     lines += md_table(head, rows)
-    targets = report["config"].get("targets", ["ort-cpu"])
+    targets = list(report["config"].get("targets", ["ort-cpu"]))
     lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
               f"Latency: {targets[0]}, medians of interleaved runs in one process."]
     if targets != ["ort-cpu"]:
