@@ -27,8 +27,12 @@ def _reader(calib_x: np.ndarray, input_name: str, batch_size: int):
 
 
 def ort_int8_baseline(fp32_onnx_path: str | Path, out_path: str | Path, calib_x: np.ndarray, *,
-                      per_channel: bool = True, reduce_range: bool = False, batch_size: int = 16) -> dict:
+                      per_channel: bool = True, reduce_range: bool = False, batch_size: int = 16,
+                      act_int8: bool = False) -> dict:
     """Quantize ``fp32_onnx_path`` with ``onnxruntime.quantization.quantize_static`` into ``out_path``.
+
+    ``act_int8``: symmetric signed int8 activations (zero point 0), the form TensorRT's explicit quantization
+    takes, instead of uint8 (ONNX Runtime CPU's fast path).
 
     ``quant_pre_process`` (shape inference + graph optimisation, what ORT recommends) runs first; if it fails
     the raw model is quantized. Returns ``{path, bytes, preprocessed, calib_samples, per_channel, reduce_range}``.
@@ -64,10 +68,12 @@ def ort_int8_baseline(fp32_onnx_path: str | Path, out_path: str | Path, calib_x:
             with runs.atomic_path(out_path) as tmp:
                 quantize_static(
                     str(pre), str(tmp), _reader(calib_x, input_name, batch_size),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=per_channel, reduce_range=reduce_range,
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8 if act_int8 else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
+                    extra_options={"ActivationSymmetric": True} if act_int8 else None,
                 )
     finally:
         logging.getLogger().setLevel(quiet)
     return {"path": str(out_path), "bytes": Path(out_path).stat().st_size, "preprocessed": preprocessed,
-            "calib_samples": int(len(calib_x)), "per_channel": per_channel, "reduce_range": reduce_range}
+            "calib_samples": int(len(calib_x)), "per_channel": per_channel, "reduce_range": reduce_range,
+            "act_int8": act_int8}

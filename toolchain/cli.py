@@ -235,12 +235,14 @@ def export(
 
 @baseline_app.command("ort-int8")
 def baseline_ort_int8(run_dir: Path = RunDir,
-                      calib_samples: int = typer.Option(256, help="Training images used for calibration.")):
+                      calib_samples: int = typer.Option(256, help="Training images used for calibration."),
+                      act_int8: bool = typer.Option(False, "--act-int8", help="Symmetric signed int8 activations "
+                                                    "(the form TensorRT takes) instead of uint8.")):
     """ONNX Runtime's own quantize_static (QDQ, per-channel, uint8 activations) of fp32.onnx -> ort_int8.onnx."""
     from hirelc.pipeline import ort_int8_stage
 
     with _user_errors(run_dir, "baseline ort-int8"):
-        info = ort_int8_stage(run_dir, calib_samples)
+        info = ort_int8_stage(run_dir, calib_samples, act_int8=act_int8)
         typer.echo(json.dumps(info, indent=2, default=str))
 
 

@@ -170,8 +170,9 @@ def export_options(weight_only: bool = False, weight_format: str = "fold", opset
     return {"weight_only": weight_only, "weight_format": weight_format, "opset": opset}
 
 
-def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256) -> dict:
-    """ONNX Runtime's own static int8 quantization of fp32.onnx, calibrated on the same training data."""
+def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256, act_int8: bool = False) -> dict:
+    """ONNX Runtime's own static int8 quantization of fp32.onnx, calibrated on the same training data
+    (``act_int8``: symmetric int8 activations, for TensorRT)."""
     if calib_samples < 1:
         raise HirelcError(f"--calib-samples must be >= 1, got {calib_samples}")
     rd = runs.require_run_dir(run_dir, runs.CONFIG)
@@ -179,8 +180,9 @@ def ort_int8_stage(run_dir: str | Path, calib_samples: int = 256) -> dict:
         export_stage(rd, fp32=True)
     bundle = run_bundle(rd)
     calib = bundle.subset("train", min(calib_samples, len(bundle.train)), seed=0).x.numpy()
-    info = ort_int8_baseline(rd / runs.FP32_ONNX, rd / runs.ORT_INT8_ONNX, calib)
-    runs.record(rd, runs.ORT_INT8_ONNX, (runs.FP32_ONNX,), {"calib_samples": calib_samples})
+    info = ort_int8_baseline(rd / runs.FP32_ONNX, rd / runs.ORT_INT8_ONNX, calib, act_int8=act_int8)
+    options = {"calib_samples": calib_samples, **({"act_int8": True} if act_int8 else {})}
+    runs.record(rd, runs.ORT_INT8_ONNX, (runs.FP32_ONNX,), options)
     return info
 
 

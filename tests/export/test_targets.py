@@ -236,3 +236,12 @@ def test_verify_on_tensorrt_builds_int8_engines_and_caches_them(lower, bundle, r
     what = rep["targets"]["ort-tensorrt"]["artifacts"]["hirelc"]["what_ran"]
     assert what["tensorrt_check"]["ok"] and what["int8_engine"], what
     assert what["cached_engines"] and (rd / "trt_cache").is_dir()
+
+
+def test_ort_int8_with_int8_activations_is_what_tensorrt_takes(run_dir, bundle, tmp_path):
+    from hirelc.export import ort_int8_baseline
+
+    out = tmp_path / "ort_int8.onnx"
+    info = ort_int8_baseline(run_dir / runs.FP32_ONNX, out, bundle.train.x[:32].numpy(), act_int8=True)
+    assert info["act_int8"] and tensorrt_check(out)["ok"], tensorrt_check(out)["problems"]
+    assert not tensorrt_check(run_dir / runs.ORT_INT8_ONNX)["ok"]  # the default: uint8 activations
