@@ -99,6 +99,10 @@ def test_bench_command_restates_the_options_used(bench_report, ablation_report):
     assert "--fill-budget" not in bench_command(rep)
     rep["config"].update(max_latency_ms=None, fill_budget=True)
     assert "--max-latency-ms" not in bench_command(rep) and "--fill-budget" in bench_command(rep)
+    assert "--method " not in bench_command(rep) and "--target " not in bench_command(rep)  # the defaults
+    rep["config"].update(methods=["fp32", "ort-int8", "hirelc"], targets=["ort-cpu", "openvino"])
+    assert bench_command(rep).endswith("--method fp32 --method ort-int8 --method hirelc "
+                                       "--target ort-cpu --target openvino")
     abl = ablation_report()
     assert "--fill-budget" not in ablation_command(abl)
     abl["config"]["fill_budget"] = True

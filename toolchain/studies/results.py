@@ -16,6 +16,7 @@ from pathlib import Path
 from hirelc import runs
 from hirelc.errors import HirelcError
 from hirelc.machine import record
+from hirelc.options import METHODS
 from hirelc.report import dominates
 from hirelc.studies.ablate import ABLATION_JSON, format_ablation
 from hirelc.studies.bench import BENCH_JSON, format_bench
@@ -51,6 +52,10 @@ def bench_command(report: dict) -> str:
     if c.get("fill_budget"):
         cmd += " --fill-budget"
     cmd += f" --preset {c['preset']} --qat-epochs {c['qat_epochs']:g} --runs {c['runs']} --seed {c['seed']}"
+    if c.get("methods") and list(c["methods"]) != list(METHODS):
+        cmd += "".join(f" --method {m}" for m in c["methods"])
+    if list(c.get("targets") or ["ort-cpu"]) != ["ort-cpu"]:
+        cmd += "".join(f" --target {t}" for t in c["targets"])
     return cmd
 
 
