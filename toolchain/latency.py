@@ -7,8 +7,14 @@ the container (``fp32``, ``w8`` for 5..8 bits, ``w4`` for 2..4 bits), the scheme
 scales (``-group``). Each is exported exactly as lowering writes it (uint8 input Q/DQ, an output quantizer, the
 ``fold`` weight format, so ORT fuses ``QLinearConv`` / ``QGemm`` where it can; per-group convs stay
 ``DequantizeLinear`` + float kernel). :func:`fast_formats` reads from the table which formats run no slower
-than int8 here; the default search space offers only those. A layer's predicted time is its format's time
-scaled by the fraction of its multiply-accumulates that pruning keeps.
+than int8 here; the default search space offers only those.
+
+**Pruned layers** are timed too: each prunable layer is cut to the keep ratios ``CURVE_KEEPS`` (its kept channel
+counts as lowering would round them, inputs cut with it where its input is pruned) and timed in int8. Its
+``keep_curve`` maps the fraction of multiply-accumulates kept to the fraction of time left, so small or oddly
+sized layers that run less efficiently than their MACs say are predicted as measured. A pruned layer's time
+is its format's full time times the curve, interpolated at its kept MAC fraction (linear scaling for layers
+without a curve).
 
 **The rest of the network** (activations, pooling, residual adds, the Q/DQ between layers) is calibrated
 against whole models lowered the real way (output and residual-block quantizers included, ranges from
@@ -25,11 +31,12 @@ import copy
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hirelc.cost import group_keeps, kept_shape
+from hirelc.cost import group_keeps, kept_channels, kept_shape
 from hirelc.export import ORT_PROBE, export_fp32, export_lowered
 from hirelc.export.runtime import median_latency
 from hirelc.lower import LowerConfig, calibrate, freeze, lower_model, swap_quantized
@@ -48,7 +55,8 @@ from hirelc.qmodules import ActQuant, quant_layers
 from hirelc.topology import LayerSpec, Topology
 
 LATENCY_TABLE = "latency_table.json"
-TABLE_VERSION = 3  # 3: layers timed in the fold weight format with output quantizers
+TABLE_VERSION = 4  # 3: layers timed in the fold weight format with output quantizers; 4: keep curves
+CURVE_KEEPS = (0.25, 0.5, 0.75)  # keep ratios each prunable layer is timed at (int8)
 GROUP_SIZES = (32, 64)  # per-group formats are timed at the smallest of these the layer accepts
 ANCHOR_KEEP = 0.5
 
@@ -131,6 +139,18 @@ def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: 
     return q, k
 
 
+def time_fraction(row: dict, mac_fraction: float) -> float:
+    """The fraction of a layer's full time left when pruning keeps ``mac_fraction`` of its multiply-accumulates:
+    its measured keep curve, interpolated (proportional below the smallest point), or ``mac_fraction`` itself."""
+    curve = row.get("keep_curve")
+    if not curve or mac_fraction >= 1.0:
+        return mac_fraction
+    xs, ys = zip(*sorted(curve), strict=True)
+    if mac_fraction < xs[0]:
+        return mac_fraction * ys[0] / xs[0]
+    return float(np.interp(mac_fraction, xs, ys))
+
+
 def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> float:
     total = 0.0
     for s in topo.layers:
@@ -140,8 +160,51 @@ def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keep
         key = variant(layers[s.name])
         if key not in row:  # a per-group format the layer was not timed in: nearest timed format
             key = key.removesuffix("-group")
-        total += row[key] * frac
+        total += row[key] * time_fraction(row, frac)
     return total
+
+
+def _pruned_layer(mod: nn.Module, spec: LayerSpec, keep: float, in_shape: tuple[int, ...]):
+    """(a copy of ``mod`` with its channels cut as pruning at ``keep`` would cut them, its input shape, its kept
+    MAC fraction), or None for a layer pruning does not shrink this way (grouped convs, attention by heads)."""
+    if not spec.prunable or spec.grouped_tied or spec.kind == "attn_qkv":
+        return None
+    out = kept_channels(spec.out_features, keep)
+    inn = kept_channels(spec.in_features, keep) if spec.input_group >= 0 and spec.kind != "dwconv" else spec.in_features
+    if isinstance(mod, nn.Conv2d):
+        if spec.kind == "dwconv":
+            new = nn.Conv2d(out, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups=out,
+                            bias=mod.bias is not None)
+            shape = (in_shape[0], out, *in_shape[2:])
+        elif mod.groups == 1:
+            new = nn.Conv2d(inn, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                            bias=mod.bias is not None)
+            shape = (in_shape[0], inn, *in_shape[2:])
+        else:
+            return None
+    elif isinstance(mod, nn.Linear):
+        new = nn.Linear(inn, out, bias=mod.bias is not None)
+        shape = (*in_shape[:-1], inn)
+    else:
+        return None
+    frac = (out * inn) / max(1, spec.out_features * spec.in_features)
+    return (new.eval(), shape, frac) if frac < 1.0 else None
+
+
+def _keep_curve(model: nn.Module, spec: LayerSpec, in_shape: tuple[int, ...], full_ms: float, batch: int,
+                runs_: int, tmp: Path) -> list[list[float]] | None:
+    """[[kept MAC fraction, time / full time], ...] of one prunable layer timed in int8 at ``CURVE_KEEPS``."""
+    points: dict[float, float] = {}
+    for keep in CURVE_KEEPS:
+        cut = _pruned_layer(model.get_submodule(spec.name), spec, keep, in_shape)
+        if cut is None or cut[2] in points:
+            continue
+        mod, shape, frac = cut
+        wrap = _single_layer(mod, LayerPolicy(bits=8), shape)
+        path = tmp / f"keep{keep}.onnx"
+        export_lowered(wrap, shape, path, check_runtime=False)  # timed next: it loads or fails there
+        points[frac] = median_latency(path, (batch, *shape[1:]), runs=runs_, warmup=3) / max(full_ms, 1e-9)
+    return [[x, points[x]] for x in sorted(points)] + [[1.0, 1.0]] if points else None
 
 
 def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs_: int = 20,
@@ -167,18 +230,31 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
                 else:
                     export_lowered(wrap, in_shape, path, check_runtime=False)  # timed next: it loads or fails there
                 row[key] = median_latency(path, (batch, *in_shape[1:]), runs=runs_, warmup=3)
+            curve = _keep_curve(model, s, in_shape, row["w8"], batch, runs_, Path(tmp)) if "w8" in row else None
+            if curve:
+                row["keep_curve"] = curve
             table["layers"][s.name] = row
         int8 = uniform_policy(list(topo.layers), 8, 1.0)
         table["int8_model_ms"] = time_lowered(model, topo, int8, batch, runs_, Path(tmp) / "int8.onnx")
         if any(s.prunable for s in topo.layers):
+            table["anchor_policy_keep"] = anchor_keep
             pruned = uniform_policy(list(topo.layers), 8, anchor_keep)
             table["pruned_int8_model_ms"] = time_lowered(model, topo, pruned, batch, runs_, Path(tmp) / "p.onnx")
-            keeps = group_keeps(list(topo.layers), pruned)
-            table["anchor_keep"] = _shares(table, topo, pruned, keeps)[1]
-            table["pruned_int8_rest_ms"] = table["pruned_int8_model_ms"] - _layer_sum(table, topo, pruned, keeps)
+    return calibrate_rest(table, topo)
+
+
+def calibrate_rest(table: dict, topo: Topology) -> dict:
+    """Set the table's "rest of the network" terms from its whole-model anchors and its layer times (again, after
+    the layer times changed): each anchor's measured time minus the sum of its layers' predicted times."""
     fp32 = {s.name: LayerPolicy(bits=None) for s in topo.layers}
+    int8 = uniform_policy(list(topo.layers), 8, 1.0)
     table["rest_ms"] = table["fp32_model_ms"] - _layer_sum(table, topo, fp32, {})
     table["int8_rest_ms"] = table["int8_model_ms"] - _layer_sum(table, topo, int8, {})
+    if "pruned_int8_model_ms" in table:
+        pruned = uniform_policy(list(topo.layers), 8, table.get("anchor_policy_keep", ANCHOR_KEEP))
+        keeps = group_keeps(list(topo.layers), pruned)
+        table["anchor_keep"] = _shares(table, topo, pruned, keeps)[1]
+        table["pruned_int8_rest_ms"] = table["pruned_int8_model_ms"] - _layer_sum(table, topo, pruned, keeps)
     return table
 
 
