@@ -11,7 +11,7 @@ below it, and the module-level import graph has no cycles. From the bottom:
   train     hirelc.train                                      training and evaluation loops
   lower     hirelc.lower                                      prune, fold, quantize, fine-tune, save
   export    hirelc.export                                     ONNX, ONNX Runtime sessions, verify
-  adapters  evaluate, latency                                 what the search calls to score a policy
+  adapters  evaluate, latency, parallel                       what the search calls to score a policy
   search    hirelc.search                                     the agents (sees LayerSpec and an Evaluator)
   pipeline  hirelc.pipeline                                   every stage, run-directory I/O and caches
   studies   hirelc.studies                                    bench, ablate, results
@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("hirelc.train",)),
     ("lower", ("hirelc.lower",)),
     ("export", ("hirelc.export",)),
-    ("adapters", ("hirelc.evaluate", "hirelc.latency")),
+    ("adapters", ("hirelc.evaluate", "hirelc.latency", "hirelc.parallel")),
     ("search", ("hirelc.search",)),
     ("pipeline", ("hirelc.pipeline",)),
     ("studies", ("hirelc.studies",)),

@@ -474,7 +474,8 @@ def summary_line(report: dict) -> dict:
             "memory_mb": (h.get("memory") or {}).get("peak_mb"),
             "parity": (report.get("parity") or {}).get("top1_agreement"),
             "against": [{"check": r["check"], "verdict": r["verdict"]} for r in (report.get("against") or {}).get("rows", [])],
-            "cpu": report["machine"].get("cpu"), "report": str(Path(report["run_dir"]) / runs.REPORT_JSON)}
+            "cpu": report["machine"].get("cpu"), "target": report.get("gate_target", "ort-cpu"),
+            "report": str(Path(report["run_dir"]) / runs.REPORT_JSON)}
 
 
 def format_markdown(report: dict) -> str:

@@ -42,6 +42,7 @@ def test_a_release_no_worse_than_the_last_passes(releases):
     assert res.exit_code == 0, res.output
     line = json.loads(res.output.strip().splitlines()[-1])
     assert line["passed"] is True and {"check": "bytes", "verdict": "ok"} in line["against"]
+    assert line["target"] == "ort-cpu"  # the target the gate read
     report = json.loads((new / runs.REPORT_JSON).read_text())
     rows = {r["check"]: r for r in report["against"]["rows"]}
     assert rows["bytes"]["new"] < rows["bytes"]["old"] and rows["bytes"]["change"] < 0

@@ -300,6 +300,11 @@ def verify(
         raise typer.Exit(EXIT_GATE)
 
 
+WorkersOpt = typer.Option(COMPRESS.workers, "--workers", help="Run each search phase's real evaluations as tasks on a "
+                          "local Ray instance with this many CPUs (pip install -e \".[ray]\"); 1: in process, no "
+                          "Ray. The same seed gives the same policy for any number.")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Run the search's real evaluations on the Ray cluster at "
+                             "this address (host:port, or auto); hirelc must be installed on every node.")
 NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-latency-ms, do not require the "
                             "artifact to be as fast as ONNX Runtime's own int8 of the model (batch 8).")
 
@@ -320,6 +325,8 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
                                      "give the most sensitive layers back bits / channels while it still fits."),
+    workers: int = WorkersOpt,
+    ray_address: Optional[str] = RayAddressOpt,
 ):
     """Run the HiReLC search (Fisher sensitivity, hierarchical ensemble agents, surrogate active learning).
 
@@ -331,7 +338,8 @@ def search(
         s = search_stage(run_dir, target_ratio=target_ratio, preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
                          overrides={"fill_budget": True} if fill_budget else None,
-                         latency_budget=not no_latency_budget, echo=typer.echo)
+                         latency_budget=not no_latency_budget, echo=typer.echo, workers=workers,
+                         ray_address=ray_address)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
                        "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])
@@ -359,6 +367,8 @@ def compress(
     seed: int = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue this run directory: skip the stages whose "
                                 "outputs are current (same options, built from the current files), rerun the rest."),
+    workers: int = WorkersOpt,
+    ray_address: Optional[str] = RayAddressOpt,
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
 
@@ -373,7 +383,8 @@ def compress(
                              img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
                              target_ratio=target_ratio, search_preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
-                             qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed)
+                             qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed,
+                             workers=workers, ray_address=ray_address)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

@@ -5,6 +5,9 @@
   compared with the baseline's; ``20 * MSE`` capped at 50 points stands in for the accuracy drop.
 * :meth:`RealEvaluator.real_accuracy` — lower the candidate, run a short QAT fine-tune on a training subset,
   and measure validation accuracy. This is what decides the winner.
+* Both run torch on ``RealEvaluator.threads`` threads (1 by default), whatever the caller's count: a float sum
+  split over another number of threads rounds differently, and a short QAT amplifies that into another accuracy,
+  so a fixed count is what makes a policy score the same in this process and on any worker (hirelc.parallel).
 * :meth:`RealEvaluator.predict_bytes` — bytes of the exported ONNX file, from the layer shapes and their
   on-disk containers (int4 packed two per byte, int8 one per byte, fp32 scales), plus everything the policy
   does not touch (norms, embeddings) in fp32.
@@ -12,11 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hirelc.cost import group_keeps, kept_shape, scale_count
+from hirelc.errors import HirelcError
 from hirelc.export import ORT_PROBE, export_lowered
 from hirelc.export.onnx_export import fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
@@ -57,47 +63,74 @@ class Predictors:
         return predict_latency(self.latency_table, self.topo, layers)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on ``n`` intra-op threads inside the block (the caller's count restored after)."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class RealEvaluator:
-    """Scores policies by lowering the real model; sizes of the subsets trade fidelity for search time."""
+    """Scores policies by lowering the real model; sizes of the subsets trade fidelity for search time.
+
+    Every score is a function of the policy and these arguments only (seeded data order and QAT, ``threads``
+    torch threads), so any process holding a copy (:meth:`for_workers`) gives a policy the same score.
+    """
 
     def __init__(self, model: nn.Module, topo: Topology, bundle, predictors: Predictors, *, qat_steps: int = 40,
                  train_samples: int = 2048, val_samples: int = 1000, calib_samples: int = 256, batch_size: int = 64,
-                 lr: float = 5e-4, seed: int = 0):
-        self.model, self.topo, self.seed = model.eval(), topo, seed
+                 lr: float = 5e-4, seed: int = 0, threads: int = 1):
+        if threads < 1:
+            raise HirelcError(f"an evaluation needs at least one thread, got {threads}")
+        self.model, self.topo, self.seed, self.threads = model.eval(), topo, seed, threads
         self.predictors = predictors
         self.cfg = LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
                                keep_best=False, seed=seed)  # the search scores the fine-tuned candidate as is
         self._sub = _SubsetBundle(bundle, train_samples, val_samples, seed)
         self._placement: dict = {}  # where lowering put quantizers, per set of layer formats (lower.placement_key)
         self.calib_x = bundle.subset("train", calib_samples, seed=seed + 1).x
-        self.base_logits = predict_logits(self.model, self.calib_x)
-        self.baseline_accuracy = evaluate(self.model, self._sub.loader("val", 256))
+        with torch_threads(threads):
+            self.base_logits = predict_logits(self.model, self.calib_x)
+            self.baseline_accuracy = evaluate(self.model, self._sub.loader("val", 256))
         self.eval_seconds: list[float] = []
         self._saliency: dict[str, torch.Tensor] | None = None
         self._fast: FastProxy | None = None
 
-    def saliency(self, layers: dict[str, LayerPolicy]) -> dict[str, torch.Tensor] | None:
-        """The baseline's channel saliency, measured once (every candidate prunes the same model)."""
-        if self.cfg.importance != "taylor" or all(lp.keep_ratio >= 1.0 for lp in layers.values()):
+    def saliency(self, layers: dict[str, LayerPolicy] | None = None) -> dict[str, torch.Tensor] | None:
+        """The baseline's channel saliency, measured once (every candidate prunes the same model); None when
+        ``layers`` prunes nothing. Without ``layers``: measured now whether or not a candidate prunes."""
+        if self.cfg.importance != "taylor" or (layers is not None and all(lp.keep_ratio >= 1.0
+                                                                          for lp in layers.values())):
             return None
         if self._saliency is None:
-            self._saliency = channel_saliency(copy.deepcopy(self.model), self.topo,
-                                              saliency_batches(self._sub, self.cfg))
+            with torch_threads(self.threads):
+                self._saliency = channel_saliency(copy.deepcopy(self.model), self.topo,
+                                                  saliency_batches(self._sub, self.cfg))
         return self._saliency
 
     def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
         # called for every agent step: emulated on the baseline, no copy, no dependency graph, no calibration
-        if self._fast is None:
-            self._fast = FastProxy(self.model, self.topo, reduce_range=self.cfg.reduce_range)
-        logits = self._fast.logits(layers, self.calib_x, saliency=self.saliency(layers))
-        mse = F.mse_loss(logits, self.base_logits).item()
+        saliency = self.saliency(layers)
+        with torch_threads(self.threads):
+            if self._fast is None:
+                self._fast = FastProxy(self.model, self.topo, reduce_range=self.cfg.reduce_range)
+            logits = self._fast.logits(layers, self.calib_x, saliency=saliency)
+            mse = F.mse_loss(logits, self.base_logits).item()
         return min(20.0 * mse, 50.0)
 
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         t0 = time.time()
-        lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
-                                 saliency=self.saliency(layers), placement=self._placement, probe=ORT_PROBE)
-        acc = evaluate(lowered, self._sub.loader("val", 256))
+        saliency = self.saliency(layers)
+        with torch_threads(self.threads):
+            lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
+                                     saliency=saliency, placement=self._placement, probe=ORT_PROBE)
+            acc = evaluate(lowered, self._sub.loader("val", 256))
         self.eval_seconds.append(time.time() - t0)
         return acc
 
@@ -106,6 +139,20 @@ class RealEvaluator:
 
     def predict_latency_ms(self, layers: dict[str, LayerPolicy]) -> float | None:
         return self.predictors.predict_latency_ms(layers)
+
+    def for_workers(self) -> RealEvaluator:
+        """A copy to send to other processes (:mod:`hirelc.parallel`) that scores every policy exactly as this one.
+
+        The baseline's saliency is measured here first, so every process prunes the same channels; the copy
+        leaves behind what a worker does not need or rebuilds itself: the proxy's folded model, the timings and
+        the test split.
+        """
+        self.saliency()
+        out = copy.copy(self)
+        out._fast, out.eval_seconds, out._placement = None, [], dict(self._placement)
+        out._sub = copy.copy(self._sub)
+        out._sub.test = None
+        return out
 
 
 FOLD_NAME_BYTES = 8  # a 4-bit layer's code initializer is renamed ``<layer>.qweight.int4`` (measured on test models)

@@ -206,10 +206,13 @@ class CompressConfig:
     verify_runs: int = 50
     resume: bool = False
     seed: int = 0
+    workers: int = 1  # the search's real evaluations on a local Ray instance with this many CPUs (1: in process)
+    ray_address: str | None = None  # or on this Ray cluster
 
     def __post_init__(self):
         finite("--target-ratio", self.target_ratio, low=1.0)
         finite("--qat-epochs", self.qat_epochs, low=0.0)
+        at_least("--workers", self.workers, 1)
         if self.max_size_mb is not None:
             finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
         if self.max_latency_ms is not None:

@@ -36,6 +36,7 @@ from hirelc.export.onnx_export import check_export_options
 from hirelc.lower import LowerConfig, load_lowered, lower_model, save_lowered
 from hirelc.models import model_config
 from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of this API)
+from hirelc.parallel import distributed, needs_ray
 from hirelc.policy import LayerPolicy, Policy, get_policy
 from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
 from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
@@ -316,7 +317,7 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
                 res = search_stage(rd, target_ratio=cfg.target_ratio, preset=cfg.search_preset,
                                    max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
                                    resume=again, progress=progress, latency_budget=cfg.latency_budget,
-                                   echo=echo)
+                                   echo=echo, workers=cfg.workers, ray_address=cfg.ray_address)
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
@@ -441,14 +442,18 @@ def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, over
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
                  max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
                  resume: bool = False, progress: bool = True, fisher_samples: int = 50,
-                 overrides: dict | None = None, latency_budget: bool = True, echo=None) -> dict:
+                 overrides: dict | None = None, latency_budget: bool = True, echo=None, workers: int = 1,
+                 ray_address: str | None = None) -> dict:
     """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json.
 
     Latency-aware by default: without ``max_latency_ms`` the winner's predicted batch-8 latency must not exceed
     ONNX Runtime's own int8 of the same model, measured here (:func:`ort_int8_reference`);
     ``latency_budget=False`` drops that bound. The run directory's latency table also decides which weight
     formats the space offers (:func:`hirelc.latency.fast_formats`), unless ``overrides`` name ``formats``.
+    ``workers`` > 1 runs each phase's real evaluations as tasks on a local Ray instance with that many CPUs,
+    ``ray_address`` on that Ray cluster (:mod:`hirelc.parallel`); the policy is the same for any number.
     """
+    needs_ray(workers, ray_address)  # a bad count or a missing Ray fails before anything is measured
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     if preset not in PRESETS:
         raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
@@ -510,7 +515,9 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         loader = bundle.loader("train", 16, shuffle=True, seed=seed)
         sens = fisher_sensitivity(model, loader, topo.names, {s.name: s.block for s in specs}, n_samples=fisher_samples)
         runs.atomic_write_json(sens_path, sens)
-    result = run_search(specs, sens, evaluator, config, budget, run_dir=rd, resume=resume, progress=progress)
+    with distributed(evaluator, workers, ray_address) as scorer:
+        result = run_search(specs, sens, scorer, config, budget, run_dir=rd, resume=resume, progress=progress)
+    eval_seconds = scorer.eval_seconds
     policy = result.policy()
     policy.save(rd / runs.POLICY)
     runs.record(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
@@ -539,7 +546,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "formats": list(config.formats) if config.formats else None,
         "n_real_evals": result.n_real_evals,
         "wall_s": result.wall_s,
-        "mean_eval_s": (sum(evaluator.eval_seconds) / len(evaluator.eval_seconds)) if evaluator.eval_seconds else None,
+        "mean_eval_s": (sum(eval_seconds) / len(eval_seconds)) if eval_seconds else None,
+        "workers": workers,
         "surrogate_spearman": result.surrogate_spearman,
         "allocation": result.allocation,
     }

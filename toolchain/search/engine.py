@@ -18,6 +18,12 @@ of real evaluations as the hierarchical search.
 real results of earlier phases, so no RNG state or agent needs saving: the state file holds the real results,
 the phase index and the surrogate weights, is written atomically after every real evaluation, and a resumed
 search re-derives the interrupted phase's plan and skips what it already evaluated. Same seed, same policy.
+
+**Batches.** Each phase first plans all of its real evaluations, then hands them to the evaluator at once: an
+evaluator with a ``real_accuracies`` method (:class:`BatchEvaluator`, e.g. one that runs them as Ray tasks) may
+run them in parallel, one without is called one policy at a time. Results are committed (logged, checkpointed) in
+the plan's order, never in completion order, so the number of workers changes neither the history nor the winner.
+The candidate screening by the proxy goes through ``proxy_drops`` the same way when the evaluator has one.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +96,26 @@ class Evaluator(Protocol):
 
     def predict_latency_ms(self, layers: dict[str, LayerPolicy]) -> float | None:
         """Predicted ONNX Runtime latency in ms, None if unknown."""
+
+
+class BatchEvaluator(Evaluator, Protocol):
+    """An evaluator that scores many policies at once (possibly in parallel); the engine uses these when present."""
+
+    def real_accuracies(self, batch: Sequence[dict[str, LayerPolicy]]) -> Iterator[tuple[float, float]]:
+        """``(real accuracy %, seconds it took)`` of each policy, yielded in ``batch``'s order."""
+
+    def proxy_drops(self, batch: Sequence[dict[str, LayerPolicy]]) -> list[float]:
+        """:meth:`Evaluator.proxy_drop` of each policy, in ``batch``'s order."""
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One real evaluation a phase plans: the policy, why it was chosen, and the surrogate's prediction."""
+
+    layers: Layers
+    kind: str
+    pred: float | None = None
+    std: float | None = None
 
 
 @dataclass
@@ -212,7 +238,8 @@ class _Search:
 
     # ---- budget and predictions ----------------------------------------------------------------------------
     def proxy_drop(self, layers: Layers) -> float:
-        """The evaluator's cold-start proxy, memoised, run with the caller's thread count (RL runs on one).
+        """The evaluator's cold-start proxy, memoised, run with the caller's thread count (RL runs on one; an
+        evaluator that pins its own count, as ``RealEvaluator`` does, keeps it).
 
         Agents compose one block's choice with the incumbent elsewhere; the whole-policy masks (tied keeps,
         group sizes that another block's pruning stopped dividing) are applied here, before anything is lowered.
@@ -223,6 +250,22 @@ class _Search:
             with torch_threads(self._threads):
                 self._proxy[key] = float(self.ev.proxy_drop(layers))
         return self._proxy[key]
+
+    def proxy_drops(self, batch: Sequence[Layers]) -> list[float]:
+        """:meth:`proxy_drop` of many policies: those not memoised go to the evaluator's ``proxy_drops`` at once
+        when it has one (which may spread them over workers), else one by one."""
+        masked = [share_group_keeps(self.specs, lay) for lay in batch]
+        missing: dict[tuple, Layers] = {}
+        for lay in masked:
+            key = policy_key(self.specs, lay)
+            if key not in self._proxy:
+                missing.setdefault(key, lay)
+        many = getattr(self.ev, "proxy_drops", None)
+        if missing and many is not None:
+            with torch_threads(self._threads):
+                values = many(list(missing.values()))
+            self._proxy.update({k: float(v) for k, v in zip(missing, values, strict=True)})
+        return [self.proxy_drop(lay) for lay in masked]
 
     def meets_budget(self, layers: Layers) -> bool:
         b = self.budget
@@ -257,24 +300,47 @@ class _Search:
         return max(idx, key=lambda i: (self.records[i]["real_acc"], -i)) if idx else None
 
     # ---- real evaluation -----------------------------------------------------------------------------------
-    def real_eval(
-        self, layers: Layers, cycle: int, kind: str, pred: float | None = None, std: float | None = None
-    ) -> None:
-        """Really evaluate ``layers`` once per phase, log it (search.jsonl) and checkpoint the state."""
-        layers = share_group_keeps(self.specs, layers)  # whole-policy masks (tied keeps, prunable group sizes)
-        key = policy_key(self.specs, layers)
-        for i, r in enumerate(self.records):  # already done in this phase (before an interruption)
-            if r["cycle"] == cycle and policy_key(self.specs, self.layers[i]) == key:
-                return
+    def real_evals(self, cycle: int, plan: Sequence[_Planned]) -> None:
+        """Really evaluate a phase's plan (each policy once per phase) and commit every result in the plan's order.
+
+        Policies this phase evaluated before an interruption are skipped. The evaluator gets the rest at once
+        (see :class:`BatchEvaluator`); each result is logged (search.jsonl) and checkpointed as soon as it and
+        every result before it in the plan are in, so a killed search loses at most what was still running.
+        """
+        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] == cycle}
+        todo: list[_Planned] = []
+        for p in plan:
+            layers = share_group_keeps(self.specs, p.layers)  # whole-policy masks (tied keeps, group sizes)
+            key = policy_key(self.specs, layers)
+            if key not in done:
+                done.add(key)
+                todo.append(dataclasses.replace(p, layers=layers))
+        if not todo:
+            return
+        results = self._real_accuracies([p.layers for p in todo])
+        for p, (acc, eval_s) in zip(todo, results, strict=True):
+            self._commit(cycle, p, float(acc), float(eval_s))
+
+    def _real_accuracies(self, batch: list[Layers]) -> Iterator[tuple[float, float]]:
+        many = getattr(self.ev, "real_accuracies", None)
+        if many is not None:
+            return iter(many(batch))
+        return self._one_by_one(batch)
+
+    def _one_by_one(self, batch: list[Layers]) -> Iterator[tuple[float, float]]:
+        for layers in batch:  # lazily: each result is committed before the next evaluation starts
+            t = time.perf_counter()
+            acc = float(self.ev.real_accuracy(layers))
+            yield acc, time.perf_counter() - t
+
+    def _commit(self, cycle: int, p: _Planned, acc: float, eval_s: float) -> None:
+        layers = p.layers
         proxy = self.proxy_drop(layers)
-        t = time.perf_counter()
-        acc = float(self.ev.real_accuracy(layers))
-        eval_s = time.perf_counter() - t
         size, lat = self.ev.predict_bytes(layers), self.ev.predict_latency_ms(layers)
         storage = policy_storage(self.specs, layers)
         rec = {
-            "cycle": cycle, "kind": kind, "policy": {n: lp.to_dict() for n, lp in layers.items()},
-            "predicted_acc": pred, "predicted_std": std, "proxy_drop": proxy, "real_acc": acc,
+            "cycle": cycle, "kind": p.kind, "policy": {n: lp.to_dict() for n, lp in layers.items()},
+            "predicted_acc": p.pred, "predicted_std": p.std, "proxy_drop": proxy, "real_acc": acc,
             "effective_ratio": storage["effective_ratio"], "storage_bytes": storage["storage_bits"] / 8,
             "predicted_bytes": None if size is None else float(size),
             "predicted_latency_ms": None if lat is None else float(lat), "meets_budget": self.meets_budget(layers),
@@ -317,12 +383,13 @@ class _Search:
 
     def warmup(self) -> None:
         rng = np.random.default_rng([self.config.seed, 0])
-        self.real_eval(self.uniform_meeting_budget(), 0, "warmup-uniform")
+        plan = [_Planned(self.uniform_meeting_budget(), "warmup-uniform")]
         for _ in range(self.config.warmup_real_evals - 1):
             lay = random_policy(self.specs, rng, self.base)
             if self.config.mode == "random":  # random search spends every evaluation inside the budget
                 lay = self.repair(lay, self._base_constraints())
-            self.real_eval(lay, 0, "warmup-random")
+            plan.append(_Planned(lay, "warmup-random"))
+        self.real_evals(0, plan)
 
     def _base_constraints(self) -> dict[str, Constraints]:
         return {b: self.base for b in self.blocks}
@@ -331,17 +398,17 @@ class _Search:
         """Random search: fresh random policies, repaired into the budget, none evaluated twice."""
         rng = np.random.default_rng([self.config.seed, phase, 3])
         done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
-        n = 0
+        plan: list[_Planned] = []
         for _ in range(50 * self.config.real_evals_per_cycle):
-            if n >= self.config.real_evals_per_cycle:
+            if len(plan) >= self.config.real_evals_per_cycle:
                 break
             lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
             key = policy_key(self.specs, lay)
             if key in done or not self.meets_budget(lay):
                 continue
             done.add(key)
-            self.real_eval(lay, phase, "random")  # a no-op for what this phase evaluated before an interruption
-            n += 1
+            plan.append(_Planned(lay, "random"))
+        self.real_evals(phase, plan)  # skips what this phase evaluated before an interruption
 
     def flat_allocation(self) -> Allocation:
         """No high level: every block gets the global target as its level and the whole action space."""
@@ -408,14 +475,13 @@ class _Search:
             prom = list(np.argsort(-mean, kind="stable")[:n_prom])
             rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
         else:
-            score = np.array([-self.proxy_drop(c) for c in cands])
+            score = -np.array(self.proxy_drops(cands))  # the screening: one batch, maybe spread over workers
             prom = list(np.argsort(-score, kind="stable")[:n_prom])
             rest = [i for i in np.random.default_rng([cfg.seed, phase, 2]).permutation(len(cands)) if i not in prom]
         n_unc = cfg.real_evals_per_cycle - n_prom
         chosen = [(i, "promising") for i in prom] + [(i, "uncertain") for i in rest[:n_unc]]
-        for i, kind in chosen:
-            pred = None if mean is None else float(mean[i])
-            self.real_eval(cands[i], phase, kind, pred, None if std is None else float(std[i]))
+        self.real_evals(phase, [_Planned(cands[i], kind, None if mean is None else float(mean[i]),
+                                         None if std is None else float(std[i])) for i, kind in chosen])
 
     def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> list[Layers]:
         """Distinct, budget-meeting, not yet evaluated candidates: votes first, then combinations and mutations."""
