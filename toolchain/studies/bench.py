@@ -217,7 +217,8 @@ def measure_on_target(target: str, arts: dict[str, dict], bundle, cfg: BenchConf
 def format_bench(report: dict) -> str:
     """The comparison as a Markdown table (what ``bench.md`` holds and the CLI prints)."""
     bs = [str(b) for b in report["config"]["batch_sizes"]]
-    head = ["method", "ORT top-1 %", "effective", "bytes", "fp32/size"]
+    first = list(report["config"].get("targets", ["ort-cpu"]))[0]
+    head = ["method", "ORT top-1 %" if first == "ort-cpu" else f"{first} top-1 %", "effective", "bytes", "fp32/size"]
     head += [f"b{b} ms" for b in bs] + [f"b{b} fp32/x" for b in bs] + [f"b{b} ort-int8/x" for b in bs]
     # the search's batch-8 prediction, for reports whose searched methods had a latency budget
     pred = any(r.get("predicted_latency_ms_b8") is not None for r in report["methods"].values())
@@ -247,6 +248,8 @@ def format_bench(report: dict) -> str:
     targets = list(report["config"].get("targets", ["ort-cpu"]))
     lines += ["", "`bN fp32/x`: fp32 latency / this row's (> 1: faster than fp32); likewise for ort-int8.",
               f"Latency: {targets[0]}, medians of interleaved runs in one process."]
+    if pred:
+        lines.append("`pred b8 ms`: the batch-8 latency the search's latency table predicted for its winner.")
     if targets != ["ort-cpu"]:
         lines += ["", "## Per target", "", "Each target's latencies are interleaved medians within that target; "
                   "`what ran`: the share of kernels on the requested ONNX Runtime provider, or OpenVINO's runtime "
@@ -263,6 +266,4 @@ def format_bench(report: dict) -> str:
                               *(fmt(tr["speedup_vs_ort_int8"][b], ".2f", "x") for b in bs),
                               what_ran_summary(tr.get("what_ran"))])
         lines += md_table(head, trows)
-    if pred:
-        lines.append("`pred b8 ms`: the batch-8 latency the search's latency table predicted for its winner.")
     return "\n".join(lines) + "\n"
