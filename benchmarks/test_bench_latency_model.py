@@ -56,7 +56,8 @@ def _model(name: str, out: Path) -> dict:
     table = state["table"]
     by_macs = copy.deepcopy(table)  # the same table, pruned layers scaled by their kept MACs
     for row in by_macs["layers"].values():
-        row.pop("keep_curve", None)
+        row.pop("keep_out", None)
+        row.pop("keep_in", None)
     calibrate_rest(by_macs, topo)  # its pruned anchor's rest, recomputed for MAC-scaled layers
     space = Constraints.from_config(SearchConfig(formats=fast_formats(table)))
     rng = np.random.default_rng([0, len(name)])

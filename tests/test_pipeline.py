@@ -168,13 +168,16 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
     assert table["version"] == TABLE_VERSION and set(table["layers"]) == set(topo.names)
     for s in topo.layers:  # every format the search can pick ran on ONNX Runtime
         row = table["layers"][s.name]
-        times = {k: v for k, v in row.items() if k != "keep_curve"}
+        times = {k: v for k, v in row.items() if not k.startswith("keep_")}
         assert {"fp32", "w8", "w8-asym", "w4", "w4-asym"} <= set(times) and min(times.values()) > 0
-        curve = row.get("keep_curve")
-        if s.prunable and not s.grouped_tied:  # pruned copies of the layer were timed too
-            assert curve and curve[-1] == [1.0, 1.0] and len(curve) >= 2, s.name
+        sides = (["keep_out"] if s.prunable and not s.grouped_tied else []) + (
+            ["keep_in"] if s.input_group >= 0 and s.kind != "dwconv" and not s.grouped_tied else [])
+        for side in sides:  # copies of the layer with that side's channels cut were timed too
+            curve = row.get(side)
+            assert curve and curve[-1] == [1.0, 1.0] and len(curve) >= 2, (s.name, side)
             xs = [x for x, _ in curve]
             assert xs == sorted(xs) and 0 < xs[0] < 1 and all(y > 0 for _, y in curve), curve
+        assert set(k for k in row if k.startswith("keep_")) == set(sides), s.name
         assert ("w4-group" in row) == (s.in_features % 32 == 0 and s.kind != "dwconv"), s.name
         assert not any(k.startswith("w8") and k.endswith("-group") for k in row)  # masked: ORT cannot run it
 
@@ -262,12 +265,13 @@ def test_predicted_onnx_bytes_match_the_exported_file(compressed):
         assert abs(predicted - actual) / actual < 0.05, (preset, predicted, actual)
 
 
-def test_a_pruned_layer_is_predicted_from_its_keep_curve():
+def test_a_pruned_layer_is_predicted_from_its_keep_curves():
     from hirelc.latency import time_fraction
 
-    row = {"w8": 2.0, "keep_curve": [[0.25, 0.5], [0.5, 0.7], [1.0, 1.0]]}
-    assert time_fraction(row, 1.0) == 1.0
+    row = {"w8": 2.0, "keep_out": [[0.25, 0.5], [0.5, 0.7], [1.0, 1.0]], "keep_in": [[0.5, 0.6], [1.0, 1.0]]}
+    assert time_fraction(row, 1.0, 1.0) == 1.0
     assert time_fraction(row, 0.5) == pytest.approx(0.7)  # measured: not the 0.5 the MACs would say
     assert time_fraction(row, 0.75) == pytest.approx(0.85)  # interpolated between measured points
     assert time_fraction(row, 0.125) == pytest.approx(0.25)  # below the curve: proportional to its first point
-    assert time_fraction({"w8": 2.0}, 0.3) == pytest.approx(0.3)  # no curve: the MAC fraction
+    assert time_fraction(row, 0.5, 0.5) == pytest.approx(0.7 * 0.6)  # both sides cut: the product
+    assert time_fraction({"w8": 2.0}, 0.3, 0.5) == pytest.approx(0.15)  # no curves: the MAC fraction

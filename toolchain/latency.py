@@ -9,12 +9,13 @@ scales (``-group``). Each is exported exactly as lowering writes it (uint8 input
 ``DequantizeLinear`` + float kernel). :func:`fast_formats` reads from the table which formats run no slower
 than int8 here; the default search space offers only those.
 
-**Pruned layers** are timed too: each prunable layer is cut to the keep ratios ``CURVE_KEEPS`` (its kept channel
-counts as lowering would round them, inputs cut with it where its input is pruned) and timed in int8. Its
-``keep_curve`` maps the fraction of multiply-accumulates kept to the fraction of time left, so small or oddly
-sized layers that run less efficiently than their MACs say are predicted as measured. A pruned layer's time
-is its format's full time times the curve, interpolated at its kept MAC fraction (linear scaling for layers
-without a curve).
+**Pruned layers** are timed too: each prunable layer is timed in int8 with only its output channels, and with
+only its input channels (where its input is pruned), cut to the keep ratios ``CURVE_KEEPS`` (channel counts
+rounded as lowering rounds them). Its ``keep_out`` / ``keep_in`` curves map the fraction of channels kept on
+that side to the fraction of time left: a layer's time does not fall in proportion to its multiply-accumulates
+(fewer output channels parallelise worse than fewer input channels; small layers are overhead-bound). A pruned
+layer's time is its format's full time times the product of the two curves at its kept fractions (linear
+scaling on a side without a curve).
 
 **The rest of the network** (activations, pooling, residual adds, the Q/DQ between layers) is calibrated
 against whole models lowered the real way (output and residual-block quantizers included, ranges from
@@ -55,7 +56,7 @@ from hirelc.qmodules import ActQuant, quant_layers
 from hirelc.topology import LayerSpec, Topology
 
 LATENCY_TABLE = "latency_table.json"
-TABLE_VERSION = 4  # 3: layers timed in the fold weight format with output quantizers; 4: keep curves
+TABLE_VERSION = 5  # 3: layers timed in the fold weight format with output quantizers; 5: keep curves
 CURVE_KEEPS = (0.25, 0.5, 0.75)  # keep ratios each prunable layer is timed at (int8)
 GROUP_SIZES = (32, 64)  # per-group formats are timed at the smallest of these the layer accepts
 ANCHOR_KEEP = 0.5
@@ -139,72 +140,81 @@ def _shares(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: 
     return q, k
 
 
-def time_fraction(row: dict, mac_fraction: float) -> float:
-    """The fraction of a layer's full time left when pruning keeps ``mac_fraction`` of its multiply-accumulates:
-    its measured keep curve, interpolated (proportional below the smallest point), or ``mac_fraction`` itself."""
-    curve = row.get("keep_curve")
-    if not curve or mac_fraction >= 1.0:
-        return mac_fraction
+def _interp(curve: list | None, frac: float) -> float:
+    """A keep curve's time fraction at ``frac`` of the channels kept: interpolated between measured points,
+    proportional below the smallest one; ``frac`` itself without a curve."""
+    if not curve or frac >= 1.0:
+        return frac
     xs, ys = zip(*sorted(curve), strict=True)
-    if mac_fraction < xs[0]:
-        return mac_fraction * ys[0] / xs[0]
-    return float(np.interp(mac_fraction, xs, ys))
+    if frac < xs[0]:
+        return frac * ys[0] / xs[0]
+    return float(np.interp(frac, xs, ys))
+
+
+def time_fraction(row: dict, out_fraction: float, in_fraction: float = 1.0) -> float:
+    """The fraction of a layer's full time left when pruning keeps ``out_fraction`` of its output channels and
+    ``in_fraction`` of its input channels: the product of its two measured keep curves (each the kept fraction
+    itself where the layer has no curve)."""
+    return _interp(row.get("keep_out"), out_fraction) * _interp(row.get("keep_in"), in_fraction)
 
 
 def _layer_sum(table: dict, topo: Topology, layers: dict[str, LayerPolicy], keeps: dict[int, float]) -> float:
     total = 0.0
     for s in topo.layers:
         out, inn = kept_shape(s, layers, keeps)
-        frac = (out * inn) / max(1, s.out_features * s.in_features)
         row = table["layers"][s.name]
         key = variant(layers[s.name])
         if key not in row:  # a per-group format the layer was not timed in: nearest timed format
             key = key.removesuffix("-group")
-        total += row[key] * time_fraction(row, frac)
+        total += row[key] * time_fraction(row, out / max(1, s.out_features), inn / max(1, s.in_features))
     return total
 
 
-def _pruned_layer(mod: nn.Module, spec: LayerSpec, keep: float, in_shape: tuple[int, ...]):
-    """(a copy of ``mod`` with its channels cut as pruning at ``keep`` would cut them, its input shape, its kept
-    MAC fraction), or None for a layer pruning does not shrink this way (grouped convs, attention by heads)."""
-    if not spec.prunable or spec.grouped_tied or spec.kind == "attn_qkv":
-        return None
-    out = kept_channels(spec.out_features, keep)
-    inn = kept_channels(spec.in_features, keep) if spec.input_group >= 0 and spec.kind != "dwconv" else spec.in_features
+def _pruned_layer(mod: nn.Module, spec: LayerSpec, out: int, inn: int, in_shape: tuple[int, ...]):
+    """(a copy of ``mod`` with ``out`` output and ``inn`` input channels, its input shape), or None for a layer
+    pruning does not shrink this way (grouped convs, attention pruned by heads)."""
     if isinstance(mod, nn.Conv2d):
         if spec.kind == "dwconv":
             new = nn.Conv2d(out, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups=out,
                             bias=mod.bias is not None)
-            shape = (in_shape[0], out, *in_shape[2:])
-        elif mod.groups == 1:
-            new = nn.Conv2d(inn, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                            bias=mod.bias is not None)
-            shape = (in_shape[0], inn, *in_shape[2:])
-        else:
+            return new.eval(), (in_shape[0], out, *in_shape[2:])
+        if mod.groups != 1:
             return None
-    elif isinstance(mod, nn.Linear):
-        new = nn.Linear(inn, out, bias=mod.bias is not None)
-        shape = (*in_shape[:-1], inn)
-    else:
-        return None
-    frac = (out * inn) / max(1, spec.out_features * spec.in_features)
-    return (new.eval(), shape, frac) if frac < 1.0 else None
+        new = nn.Conv2d(inn, out, mod.kernel_size, mod.stride, mod.padding, mod.dilation, bias=mod.bias is not None)
+        return new.eval(), (in_shape[0], inn, *in_shape[2:])
+    if isinstance(mod, nn.Linear):
+        return nn.Linear(inn, out, bias=mod.bias is not None).eval(), (*in_shape[:-1], inn)
+    return None
 
 
-def _keep_curve(model: nn.Module, spec: LayerSpec, in_shape: tuple[int, ...], full_ms: float, batch: int,
-                runs_: int, tmp: Path) -> list[list[float]] | None:
-    """[[kept MAC fraction, time / full time], ...] of one prunable layer timed in int8 at ``CURVE_KEEPS``."""
-    points: dict[float, float] = {}
-    for keep in CURVE_KEEPS:
-        cut = _pruned_layer(model.get_submodule(spec.name), spec, keep, in_shape)
-        if cut is None or cut[2] in points:
-            continue
-        mod, shape, frac = cut
-        wrap = _single_layer(mod, LayerPolicy(bits=8), shape)
-        path = tmp / f"keep{keep}.onnx"
-        export_lowered(wrap, shape, path, check_runtime=False)  # timed next: it loads or fails there
-        points[frac] = median_latency(path, (batch, *shape[1:]), runs=runs_, warmup=3) / max(full_ms, 1e-9)
-    return [[x, points[x]] for x in sorted(points)] + [[1.0, 1.0]] if points else None
+def _keep_curves(model: nn.Module, spec: LayerSpec, in_shape: tuple[int, ...], full_ms: float, batch: int,
+                 runs_: int, tmp: Path) -> dict[str, list[list[float]]]:
+    """``keep_out`` / ``keep_in``: [[kept channel fraction, time / full time], ...] of one layer timed in int8 with
+    only its output (input) channels cut to ``CURVE_KEEPS``, for the sides pruning can cut."""
+    sides = {}
+    if spec.prunable and not spec.grouped_tied and spec.kind != "attn_qkv":
+        sides["keep_out"] = True
+    if spec.input_group >= 0 and spec.kind != "dwconv" and not spec.grouped_tied:
+        sides["keep_in"] = False
+    curves: dict[str, list[list[float]]] = {}
+    for name, is_out in sides.items():
+        n = spec.out_features if is_out else spec.in_features
+        points: dict[float, float] = {}
+        for keep in CURVE_KEEPS:
+            k = kept_channels(n, keep)
+            if k >= n or k / n in points:
+                continue
+            cut = _pruned_layer(model.get_submodule(spec.name), spec, k if is_out else spec.out_features,
+                                spec.in_features if is_out else k, in_shape)
+            if cut is None:
+                break
+            mod, shape = cut
+            path = tmp / f"{name}{keep}.onnx"
+            export_lowered(_single_layer(mod, LayerPolicy(bits=8), shape), shape, path, check_runtime=False)  # timed next
+            points[k / n] = median_latency(path, (batch, *shape[1:]), runs=runs_, warmup=3) / max(full_ms, 1e-9)
+        if points:
+            curves[name] = [[x, points[x]] for x in sorted(points)] + [[1.0, 1.0]]
+    return curves
 
 
 def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs_: int = 20,
@@ -230,9 +240,8 @@ def measure_latency_table(model: nn.Module, topo: Topology, batch: int = 8, runs
                 else:
                     export_lowered(wrap, in_shape, path, check_runtime=False)  # timed next: it loads or fails there
                 row[key] = median_latency(path, (batch, *in_shape[1:]), runs=runs_, warmup=3)
-            curve = _keep_curve(model, s, in_shape, row["w8"], batch, runs_, Path(tmp)) if "w8" in row else None
-            if curve:
-                row["keep_curve"] = curve
+            if "w8" in row:
+                row.update(_keep_curves(model, s, in_shape, row["w8"], batch, runs_, Path(tmp)))
             table["layers"][s.name] = row
         int8 = uniform_policy(list(topo.layers), 8, 1.0)
         table["int8_model_ms"] = time_lowered(model, topo, int8, batch, runs_, Path(tmp) / "int8.onnx")
