@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from hirelc.errors import HirelcError
-from hirelc.export.runtime import PROVIDERS, available_providers, make_session, optimized_graph
+from hirelc.export.runtime import PROVIDERS, available_providers, benchmark_runners, make_session, optimized_graph
 from hirelc.options import TARGETS
 
 ORT_TARGETS = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}
@@ -124,6 +124,23 @@ def open_target(target: str, path: str | Path, threads: int | None = None,
         return out
 
     return TargetSession(target, path, run, what_ran)
+
+
+def measure_artifacts(target: str, paths: dict[str, str | Path], x: np.ndarray, y: np.ndarray,
+                      shape: tuple[int, ...], batch_sizes=(1, 8), runs: int = 50, warmup: int = 5,
+                      threads: int | None = None, cache_dir: str | Path | None = None, eval_batch: int = 256,
+                      with_sessions: Callable[[dict[str, TargetSession]], object] | None = None):
+    """Every model of ``paths`` on one target: ``({name: {top1, what_ran, latency: {batch: stats}}}, extra)``,
+    latencies interleaved within the target (:func:`~hirelc.export.runtime.benchmark_runners`). ``with_sessions``
+    is called with the loaded sessions before they are timed; ``extra`` is what it returns (None without it)."""
+    sessions = {k: open_target(target, p, threads, cache_dir=cache_dir) for k, p in paths.items()}
+    res = {k: {"top1": s.accuracy(x, y, eval_batch), "what_ran": s.what_ran()} for k, s in sessions.items()}
+    extra = with_sessions(sessions) if with_sessions is not None else None
+    lat = benchmark_runners(sessions, shape, batch_sizes, runs, warmup)
+    del sessions
+    for k, r in res.items():
+        r["latency"] = lat[k]
+    return res, extra
 
 
 def _trt_options(cache_dir: str | Path | None) -> dict:

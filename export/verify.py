@@ -74,12 +74,18 @@ from hirelc.errors import HirelcError
 from hirelc.export.runtime import (
     PROVIDERS,
     available_providers,
-    benchmark_runners,
     fused_op_counts,
     make_session,
     session_memory,
 )
-from hirelc.export.targets import ORT_TARGETS, TRT_CACHE, TargetSession, check_target, open_target, runtime_version
+from hirelc.export.targets import (
+    ORT_TARGETS,
+    TRT_CACHE,
+    TargetSession,
+    check_target,
+    measure_artifacts,
+    runtime_version,
+)
 from hirelc.machine import record
 from hirelc.options import DEFAULT_MIN_PARITY, VerifyConfig  # noqa: F401 (VerifyConfig: part of this API)
 from hirelc.report import fmt, md_table, utc_now
@@ -137,19 +143,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _measure_target(target: str, present: dict[str, Path], rd: Path, cfg: VerifyConfig, x, y, parity_set,
                     shape) -> dict:
     """Top-1, parity, interleaved latency and what really ran of every artifact on one target."""
-    sessions = {k: open_target(target, p, cfg.threads, cache_dir=rd / TRT_CACHE) for k, p in present.items()}
-    arts = {k: {"top1": s.accuracy(x, y, cfg.eval_batch), "what_ran": s.what_ran()} for k, s in sessions.items()}
-    parity = None
-    if "hirelc" in sessions:
-        px, py, ref = parity_set
-        parity = _parity(ref, sessions["hirelc"], px, py, cfg.eval_batch)
-    lat = benchmark_runners(sessions, shape, cfg.batch_sizes, cfg.runs, cfg.warmup)
-    del sessions
-    for k in arts:
-        arts[k]["latency"] = {str(b): v for b, v in lat[k].items()}
+    px, py, ref = parity_set
+
+    def parity_of(sessions: dict) -> dict | None:
+        return _parity(ref, sessions["hirelc"], px, py, cfg.eval_batch) if "hirelc" in sessions else None
+
+    arts, parity = measure_artifacts(target, present, x, y, shape, cfg.batch_sizes, cfg.runs, cfg.warmup,
+                                     cfg.threads, rd / TRT_CACHE, cfg.eval_batch, with_sessions=parity_of)
+    for a in arts.values():
+        a["latency"] = {str(b): v for b, v in a["latency"].items()}
 
     def median(k: str, b: int) -> float | None:
-        return lat[k][b]["median_ms"] if k in lat and b in lat[k] else None
+        return arts[k]["latency"][str(b)]["median_ms"] if k in arts and str(b) in arts[k]["latency"] else None
 
     h = arts.get("hirelc")
     return {
@@ -420,11 +425,13 @@ def _target_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _plain_table(head: list[str], rows: list[list[str]]) -> list[str]:
+def _plain_table(head: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Aligned terminal lines: the columns in ``left`` (names) left-aligned, the others (figures) right."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    left = tuple(i % len(head) for i in left)
 
-    def line(r: list[str]) -> str:  # names left, figures right
-        return "  ".join(c.ljust(w) if i < 2 or i == len(r) - 1 else c.rjust(w)
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
 
     return [line(head), line(["-" * w for w in widths]), *map(line, rows)]
@@ -436,15 +443,10 @@ def _several_targets(report: dict) -> bool:
 
 def format_table(report: dict) -> str:
     """A one-screen terminal table of the report (``bN/hirelc``: that row's latency / hirelc's)."""
-    head, rows = _rows(report)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    out = _plain_table(*_rows(report))
     if _several_targets(report):
-        out += ["", f"per target (the gate reads {report['gate_target']}):", *_plain_table(*_target_rows(report))]
+        out += ["", f"per target (the gate reads {report['gate_target']}):",
+                *_plain_table(*_target_rows(report), left=(0, 1, -1))]
     p = report.get("parity")
     if p and p["status"] == "ok":
         out.append(f"parity ONNX vs PyTorch: top-1 agreement {p['top1_agreement']:.2f}% on {p['samples']} samples, "

@@ -29,8 +29,7 @@ from pathlib import Path
 from hirelc import runs
 from hirelc.cost import policy_storage
 from hirelc.export import export_fp32, ort_int8_baseline
-from hirelc.export.runtime import benchmark_runners
-from hirelc.export.targets import TRT_CACHE, check_target, open_target
+from hirelc.export.targets import TRT_CACHE, check_target, measure_artifacts
 from hirelc.export.verify import what_ran_summary
 from hirelc.lower import LowerConfig
 from hirelc.options import METHODS, BenchConfig  # noqa: F401 (part of this API)
@@ -201,13 +200,11 @@ def measure_on_target(target: str, arts: dict[str, dict], bundle, cfg: BenchConf
     x, y = bundle.test.x.numpy(), bundle.test.y.numpy()
     echo(f"  measuring {len(arts)} artifacts on {target} ({len(y)} test images, {cfg.runs} timed runs)")
     check_target(target)
-    sessions = {m: open_target(target, a["path"], cache_dir=out / TRT_CACHE) for m, a in arts.items()}
-    res = {m: {"top1": s.accuracy(x, y), "what_ran": s.what_ran()} for m, s in sessions.items()}
-    lat = benchmark_runners(sessions, (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes,
-                            cfg.runs)
-    del sessions
-    for m, r in res.items():
-        r["latency_ms"] = {str(b): lat[m][b]["median_ms"] for b in cfg.batch_sizes}
+    res, _ = measure_artifacts(target, {m: a["path"] for m, a in arts.items()}, x, y,
+                               (bundle.in_chans, bundle.img_size, bundle.img_size), cfg.batch_sizes, cfg.runs,
+                               cache_dir=out / TRT_CACHE)
+    for r in res.values():
+        r["latency_ms"] = {str(b): v["median_ms"] for b, v in r.pop("latency").items()}
     for r in res.values():
         r["speedup_vs_ort_int8"] = {b: (res["ort-int8"]["latency_ms"][b] / v if "ort-int8" in res else None)
                                     for b, v in r["latency_ms"].items()}
