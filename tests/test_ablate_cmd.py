@@ -11,7 +11,17 @@ from typer.testing import CliRunner
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import run_bundle
-from hirelc.studies.ablate import ABLATION_JSON, VARIANTS, AblateConfig, ablate, evals_to_best, mean_std
+from hirelc.studies.ablate import (
+    ABLATION_JSON,
+    VARIANTS,
+    AblateConfig,
+    ablate,
+    evals_to_best,
+    format_ablation,
+    mean_std,
+    paired_test,
+)
+from hirelc.studies.results import ablation_goals
 
 # One agent per level in every run keeps the searches cheap: these tests cover the ablation machinery; what each
 # switch does to the search is tested in tests/search. The default run ablates two variants on one seed; the slow
@@ -48,7 +58,50 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
         AblateConfig(variants=("full", "no-hla"))
     with pytest.raises(HirelcError, match="distinct"):
         AblateConfig(seeds=(1, 1))
-    assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent"}
+    assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "flat",
+                             "uniform"}
+    assert len(AblateConfig().seeds) >= 5  # a one-sided paired test over fewer seeds cannot reach p < 0.05
+
+
+def test_paired_test_is_wilcoxon_signed_rank_on_the_seeds_both_ran():
+    ref = {0: 80.0, 1: 81.0, 2: 82.0, 3: 79.0, 4: 80.0, 5: 90.0}
+    other = {0: 79.0, 1: 80.5, 2: 81.0, 3: 78.0, 4: 79.9, 6: 10.0}  # seeds 5 and 6 are not paired
+    t = paired_test(ref, other)
+    assert t["seeds"] == [0, 1, 2, 3, 4] and t["n"] == 5 and t["wins"] == 5 and t["losses"] == 0
+    assert t["diff"] == pytest.approx((1 + 0.5 + 1 + 1 + 0.1) / 5)
+    # every paired difference positive: exact one-sided p = 1 / 2^5, two-sided twice that
+    assert t["p_greater"] == pytest.approx(1 / 32) and t["p_two_sided"] == pytest.approx(1 / 16)
+    worse = paired_test(other, ref)
+    assert worse["wins"] == 0 and worse["losses"] == 5 and worse["p_greater"] == pytest.approx(1.0)
+    mixed = paired_test({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 1.0, 2: 3.0})  # +1, -1, 0
+    assert mixed["wins"] == 1 and mixed["losses"] == 1 and mixed["diff"] == pytest.approx(0.0)
+    assert 0.0 < mixed["p_greater"] <= 1.0
+    for same in (paired_test({0: 5.0, 1: 6.0}, {0: 5.0, 1: 6.0}), paired_test({0: 5.0}, {0: 4.0})):
+        assert same["p_greater"] is None and same["p_two_sided"] is None  # nothing to test
+
+
+def test_goals_and_table_show_the_paired_comparison():
+    def t(diff, p, n=5):
+        return {"seeds": list(range(n)), "n": n, "diff": diff, "wins": n, "losses": 0, "p_greater": p,
+                "p_two_sided": None if p is None else min(1.0, 2 * p)}
+
+    stat = {"mean": 80.0, "std": 0.5, "n": 5}
+    report = {"config": {"target_ratio": 10.0, "preset": "quick", "seeds": [0, 1, 2, 3, 4], "qat_epochs": 0.25},
+              "created": "2026-12-02T00:00:00+00:00", "model": {"name": "resnet18"}, "baseline_test_acc": 87.0,
+              "summary": {v: {m: stat for m in ("final_top1", "best_val", "effective_ratio", "real_evals",
+                                                "evals_to_best", "search_wall_s")} for v in ("full", "random", "flat",
+                                                                                         "uniform")},
+              "paired": {"reference": "full", "metric": "final_top1",
+                         "tests": {"random": t(0.7, 1 / 32), "flat": t(0.2, 1 / 32), "uniform": t(1.0, 0.3)}},
+              "surrogate": {"points": 20, "spearman": 0.75}}
+    goals = {g: (ok, fig) for g, ok, fig in ablation_goals(report)}
+    assert goals["full ahead of random by ≥ 0.5 point ORT top-1 at p < 0.05"][0] is True
+    assert goals["full ahead of flat by ≥ 0.5 point ORT top-1 at p < 0.05"][0] is False  # too small a lead
+    assert goals["full ahead of uniform by ≥ 0.5 point ORT top-1 at p < 0.05"][0] is False  # not significant
+    assert goals["surrogate Spearman ≥ 0.7 on unseen candidates"] == (True, "0.75 on 20 points")
+    md = format_ablation(report)
+    assert "p one-sided" in md and "| random | 80.00 ± 0.50 |" in md and "| +0.70 | 5 / 0 of 5 | 0.031 | 0.062 |" in md
+    assert "| full |" in md and md.count("| - | - | - | - |") == 1  # the reference has no comparison with itself
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +117,9 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
     for r in report["runs"]:
         sub = rd / "ablation" / f"{r['variant']}-seed{r['seed']}"
         history = [json.loads(x) for x in (sub / "search.jsonl").read_text().splitlines()]
-        assert r["real_evals"] == n_evals == len(history) and r["effective_ratio"] >= 6.0
-        assert r["evals_to_best"] == evals_to_best(history) and 1 <= r["evals_to_best"] <= n_evals
+        expected = 1 if r["variant"] == "uniform" else n_evals  # the uniform anchor is evaluated once
+        assert r["real_evals"] == expected == len(history) and r["effective_ratio"] >= 6.0
+        assert r["evals_to_best"] == evals_to_best(history) and 1 <= r["evals_to_best"] <= expected
         assert r["best_val"] == max(h["real_acc"] for h in history if h["meets_budget"])
         # the final score is the run's exported winner on the whole test split
         assert r["final_top1"] == pytest.approx(onnx_top1(sub / "model.onnx", test.x.numpy(), test.y.numpy()),
@@ -74,13 +128,14 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
         assert search["config"]["seed"] == r["seed"]
         for k, v in VARIANTS[r["variant"]].items():  # the variant's switch reached its search
             assert search["config"][k] == v, (r["variant"], k)
-        if r["variant"] == "no-surrogate":
+        if r["variant"] in ("no-surrogate", "random", "uniform"):
             assert not r["surrogate_points"]
         else:  # each surrogate point is a logged (prediction, real accuracy) pair
             assert r["surrogate_points"] == [[h["predicted_acc"], h["real_acc"]] for h in history
                                              if h["predicted_acc"] is not None]
             assert r["surrogate_points"]
-    pooled = sum(len(r["surrogate_points"]) for r in report["runs"] if r["variant"] != "no-surrogate")
+    pooled = sum(len(r["surrogate_points"]) for r in report["runs"]
+                 if r["variant"] not in ("no-surrogate", "random", "uniform"))
     assert report["surrogate"]["points"] == pooled
 
 
@@ -165,6 +220,25 @@ def test_outputs_are_written_and_a_finished_ablation_is_not_overwritten(ablated)
     res = CliRunner().invoke(app, ["ablate", "-r", str(rd), "--variant", "full", "--seed", "0"])
     assert res.exit_code == 2 and "already holds a finished ablation" in res.output
     assert (out / ABLATION_JSON).read_bytes() == before
+
+
+def test_the_uniform_baseline_is_compared_with_the_full_search_by_seed(ablated, tiny, copy_run, n_evals,
+                                                                      onnx_top1):
+    """The full search's run is reused; the uniform anchor is searched (one real evaluation), lowered and scored,
+    and the paired comparison covers the seed both ran."""
+    rd = copy_run(ablated[0])
+    (rd / "ablation" / ABLATION_JSON).unlink()
+    lines: list[str] = []
+    report = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full", "uniform"), "seeds": (0,)}),
+                    progress=False, echo=lines.append)
+    assert [line.strip() for line in lines if "searching" in line] == ["uniform seed 0: searching"]
+    _check_runs(rd, report, n_evals, onnx_top1)
+    hist = [json.loads(x) for x in (rd / "ablation" / "uniform-seed0" / "search.jsonl").read_text().splitlines()]
+    assert [h["kind"] for h in hist] == ["warmup-uniform"]
+    full, uni = (r["final_top1"] for r in report["runs"])
+    t = report["paired"]["tests"]["uniform"]
+    assert report["paired"]["reference"] == "full" and t["n"] == 1 and t["diff"] == pytest.approx(full - uni)
+    assert t["p_greater"] is None  # one seed: no test
 
 
 def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):

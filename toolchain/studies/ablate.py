@@ -1,21 +1,27 @@
-"""`hirelc ablate`: what each part of the HiReLC search buys, repeated over seeds (mean ± std).
+"""`hirelc ablate`: what each part of the HiReLC search buys, and whether it beats the baselines, over seeds.
 
-Every variant is the hierarchical search with one part switched off, on the same baseline, budget, effort
-and number of real evaluations:
+Every variant runs on the same baseline, budget, effort and, except ``uniform``, the same number of real
+evaluations:
 
 =======================  =============================================================================
 full                     the search as shipped
 no-surrogate             the logit-MSE proxy shapes rewards throughout; no surrogate is trained
 uniform-sensitivity      no Fisher guidance: every layer and block gets the same neutral sensitivity
 single-agent             one PPO agent per level instead of an ensemble of three with voting
+random                   random valid policies repaired into the budget (no agents, no surrogate)
+flat                     one PPO agent over every layer with the global target (no high level): HAQ-like
+uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
 
 For each (variant, seed) the winner is lowered (``qat_epochs`` of fine-tuning), exported and scored on the
 full test split with ONNX Runtime. Reported per run: final ORT top-1, the best real validation accuracy of
 the search, effective storage ratio, real evaluations spent and the evaluation at which the winner was
 found, search wall time, surrogate rank correlation. Per variant: mean and sample standard deviation over
-seeds. Also a scatter of surrogate-predicted against real accuracy pooled over every surrogate-using run,
-with its Spearman correlation. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
+seeds, and, against ``full`` on the seeds both ran, the mean paired difference of final top-1 with a
+Wilcoxon signed-rank test (exact for small samples): the one-sided p that ``full`` is better, and the
+two-sided p. With 5 seeds the smallest one-sided p is 1/32 and the smallest two-sided p 1/16. Also a scatter
+of surrogate-predicted against real accuracy pooled over every surrogate-using run, with its Spearman
+correlation. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
 ``surrogate_scatter.png``; one folder per run (finished runs are reused, so an interrupted call resumes).
 """
 
@@ -30,7 +36,7 @@ from pathlib import Path
 from hirelc import pipeline, runs
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
-from hirelc.options import VARIANTS, AblateConfig  # noqa: F401 (part of this API)
+from hirelc.options import REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
 from hirelc.report import fmt, md_table
 from hirelc.search.plots import plot_ablation, plot_surrogate
 from hirelc.search.surrogate import spearman
@@ -59,6 +65,25 @@ def mean_std(values: list[float]) -> dict:
     if not v:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def paired_test(reference: dict[int, float], other: dict[int, float]) -> dict:
+    """The reference against another variant on the seeds both ran (``{seed: final top-1}`` each).
+
+    ``diff`` is reference minus other, averaged; ``wins`` counts seeds where the reference is ahead, ``losses``
+    behind; ``p_greater`` is the one-sided Wilcoxon signed-rank p that the reference is better and
+    ``p_two_sided`` the two-sided one (None when fewer than two seeds are paired or every difference is 0).
+    """
+    seeds = sorted(set(reference) & set(other))
+    d = [float(reference[s]) - float(other[s]) for s in seeds]
+    out = {"seeds": seeds, "n": len(d), "diff": statistics.fmean(d) if d else None,
+           "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "p_greater": None, "p_two_sided": None}
+    if len(d) >= 2 and any(x != 0 for x in d):
+        from scipy.stats import wilcoxon
+
+        out["p_greater"] = float(wilcoxon(d, alternative="greater").pvalue)
+        out["p_two_sided"] = float(wilcoxon(d).pvalue)
+    return out
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -115,7 +140,12 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
             for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
                for v in cfg.variants}
-    pooled = [p for r in rows if VARIANTS[r["variant"]].get("use_surrogate", True) for p in r["surrogate_points"]]
+    paired = {}
+    if REFERENCE_VARIANT in cfg.variants:
+        ref = {r["seed"]: r["final_top1"] for r in rows if r["variant"] == REFERENCE_VARIANT}
+        paired = {v: paired_test(ref, {r["seed"]: r["final_top1"] for r in rows if r["variant"] == v})
+                  for v in cfg.variants if v != REFERENCE_VARIANT}
+    pooled = [p for r in rows if _uses_surrogate(r["variant"]) for p in r["surrogate_points"]]
     pred, real = [p for p, _ in pooled], [r for _, r in pooled]
     report = {
         **report_header(rd),
@@ -123,6 +153,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
         "wall_s": round(time.time() - t0, 1),
         "runs": rows,
         "summary": summary,
+        "paired": {"reference": REFERENCE_VARIANT if paired else None, "metric": "final_top1", "tests": paired},
         "surrogate": {"points": len(pooled), "spearman": spearman(pred, real) if len(pooled) >= 2 else None},
     }
     plot_ablation(summary, out / "ablation.png")
@@ -131,6 +162,11 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     runs.atomic_write_json(out / ABLATION_JSON, report)
     runs.atomic_write_text(out / ABLATION_MD, format_ablation(report))
     return report
+
+
+def _uses_surrogate(variant: str) -> bool:
+    sw = VARIANTS[variant]
+    return sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
 
 
 def _ms(d: dict, spec: str) -> str:
@@ -152,14 +188,33 @@ def format_ablation(report: dict) -> str:
         f"{report.get('baseline_test_acc')} %",
         "",
     ]
+    tests = (report.get("paired") or {}).get("tests") or {}
+    ref = (report.get("paired") or {}).get("reference")
     head = ["variant", "final ORT top-1 %", "best search val %", "effective ratio", "real evals",
             "winner found at eval", "search s"]
+    if tests:
+        head += [f"{ref} − this (paired)", f"{ref} ahead / behind", "p one-sided", "p two-sided"]
+
+    def cols(v: str) -> list[str]:
+        if not tests:
+            return []
+        t = tests.get(v)
+        if t is None:
+            return ["-"] * 4
+        return [fmt(t["diff"], "+.2f"), f"{t['wins']} / {t['losses']} of {t['n']}", fmt(t["p_greater"], ".3f"),
+                fmt(t["p_two_sided"], ".3f")]
+
     lines += md_table(head, ([v, _ms(s["final_top1"], ".2f"), _ms(s["best_val"], ".2f"),
                               _ms(s["effective_ratio"], ".2f"), _ms(s["real_evals"], ".1f"),
-                              _ms(s["evals_to_best"], ".1f"), _ms(s["search_wall_s"], ".0f")]
+                              _ms(s["evals_to_best"], ".1f"), _ms(s["search_wall_s"], ".0f"), *cols(v)]
                              for v, s in report["summary"].items()))
     sur = report["surrogate"]
     rho = fmt(sur["spearman"], ".2f")
     lines += ["", f"Mean ± sample std over seeds. Surrogate predicted vs real accuracy, pooled over the runs that "
               f"use it: Spearman {rho} on {sur['points']} points (each predicted before the surrogate saw it)."]
+    if tests:
+        lines += ["", f"Paired by seed against {ref}: the mean difference of final ORT top-1 in points ({ref} minus "
+                  f"the variant; positive: {ref} ahead) and Wilcoxon signed-rank p-values, one-sided for {ref} "
+                  "being better and two-sided. With 5 seeds the smallest possible one-sided p is 0.031, two-sided "
+                  "0.062."]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from hirelc import runs
 from hirelc.errors import HirelcError
 from hirelc.machine import record
 from hirelc.options import METHODS
-from hirelc.report import dominates
+from hirelc.report import dominates, fmt
 from hirelc.studies.ablate import ABLATION_JSON, format_ablation
 from hirelc.studies.bench import BENCH_JSON, format_bench
 
@@ -103,6 +103,27 @@ def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
                       (h["top1"] > r["top1"]) if same else None,
                       f"{h['top1']:.2f} vs {r['top1']:.2f} % ORT top-1 after "
                       f"{h.get('real_evals')} / {r.get('real_evals')} real evaluations"))
+    return goals
+
+
+def ablation_goals(report: dict) -> list[tuple[str, bool | None, str]]:
+    """The search's goal against its baselines: ahead of each by >= 0.5 point at one-sided p < 0.05 (paired by seed),
+    and the surrogate's rank correlation on unseen candidates >= 0.7."""
+    paired = report.get("paired") or {}
+    ref, tests = paired.get("reference"), paired.get("tests") or {}
+    goals: list[tuple[str, bool | None, str]] = []
+    for v in ("random", "flat", "uniform"):
+        t = tests.get(v)
+        if t is None:
+            continue
+        ok = None if t["n"] < 2 else (t["diff"] >= 0.5 and t["p_greater"] is not None and t["p_greater"] < 0.05)
+        goals.append((f"{ref} ahead of {v} by ≥ 0.5 point ORT top-1 at p < 0.05", ok,
+                      f"{fmt(t['diff'], '+.2f')} points over {t['n']} seeds, {t['wins']} ahead / {t['losses']} "
+                      f"behind, one-sided p {fmt(t['p_greater'], '.3f')}"))
+    rho = (report.get("surrogate") or {}).get("spearman")
+    if rho is not None:
+        goals.append(("surrogate Spearman ≥ 0.7 on unseen candidates", rho >= 0.7,
+                      f"{rho:.2f} on {report['surrogate']['points']} points"))
     return goals
 
 
@@ -207,6 +228,9 @@ def results_section(paths: list[str | Path], info: dict | None = None,
             if goals:
                 lines += ["", "Goal figures (measured, not asserted):", *_goal_lines(goals)]
         else:
+            goals = ablation_goals(rep)
+            if goals:
+                lines += ["", "Goal figures (measured, not asserted):", *_goal_lines(goals)]
             lines += ["", "Per run: " + "; ".join(
                 f"{r['variant']} s{r['seed']} {r['final_top1']:.2f} % ({r['effective_ratio']:.2f}x, "
                 f"{r['search_wall_s']:.0f} s)" for r in rep["runs"])]
@@ -235,4 +259,4 @@ def write_into(path: str | Path, section: str) -> Path:
 
 
 __all__ = ["START", "END", "load", "results_section", "bench_goals", "write_into", "copy_plots",
-           "bench_command", "ablation_command"]
+           "bench_command", "ablation_command", "ablation_goals"]
