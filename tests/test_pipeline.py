@@ -105,6 +105,74 @@ def test_search_stage_tiny_end_to_end(searched):
     assert s["formats"] and s["formats"][0] == "w8"  # the latency table picked the offered formats
 
 
+def test_search_writes_its_pareto_front(searched):
+    rd, s = searched
+    front = json.loads((rd / runs.FRONT).read_text())
+    log = [json.loads(x) for x in (rd / runs.SEARCH_LOG).read_text().splitlines()]
+    entries = front["entries"]
+    assert front["real_evals"] == len(log) and [e["eval"] for e in entries] == s["front"] and entries
+    for e in entries:  # each entry is its evaluation's logged figures, within the budget, on no one's shadow
+        h = log[e["eval"] - 1]
+        assert h["meets_budget"] and e["real_acc"] == h["real_acc"] and e["policy"] == h["policy"]
+        assert e["bytes"] == h["predicted_bytes"] and e["latency_ms"]["8"] == h["predicted_latency_ms"]
+        assert e["latency_ms"]["1"] > 0 and e["file_ratio"] >= 6.0
+        better = [g for g in log if g["meets_budget"] and g["real_acc"] > h["real_acc"]
+                  and g["predicted_bytes"] < h["predicted_bytes"] and g["predicted_latency_ms"] < h["predicted_latency_ms"]]
+        assert not better
+    (winner,) = [e for e in entries if e["winner"]]
+    assert winner["real_acc"] == s["best_acc"]
+    assert (rd / "front.png").stat().st_size > 1000
+    assert json.loads((rd / "latency_table_b1.json").read_text())["batch"] == 1
+
+
+def test_lower_pick_lowers_the_named_front_entry(searched, copy_run):
+    rd = copy_run(searched[0])
+    front = json.loads((rd / runs.FRONT).read_text())["entries"]
+    smallest = min(front, key=lambda e: (e["bytes"], -e["real_acc"], e["eval"]))
+    res = CliRunner().invoke(app, ["lower", "-r", str(rd), "--pick", "smallest", "--epochs", "0"])
+    assert res.exit_code == 0, res.output
+    assert f"front-eval{smallest['eval']}" in res.output
+    from hirelc.lower import load_lowered
+
+    lowered = load_lowered(rd / runs.LOWERED_MODEL)
+    assert lowered["layers"] == smallest["policy"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--pick", "999"], "real evaluation 999 is not on the front"),
+    (["--pick", "best"], "--pick 'best'"),
+    (["--pick", "1", "--policy", "int8"], "not both"),
+])
+def test_a_bad_pick_is_a_one_line_error_and_nothing_is_lowered(searched, copy_run, args, needle):
+    rd = copy_run(searched[0])
+    before = {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK}
+    res = CliRunner().invoke(app, ["lower", "-r", str(rd), *args])
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+    assert {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK} == before
+
+
+def test_compress_lowers_the_picked_entry_and_reruns_lower_when_the_pick_changes(searched, copy_run):
+    """compress's lower stage takes the front entry --pick names: lowered with it, the stage is current for that pick
+    and stale for another; --pick with --policy, or a pick of nothing, is refused before anything runs."""
+    from hirelc.lower import LowerConfig
+    from hirelc.pipeline import lower_stage, pick_policy, stage_stale
+
+    rd = copy_run(searched[0])
+    cfg = CompressConfig(run_dir=str(rd), model="test_resnet", data=TINY_DATA, train_epochs=1, qat_epochs=0.0,
+                         pick="smallest", resume=True)
+    assert "options" in stage_stale(rd, "lower", cfg)  # lowered.pt holds the int8 preset of the first run
+    lower_stage(rd, pick_policy(rd, "smallest"), LowerConfig(epochs=0.0, seed=0), progress=False)
+    assert stage_stale(rd, "lower", cfg) is None
+    front = json.loads((rd / runs.FRONT).read_text())["entries"]
+    if len({json.dumps(e["policy"], sort_keys=True) for e in front}) > 1:
+        other = max(front, key=lambda e: e["bytes"])
+        assert stage_stale(rd, "lower", CompressConfig(**{**cfg.__dict__, "pick": str(other["eval"])})) is not None
+    with pytest.raises(HirelcError, match="without --policy"):
+        compress(CompressConfig(**{**cfg.__dict__, "policy": "int8"}), progress=False, echo=lambda s: None)
+    with pytest.raises(HirelcError, match="--pick"):
+        CompressConfig(pick="0")
+
+
 # slow: the ablation tests search without the latency budget in the default run
 @pytest.mark.slow
 def test_search_stage_without_latency_budget(searched, tmp_path, tiny_search):

@@ -95,6 +95,10 @@ def _targets(targets: Optional[list], default: tuple[str, ...]) -> tuple[str, ..
 RunDir = typer.Option(..., "--run-dir", "-r", help="Run directory: every stage reads and writes its files here.")
 DataOpt = typer.Option(DATA.spec, "--data", "-d",
                        help="fashion-mnist | fashion-mnist-mini | digits | ImageFolder dir | .npz file.")
+PickOpt = typer.Option(None, "--pick", help="Lower another policy of the search's Pareto front (front.json, "
+                       "front.png) instead of its winner: accurate (the most accurate), smallest (fewest predicted "
+                       "bytes), fastest (lowest predicted batch-8 latency), or the number of a real evaluation on "
+                       "the front.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Directory with the Fashion-MNIST IDX files (else "
                           "$HIRELC_FASHION_MNIST_DIR, /usr/share/datasets/fashion-mnist, then the embedded subset).")
 ImgOpt = typer.Option(DATA.img_size, "--img-size", help="Input resolution the data is resized to.")
@@ -190,14 +194,22 @@ def lower(
     importance: Importance = typer.Option(LOWER.importance, help="How channels are ranked for pruning: taylor "
                                           "(loss saliency of each channel on 256 training images) | magnitude "
                                           "(weight norms)."),
+    pick: Optional[str] = PickOpt,
 ):
     """Prune physically, swap in integer-weight layers, fine-tune (QAT) and save lowered.pt + lower_report.json."""
-    from hirelc.pipeline import lower_stage
+    from hirelc.options import check_pick
+    from hirelc.pipeline import lower_stage, pick_policy
     from hirelc.policy import PRESETS
 
     with _user_errors(run_dir, "lower"):
+        check_pick(pick)
         spec = policy
-        if spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
+        if pick is not None:
+            if policy != "policy.json":
+                raise HirelcError("give --policy or --pick, not both")
+            spec = pick_policy(run_dir, pick)
+            typer.echo(f"picked from the search's front ({pick}): {spec.name}")
+        elif spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
         cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
                           percentile=percentile, max_steps=max_steps, importance=Importance(importance).value)
@@ -330,7 +342,10 @@ def search(
 ):
     """Run the HiReLC search (Fisher sensitivity, hierarchical ensemble agents, surrogate active learning).
 
-    Writes policy.json, search.jsonl (one line per real evaluation), search.json and PNG plots.
+    Writes policy.json (the winner: the most accurate real evaluation within the budget), search.jsonl (one line
+    per real evaluation), search.json, front.json + front.png (the Pareto front of accuracy, predicted bytes and
+    predicted batch-1/8 latency over the real evaluations within the budget; `hirelc lower --pick` takes another
+    of its policies) and PNG plots.
     """
     from hirelc.pipeline import search_stage
 
@@ -343,6 +358,10 @@ def search(
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
                        "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])
+        from hirelc.pipeline import load_front
+        from hirelc.search.front import format_front
+
+        typer.echo(format_front(load_front(run_dir)))
 
 
 @app.command()
@@ -369,6 +388,7 @@ def compress(
                                 "outputs are current (same options, built from the current files), rerun the rest."),
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
+    pick: Optional[str] = PickOpt,
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
 
@@ -384,7 +404,7 @@ def compress(
                              target_ratio=target_ratio, search_preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
                              qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed,
-                             workers=workers, ray_address=ray_address)
+                             workers=workers, ray_address=ray_address, pick=pick)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

@@ -55,7 +55,12 @@ from hirelc.policy import (
 from hirelc.qmodules import ActQuant, quant_layers
 from hirelc.topology import LayerSpec, Topology
 
-LATENCY_TABLE = "latency_table.json"
+LATENCY_TABLE = "latency_table.json"  # the search's table, batch 8
+
+
+def table_file(batch: int) -> str:
+    """The run directory's file for the latency table of ``batch`` (``latency_table.json`` for batch 8)."""
+    return LATENCY_TABLE if batch == 8 else f"latency_table_b{batch}.json"
 TABLE_VERSION = 5  # 3: layers timed in the fold weight format with output quantizers; 5: keep curves
 CURVE_KEEPS = (0.25, 0.5, 0.75)  # keep ratios each prunable layer is timed at (int8)
 GROUP_SIZES = (32, 64)  # per-group formats are timed at the smallest of these the layer accepts

@@ -39,6 +39,15 @@ VARIANTS: dict[str, dict] = {
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed
 
 
+PICKS = ("accurate", "smallest", "fastest")  # --pick by name; a number names a real evaluation on the front
+
+
+def check_pick(pick: str | None) -> None:
+    """``--pick`` names a pick or a real evaluation's number (whether it is on the front is checked on use)."""
+    if pick is not None and pick not in PICKS and not (pick.isdigit() and int(pick) >= 1):
+        raise HirelcError(f"--pick {pick!r}: use {', '.join(PICKS)} or the number of a real evaluation on the front")
+
+
 @dataclass(frozen=True)
 class DataOptions:
     spec: str = "fashion-mnist"
@@ -214,11 +223,13 @@ class CompressConfig:
     seed: int = 0
     workers: int = 1  # the search's real evaluations on a local Ray instance with this many CPUs (1: in process)
     ray_address: str | None = None  # or on this Ray cluster
+    pick: str | None = None  # lower this entry of the search's front instead of the winner (hirelc.search.front)
 
     def __post_init__(self):
         finite("--target-ratio", self.target_ratio, low=1.0)
         finite("--qat-epochs", self.qat_epochs, low=0.0)
         at_least("--workers", self.workers, 1)
+        check_pick(self.pick)
         if self.max_size_mb is not None:
             finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
         if self.max_latency_ms is not None:

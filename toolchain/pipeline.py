@@ -39,7 +39,8 @@ from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of th
 from hirelc.parallel import distributed, needs_ray
 from hirelc.policy import LayerPolicy, Policy, get_policy
 from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
-from hirelc.search.plots import plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
+from hirelc.search.front import check_front, front_report, pick, picked_policy
+from hirelc.search.plots import plot_front, plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
 from hirelc.search.space import uniform_grid
 from hirelc.topology import Topology, build_topology
 from hirelc.train import TrainConfig, evaluate, load_baseline, predict_logits, set_threads, train_baseline
@@ -127,10 +128,11 @@ def lower_run(run_dir: str | Path, policy: Policy, bundle, cfg: LowerConfig, pro
     return report
 
 
-def lower_stage(run_dir: str | Path, policy_spec: str, lower_cfg, progress: bool = True) -> dict:
-    """The `hirelc lower` stage: :func:`lower_run` on the run directory's own data, recorded in provenance."""
+def lower_stage(run_dir: str | Path, policy_spec: str | Policy, lower_cfg, progress: bool = True) -> dict:
+    """The `hirelc lower` stage: :func:`lower_run` on the run directory's own data, recorded in provenance;
+    ``policy_spec`` is a preset name, a policy file or a :class:`Policy` (e.g. :func:`pick_policy`'s)."""
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
-    policy = get_policy(policy_spec)
+    policy = policy_spec if isinstance(policy_spec, Policy) else get_policy(policy_spec)
     report = lower_run(rd, policy, run_bundle(rd), lower_cfg, progress=progress)
     for w in report.get("warnings", []):
         print(f"hirelc: warning: {w}", file=sys.stderr)
@@ -246,6 +248,11 @@ def _compress_parts(cfg: CompressConfig):
             VerifyConfig(runs=cfg.verify_runs))
 
 
+def _lower_policy(rd: Path, cfg: CompressConfig) -> Policy:
+    """What compress lowers: the front entry ``--pick`` names, else policy.json (the search's winner or --policy)."""
+    return pick_policy(rd, cfg.pick) if cfg.pick else get_policy(str(rd / runs.POLICY))
+
+
 def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
     """Why ``stage`` of :func:`compress` must run (again), or None when its outputs are what it would build now:
     each output's provenance record must match its current input files and this call's options."""
@@ -261,7 +268,7 @@ def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
     if stage == "lower":
         if not (rd / runs.POLICY).is_file():
             return f"{runs.POLICY} is missing"
-        opts = lower_options(get_policy(str(rd / runs.POLICY)), lower_cfg)
+        opts = lower_options(_lower_policy(rd, cfg), lower_cfg)
         return (runs.stale(rd, runs.LOWERED_MODEL, (runs.BASELINE_CKPT,), opts)
                 or runs.stale(rd, runs.LOWER_REPORT, (runs.LOWERED_MODEL, runs.BASELINE_CKPT), opts))
     if stage == "export":
@@ -296,6 +303,8 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
     train_cfg, lower_cfg, verify_cfg = _compress_parts(cfg)
     if cfg.policy:
         get_policy(cfg.policy)  # a bad policy is an error before any training
+    if cfg.pick and cfg.policy:
+        raise HirelcError("--pick chooses among the search's front: give it without --policy")
     for i, stage in enumerate(STAGES, 1):
         why = stage_stale(rd, stage, cfg) if rd.is_dir() else "new run directory"
         if why is None:
@@ -321,7 +330,10 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
-            rep = lower_stage(rd, str(rd / runs.POLICY), lower_cfg, progress=progress)
+            policy = _lower_policy(rd, cfg)
+            if cfg.pick:
+                echo(f"      picked from the search's front ({cfg.pick}): {policy.name}")
+            rep = lower_stage(rd, policy, lower_cfg, progress=progress)
             echo(f"      lowered: test accuracy {rep['accuracy']['lowered_test']:.2f} %, effective ratio "
                  f"{rep['effective_ratio']:.1f}x")
         elif stage == "export":
@@ -368,8 +380,9 @@ def ort_int8_reference(rd: Path, model, mcfg, bundle, runs_: int = 30) -> dict:
 def load_or_measure(run_dir: str | Path, model: nn.Module, topo: Topology, batch: int = 8,
                     progress: bool = True) -> dict:
     """The run directory's latency table, measured and saved on first use, or again when its format is older or
-    it was measured on another machine (a run directory copied between hosts)."""
-    path = Path(run_dir) / latency.LATENCY_TABLE
+    it was measured on another machine (a run directory copied between hosts); batch 8 is the search's table,
+    another batch has a file of its own (:func:`hirelc.latency.table_file`)."""
+    path = Path(run_dir) / latency.table_file(batch)
     if path.exists():
         table = runs.read_json(path, "latency table")
         if latency.usable(table, topo, batch):
@@ -407,13 +420,14 @@ def prepare_latency(rd: Path, model, mcfg, topo, reference: bool = True, progres
     studies that search in sub-directories: :func:`share_latency` then copies them into each, so every search
     predicts alike."""
     load_or_measure(rd, model, topo, batch=8, progress=progress)
+    load_or_measure(rd, model, topo, batch=1, progress=progress)  # the front's batch-1 figures
     if reference:
         ort_int8_reference(rd, model, mcfg, run_bundle(rd))
 
 
 def share_latency(rd: Path, sub: Path) -> None:
     """Copy the latency table and reference measured in ``rd`` into the study folder ``sub``."""
-    for name in (latency.LATENCY_TABLE, LATENCY_REFERENCE):
+    for name in (latency.LATENCY_TABLE, latency.table_file(1), LATENCY_REFERENCE):
         if (rd / name).is_file() and not (sub / name).exists():
             runs.atomic_write_text(sub / name, (rd / name).read_text())
 
@@ -430,6 +444,31 @@ def check_sensitivity(sens, specs, path: Path) -> None:
             v = sens[kind].get(n)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{kind} {n!r} has no finite score")
+
+
+def write_front(rd: Path, model, topo: Topology, history: list[dict], budget, fp32_bytes: float,
+                progress: bool = True) -> dict:
+    """front.json and front.png of a finished search (:mod:`hirelc.search.front`), batch-1 latencies predicted by
+    the run directory's batch-1 table (measured on first use)."""
+    table_b1 = load_or_measure(rd, model, topo, batch=1, progress=progress)
+    front = front_report(history, dataclasses.asdict(budget), lambda lay: latency.predict_latency(table_b1, topo, lay),
+                         fp32_bytes=fp32_bytes)
+    runs.atomic_write_json(rd / runs.FRONT, front)
+    plot_front(history, front["entries"], rd / "front.png")
+    return front
+
+
+def load_front(run_dir: str | Path) -> list[dict]:
+    """The checked entries of a run directory's front.json (written by `hirelc search`)."""
+    path = Path(run_dir) / runs.FRONT
+    if not path.is_file():
+        raise HirelcError(f"{path} not found: run `hirelc search` first (--pick chooses among its front)")
+    return check_front(runs.read_json(path, "search front"), path)
+
+
+def pick_policy(run_dir: str | Path, choice: str) -> Policy:
+    """The policy ``--pick`` names on the run directory's front (:func:`hirelc.search.front.pick`)."""
+    return picked_policy(pick(load_front(run_dir), choice))
 
 
 def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget) -> dict:
@@ -525,6 +564,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     plot_policy_heatmap(specs, result.layers, rd / "policy_heatmap.png")
     plot_progress(result.history, rd / "search_progress.png")
     plot_pareto(result.history, rd / "search_pareto.png")
+    front = write_front(rd, model, topo, result.history, budget, fp32_bytes, progress=progress)
     pairs = [(h["predicted_acc"], h["real_acc"]) for h in result.history if h.get("predicted_acc") is not None]
     if len(pairs) >= 2:
         plot_surrogate([p for p, _ in pairs], [r for _, r in pairs], rd / "surrogate.png")
@@ -550,6 +590,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "workers": workers,
         "surrogate_spearman": result.surrogate_spearman,
         "allocation": result.allocation,
+        "front": [e["eval"] for e in front["entries"]],
     }
     runs.atomic_write_json(rd / "search.json", summary)
     return summary

@@ -35,6 +35,7 @@ REPORT_MD = "report.md"
 SENSITIVITY = "sensitivity.json"
 SEARCH_LOG = "search.jsonl"
 SEARCH_STATE = "search_state.pt"
+FRONT = "front.json"  # the search's Pareto front (hirelc.search.front)
 CONFIG = "run_config.json"
 GRAPH_BYTES = "graph_bytes.json"  # the exported graph's own bytes (hirelc.evaluate.measure_graph_bytes)
 PROVENANCE = "provenance.json"  # per artifact: its sha256, the sha256 of the files it was built from, options

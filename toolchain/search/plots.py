@@ -89,6 +89,37 @@ def plot_pareto(history: Sequence[dict], path: str | Path, x: str = "effective_r
     return _save(fig, path)
 
 
+def plot_front(history: Sequence[dict], entries: Sequence[dict], path: str | Path) -> Path:
+    """Accuracy against predicted bytes and against predicted batch-8 latency: every real evaluation (crosses:
+    outside the budget), the front's entries ringed and labelled with their evaluation number."""
+    plt = _pyplot()
+    lat = all(h.get("predicted_latency_ms") is not None for h in history)
+    fig, axes = plt.subplots(1, 2 if lat else 1, figsize=(10 if lat else 5.5, 4), squeeze=False)
+    panels = [("bytes", "predicted file bytes")] + ([("latency", "predicted batch-8 latency (ms)")] if lat else [])
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        def x(h: dict, key: str = key) -> float:
+            if key == "latency":
+                return float(h["predicted_latency_ms"])
+            return float(h["predicted_bytes"] if h.get("predicted_bytes") is not None else h["storage_bytes"])
+
+        for ok, marker, name in ((True, "o", "within budget"), (False, "x", "outside budget")):
+            rows = [h for h in history if bool(h.get("meets_budget")) == ok]
+            if rows:
+                ax.scatter([x(h) for h in rows], [h["real_acc"] for h in rows], s=18, alpha=0.5, marker=marker,
+                           c="C0" if ok else "grey", label=name)
+        fx = [e["bytes"] if key == "bytes" else e["latency_ms"]["8"] for e in entries]
+        fy = [e["real_acc"] for e in entries]
+        ax.scatter(fx, fy, s=70, facecolors="none", edgecolors="C3", label="Pareto front")
+        for e, a, b in zip(entries, fx, fy, strict=True):
+            ax.annotate(str(e["eval"]) + (" *" if e.get("winner") else ""), (a, b), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="real accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"search front: {len(entries)} of {len(history)} real evaluations (numbers: evaluation, *: winner)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_surrogate(pred: Sequence[float], real: Sequence[float], path: str | Path) -> Path:
     """Surrogate prediction (made before it saw the point) against real accuracy, Spearman in the title."""
     plt = _pyplot()

@@ -136,8 +136,10 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     t0 = time.time()
     bundle = pipeline.run_bundle(rd)
     _share_graph_bytes(rd, reference=cfg.latency_budget)
-    rows = [_one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
-            for v in cfg.variants for s in cfg.seeds]
+    # seed by seed, so that a study stopped part-way already holds complete pairs; reported variant by variant
+    done = {(v, s): _one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
+            for s in cfg.seeds for v in cfg.variants}
+    rows = [done[v, s] for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
                for v in cfg.variants}
     paired = {}
