@@ -103,6 +103,9 @@ def test_search_stage_tiny_end_to_end(searched):
     assert s["budget"]["max_latency_ms"] == pytest.approx(limit)
     assert s["predicted_latency_ms_b8"] <= s["budget"]["max_latency_ms"] * (1 + 1e-9)
     assert s["formats"] and s["formats"][0] == "w8"  # the latency table picked the offered formats
+    # per cycle: what was screened, by what, and how many went to a real evaluation
+    assert [c["cycle"] for c in s["cycles"]] == list(range(len(s["cycles"])))
+    assert sum(c["real_evals"] for c in s["cycles"]) == s["n_real_evals"]
 
 
 def test_search_writes_its_pareto_front(searched):

@@ -42,6 +42,8 @@ from hirelc.train import evaluate, predict_logits
 
 ONNX_OVERHEAD_BYTES = 4096  # graph structure, names and attributes of a small model (when not measured)
 
+PROXY_CAP = 50.0  # points: the logit-MSE proxy's largest drop (20 x MSE beyond it says only 'ruined')
+
 
 class Predictors:
     """Size and latency predictions of a policy, available before any training (budget checks use them)."""
@@ -122,7 +124,7 @@ class RealEvaluator:
                 self._fast = FastProxy(self.model, self.topo, reduce_range=self.cfg.reduce_range)
             logits = self._fast.logits(layers, self.calib_x, saliency=saliency)
             mse = F.mse_loss(logits, self.base_logits).item()
-        return min(20.0 * mse, 50.0)
+        return min(20.0 * mse, PROXY_CAP)
 
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         t0 = time.time()

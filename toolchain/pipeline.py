@@ -590,7 +590,27 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "workers": workers,
         "surrogate_spearman": result.surrogate_spearman,
         "allocation": result.allocation,
+        "cycles": result.cycles,
         "front": [e["eval"] for e in front["entries"]],
     }
     runs.atomic_write_json(rd / "search.json", summary)
+    if echo is not None:
+        for c in result.cycles:
+            echo("      " + format_cycle(c))
     return summary
+
+
+def format_cycle(c: dict) -> str:
+    """One line of a search cycle's screening figures (``search.json``'s ``cycles``)."""
+    if c["cycle"] == 0:
+        return f"warm-up: {c['real_evals']} real evaluations, {c['feasible']} within the budget"
+    line = (f"cycle {c['cycle']}: {c['candidates']} candidates put together, {c['feasible']} distinct new within the "
+            f"budget, screened by {c['screened_by']}, {c['real_evals']} really evaluated")
+    if c.get("proxy_drop"):
+        lo, hi = c["proxy_drop"]
+        line += f"; proxy drop {lo:.1f}-{hi:.1f} points" + (" (saturated: it cannot rank them)"
+                                                              if c.get("proxy_saturated") else "")
+    if c.get("predicted_acc"):
+        lo, hi = c["predicted_acc"]
+        line += f"; surrogate {lo:.1f}-{hi:.1f} %"
+    return line

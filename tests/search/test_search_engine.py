@@ -218,3 +218,52 @@ def test_fill_budget_spends_a_latency_budget_the_repair_overshot():
         assert cycles and all(h["meets_budget"] for h in cycles)
         seen[fill] = (sum(h["effective_ratio"] for h in cycles) / len(cycles), max(h["real_acc"] for h in cycles))
     assert seen[True][0] < seen[False][0] and seen[True][1] > seen[False][1], seen
+
+
+def test_every_cycle_reports_how_its_candidates_were_screened(full_run):
+    _, _, _, result = full_run
+    by_cycle = {c["cycle"]: c for c in result.cycles}
+    assert sorted(by_cycle) == [0, 1, 2]
+    for c in range(3):  # the real evaluations each phase logged
+        assert by_cycle[c]["real_evals"] == sum(h["cycle"] == c for h in result.history)
+    assert by_cycle[0]["feasible"] == sum(h["meets_budget"] for h in result.history if h["cycle"] == 0)
+    for c in (1, 2):
+        s = by_cycle[c]
+        assert s["screened_by"] == "surrogate"  # four warm-up points train it from cycle 1 on
+        assert s["candidates"] >= s["feasible"] >= s["real_evals"] >= 1
+        assert s["feasible"] <= CFG.candidates_per_cycle and s["predicted_acc"][0] <= s["predicted_acc"][1]
+
+
+class _RuinedProxy(SyntheticEvaluator):
+    """A proxy at its cap for every policy: it says nothing about which candidate is better."""
+
+    def proxy_drop(self, layers):
+        self.proxy_calls += 1
+        return 50.0
+
+
+def test_a_saturated_proxy_is_reported_and_milder_candidates_go_first():
+    from hirelc.search.space import storage_fraction
+
+    specs = make_specs()
+    cfg = SearchConfig(**{**CFG.__dict__, "use_surrogate": False, "cycles": 1})
+    result = run_search(specs, SENSITIVITY, _RuinedProxy(specs), cfg, BUDGET, progress=False)
+    (c1,) = [c for c in result.cycles if c["cycle"] == 1]
+    assert c1["screened_by"] == "proxy" and c1["proxy_saturated"] is True and c1["proxy_drop"] == [50.0, 50.0]
+    promising = [h for h in result.history if h["kind"] == "promising"]
+    assert promising
+    mildest_evaluated = max(storage_fraction(specs, {n: LayerPolicy.from_dict(d) for n, d in h["policy"].items()})
+                            for h in result.history if h["cycle"] == 1)
+    first = {n: LayerPolicy.from_dict(d) for n, d in promising[0]["policy"].items()}
+    assert storage_fraction(specs, first) == pytest.approx(mildest_evaluated)
+    honest = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, progress=False)
+    assert [c["proxy_saturated"] for c in honest.cycles if c["cycle"] == 1] == [False]
+
+
+def test_screening_figures_survive_a_resume(full_run, tmp_path):
+    specs, _, _, result = full_run
+    with pytest.raises(KeyboardInterrupt):
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs, fail_at=8), CFG, BUDGET, tmp_path, progress=False)
+    resumed = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), CFG, BUDGET, tmp_path, resume=True,
+                         progress=False)
+    assert resumed.cycles == result.cycles

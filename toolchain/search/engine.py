@@ -9,6 +9,11 @@ mutations when those run out), repairs candidates outside the budget greedily, a
 promising (highest predicted accuracy) and the most uncertain (highest ensemble std) ones. The winner is the
 best *really evaluated* policy meeting the budget.
 
+**Screening, per cycle** (``SearchResult.cycles``, ``search.json``): how many candidates were put together, how
+many distinct new ones met the budget (all of them are screened), by what (surrogate or proxy), how many went to a
+real evaluation, the range of the screening's predictions, and whether the proxy saturated (every candidate at
+its cap, or all alike: it cannot rank them, and the milder candidates go first).
+
 Baselines on the same loop (``SearchConfig.mode``): ``flat`` drops the high level and the ensembles (one PPO
 agent proposes for every layer at once with the global target as its level, as HAQ does); ``random`` drops
 every agent and the surrogate (random valid policies, repaired into the budget). Both spend the same number
@@ -77,6 +82,7 @@ LOG_KEYS = (
     "cycle", "kind", "policy", "predicted_acc", "predicted_std", "proxy_drop", "real_acc", "effective_ratio",
     "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s",
 )
+PROXY_CAP = 50.0  # the evaluator's proxy drop saturates here (hirelc.evaluate.PROXY_CAP)
 UNIFORM_SENSITIVITY = 0.5  # fisher_guided=False: neutral (no Fisher shift), equal for every layer and block
 
 
@@ -129,6 +135,7 @@ class SearchResult:
     wall_s: float
     surrogate_spearman: float | None  # rank correlation of pre-training predictions with real accuracy
     history: list[dict] = field(default_factory=list)  # one record per real evaluation (as in search.jsonl)
+    cycles: list[dict] = field(default_factory=list)  # per active-learning cycle: how its candidates were screened
     allocation: dict[str, dict] = field(default_factory=dict)  # last cycle's HLA decision per block
 
     def policy(self, name: str = "hirelc-search") -> Policy:
@@ -189,6 +196,8 @@ class _Search:
         self.surrogate_state: dict | None = None  # {"phase": p, "weights": ...}
         self.allocation: Allocation = {}
         self._proxy: dict[tuple, float] = {}
+        self.cycle_stats: dict[int, dict] = {}  # phase -> screening figures (see cycle())
+        self._assembled = 0
         self._t0 = time.perf_counter()
         self._bar = None
         self._threads = torch.get_num_threads()
@@ -223,6 +232,7 @@ class _Search:
         self.phase, self.wall_offset = state["phase"], state["wall_s"]
         self.surrogate_state = state["surrogate"]
         self.allocation = {b: BlockAllocation.from_dict(a) for b, a in state["allocation"].items()}
+        self.cycle_stats = {int(c["cycle"]): c for c in state.get("cycles", [])}
         atomic_write_text(self.run_dir / SEARCH_LOG, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def save(self) -> None:
@@ -230,7 +240,8 @@ class _Search:
             return
         state = {"version": STATE_VERSION, "identity": self._identity(), "records": self.records, "phase": self.phase,
                  "wall_s": self.wall(), "surrogate": self.surrogate_state,
-                 "allocation": {b: a.to_dict() for b, a in self.allocation.items()}}
+                 "allocation": {b: a.to_dict() for b, a in self.allocation.items()},
+                 "cycles": [self.cycle_stats[c] for c in sorted(self.cycle_stats)]}
         atomic_torch_save(state, self.run_dir / SEARCH_STATE)
 
     def wall(self) -> float:
@@ -390,6 +401,10 @@ class _Search:
                 lay = self.repair(lay, self._base_constraints())
             plan.append(_Planned(lay, "warmup-random"))
         self.real_evals(0, plan)
+        warm = [r for r in self.records if r["cycle"] == 0]
+        self.cycle_stats[0] = {"cycle": 0, "screened_by": "warm-up", "candidates": len(plan),
+                               "feasible": sum(r["meets_budget"] for r in warm), "real_evals": len(warm),
+                               "proxy_saturated": None}
 
     def _base_constraints(self) -> dict[str, Constraints]:
         return {b: self.base for b in self.blocks}
@@ -408,6 +423,8 @@ class _Search:
                 continue
             done.add(key)
             plan.append(_Planned(lay, "random"))
+        self.cycle_stats[phase] = {"cycle": phase, "screened_by": "none (random)", "candidates": len(plan),
+                                   "feasible": len(plan), "real_evals": len(plan), "proxy_saturated": None}
         self.real_evals(phase, plan)  # skips what this phase evaluated before an interruption
 
     def flat_allocation(self) -> Allocation:
@@ -468,18 +485,30 @@ class _Search:
                 }
             cands = self.candidates(proposals, phase)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
+        stats = {"cycle": phase, "screened_by": "surrogate" if mean is not None else "proxy",
+                 "candidates": self._assembled, "feasible": len(cands), "real_evals": 0, "proxy_saturated": None}
+        self.cycle_stats[phase] = stats
         if not cands:
             return
         n_prom = math.ceil(cfg.real_evals_per_cycle / 2)
         if mean is not None:
             prom = list(np.argsort(-mean, kind="stable")[:n_prom])
             rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
+            stats["predicted_acc"] = [float(mean.min()), float(mean.max())]
         else:
-            score = -np.array(self.proxy_drops(cands))  # the screening: one batch, maybe spread over workers
-            prom = list(np.argsort(-score, kind="stable")[:n_prom])
+            drops = np.array(self.proxy_drops(cands))  # the screening: one batch, maybe spread over workers
+            # A saturated proxy (every candidate at its cap, or all alike) cannot rank: it is reported, and the
+            # milder candidates (more storage: more left to fine-tune) go first instead of an arbitrary order.
+            stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
+            stats["proxy_saturated"] = bool(len(drops) > 1 and (drops.min() >= PROXY_CAP - 1e-9
+                                                                or drops.max() - drops.min() <= 1e-9))
+            mild = np.array([storage_fraction(self.specs, c) for c in cands])
+            order = np.lexsort((-mild, drops))  # by predicted drop, ties by milder compression
+            prom = [int(i) for i in order[:n_prom]]
             rest = [i for i in np.random.default_rng([cfg.seed, phase, 2]).permutation(len(cands)) if i not in prom]
         n_unc = cfg.real_evals_per_cycle - n_prom
         chosen = [(i, "promising") for i in prom] + [(i, "uncertain") for i in rest[:n_unc]]
+        stats["real_evals"] = len(chosen)
         self.real_evals(phase, [_Planned(cands[i], kind, None if mean is None else float(mean[i]),
                                          None if std is None else float(std[i])) for i, kind in chosen])
 
@@ -490,9 +519,11 @@ class _Search:
         done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
         out: list[Layers] = []
         seen: set[tuple] = set()
+        self._assembled = 0  # candidates put together (before dropping repeats, evaluated and infeasible ones)
         for attempt in range(20 * max(1, cfg.candidates_per_cycle)):
             if len(out) >= cfg.candidates_per_cycle:
                 break
+            self._assembled += 1
             lay: Layers = {}
             for prop in proposals.values():
                 lay.update(prop.voted if attempt == 0 else prop.options[rng.integers(len(prop.options))])
@@ -563,6 +594,7 @@ class _Search:
             layers=dict(self.layers[best]), accuracy=self.records[best]["real_acc"],
             effective_ratio=self.records[best]["effective_ratio"], n_real_evals=len(self.records), wall_s=self.wall(),
             surrogate_spearman=None if math.isnan(rho) else rho, history=[dict(r) for r in self.records],
+            cycles=[dict(self.cycle_stats[c]) for c in sorted(self.cycle_stats)],
             allocation={b: a.to_dict() for b, a in self.allocation.items()},
         )
 
