@@ -58,8 +58,10 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
         AblateConfig(variants=("full", "no-hla"))
     with pytest.raises(HirelcError, match="distinct"):
         AblateConfig(seeds=(1, 1))
-    assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "flat",
-                             "uniform"}
+    assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "random-time",
+                             "flat", "uniform"}
+    with pytest.raises(HirelcError, match="run them together"):
+        AblateConfig(variants=("random-time",))
     assert len(AblateConfig().seeds) >= 5  # a one-sided paired test over fewer seeds cannot reach p < 0.05
 
 
@@ -118,6 +120,9 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
         sub = rd / "ablation" / f"{r['variant']}-seed{r['seed']}"
         history = [json.loads(x) for x in (sub / "search.jsonl").read_text().splitlines()]
         expected = 1 if r["variant"] == "uniform" else n_evals  # the uniform anchor is evaluated once
+        if r["variant"] == "random-time":  # as many as the full search's time held, never fewer
+            expected = len(history)
+            assert expected >= n_evals
         assert r["real_evals"] == expected == len(history) and r["effective_ratio"] >= 6.0
         assert r["evals_to_best"] == evals_to_best(history) and 1 <= r["evals_to_best"] <= expected
         assert r["best_val"] == max(h["real_acc"] for h in history if h["meets_budget"])
@@ -128,14 +133,14 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
         assert search["config"]["seed"] == r["seed"]
         for k, v in VARIANTS[r["variant"]].items():  # the variant's switch reached its search
             assert search["config"][k] == v, (r["variant"], k)
-        if r["variant"] in ("no-surrogate", "random", "uniform"):
+        if r["variant"] in ("no-surrogate", "random", "random-time", "uniform"):
             assert not r["surrogate_points"]
         else:  # each surrogate point is a logged (prediction, real accuracy) pair
             assert r["surrogate_points"] == [[h["predicted_acc"], h["real_acc"]] for h in history
                                              if h["predicted_acc"] is not None]
             assert r["surrogate_points"]
     pooled = sum(len(r["surrogate_points"]) for r in report["runs"]
-                 if r["variant"] not in ("no-surrogate", "random", "uniform"))
+                 if r["variant"] not in ("no-surrogate", "random", "random-time", "uniform"))
     assert report["surrogate"]["points"] == pooled
 
 
@@ -239,6 +244,30 @@ def test_the_uniform_baseline_is_compared_with_the_full_search_by_seed(ablated, 
     t = report["paired"]["tests"]["uniform"]
     assert report["paired"]["reference"] == "full" and t["n"] == 1 and t["diff"] == pytest.approx(full - uni)
     assert t["p_greater"] is None  # one seed: no test
+
+
+def test_random_search_at_equal_time_spends_the_full_searchs_wall_time(ablated, tiny, copy_run, tmp_path):
+    """The count of real evaluations follows the reference run's wall time and cost per evaluation; a reference
+    that spent 3.5x its mean evaluation time buys three evaluations, and never fewer than it made itself."""
+    from hirelc.studies.ablate import equal_time_cycles
+
+    ref = tmp_path / "full-seed0"
+    ref.mkdir()
+    # the tiny search: 2 warm-up evaluations, then 1 per cycle, 1 cycle at least
+    for wall, evals, cycles in ((100.0, 3, 98), (3.5, 3, 1), (10.0, 12, 10)):
+        (ref / "search.json").write_text(json.dumps({"wall_s": wall, "n_real_evals": evals, "mean_eval_s": 1.0}))
+        assert equal_time_cycles(ref, tiny) == cycles, (wall, evals)
+    rd = copy_run(ablated[0])
+    (rd / "ablation" / ABLATION_JSON).unlink()
+    full = json.loads((rd / "ablation" / "full-seed0" / "search.json").read_text())
+    report = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("random-time", "full"), "seeds": (0,)}),
+                    progress=False, echo=lambda *_: None)
+    (row,) = [r for r in report["runs"] if r["variant"] == "random-time"]
+    cycles = equal_time_cycles(rd / "ablation" / "full-seed0", AblateConfig(**tiny.__dict__))
+    assert row["real_evals"] >= full["n_real_evals"]
+    search_json = json.loads((rd / "ablation" / "random-time-seed0" / "search.json").read_text())
+    assert search_json["config"]["mode"] == "random" and search_json["config"]["cycles"] == cycles
+    assert "random-time" in report["paired"]["tests"]
 
 
 def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):

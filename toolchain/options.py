@@ -33,10 +33,12 @@ VARIANTS: dict[str, dict] = {
     "uniform-sensitivity": {"fisher_guided": False},
     "single-agent": {"ensemble": False},
     "random": {"mode": "random"},
+    "random-time": {"mode": "random"},  # and as many cycles as the full search's wall time holds (ablate)
     "flat": {"mode": "flat"},
     "uniform": {"warmup_real_evals": 1, "cycles": 0},
 }
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed
+EQUAL_TIME = "random-time"  # random search at the reference's wall time: it needs the reference in the same study
 
 
 PICKS = ("accurate", "smallest", "fastest")  # --pick by name; a number names a real evaluation on the front
@@ -292,6 +294,9 @@ class AblateConfig:
             raise HirelcError(f"unknown ablation variant(s) {', '.join(unknown)} (use {', '.join(VARIANTS)})")
         if not self.variants or not self.seeds:
             raise HirelcError("give at least one variant and one seed")
+        if EQUAL_TIME in self.variants and REFERENCE_VARIANT not in self.variants:
+            raise HirelcError(f"variant {EQUAL_TIME} spends the wall time of variant {REFERENCE_VARIANT}: "
+                              f"run them together")
         if len(set(self.seeds)) != len(self.seeds):
             raise HirelcError("seeds must be distinct")
         finite("--target-ratio", self.target_ratio, low=1.0)

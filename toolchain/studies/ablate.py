@@ -1,7 +1,7 @@
 """`hirelc ablate`: what each part of the HiReLC search buys, and whether it beats the baselines, over seeds.
 
-Every variant runs on the same baseline, budget, effort and, except ``uniform``, the same number of real
-evaluations:
+Every variant runs on the same baseline, budget, effort and, except ``uniform`` and ``random-time``, the same
+number of real evaluations:
 
 =======================  =============================================================================
 full                     the search as shipped
@@ -9,6 +9,8 @@ no-surrogate             the logit-MSE proxy shapes rewards throughout; no surro
 uniform-sensitivity      no Fisher guidance: every layer and block gets the same neutral sensitivity
 single-agent             one PPO agent per level instead of an ensemble of three with voting
 random                   random valid policies repaired into the budget (no agents, no surrogate)
+random-time              random search given the wall time the full search took on the same seed (more
+                         real evaluations: as many as that time holds at the full search's cost per one)
 flat                     one PPO agent over every layer with the global target (no high level): HAQ-like
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -36,8 +39,9 @@ from pathlib import Path
 from hirelc import pipeline, runs
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
-from hirelc.options import REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
+from hirelc.options import EQUAL_TIME, REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
 from hirelc.report import fmt, md_table
+from hirelc.search import PRESETS
 from hirelc.search.plots import plot_ablation, plot_surrogate
 from hirelc.search.surrogate import spearman
 from hirelc.studies import report_header
@@ -99,15 +103,28 @@ def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
     pipeline.prepare_latency(rd, model, mcfg, topo, reference=reference)
 
 
+def equal_time_cycles(reference_run: Path, cfg: AblateConfig) -> int:
+    """Cycles of random search that spend about the wall time the reference search of the same seed took: as many
+    real evaluations as its wall time holds at its own mean cost per evaluation (never fewer than it spent)."""
+    ref = runs.read_json(reference_run / "search.json", "search summary")
+    search = dataclasses.replace(PRESETS[cfg.preset], **cfg.search_overrides)
+    per_eval = ref.get("mean_eval_s") or ref["wall_s"] / max(1, ref["n_real_evals"])
+    n = max(ref["n_real_evals"], int(ref["wall_s"] // per_eval))
+    per_cycle = max(1, search.real_evals_per_cycle)
+    return max(search.cycles, math.ceil((n - search.warmup_real_evals) / per_cycle))
+
+
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     runs.link_baseline(rd, sub)
     pipeline.share_latency(rd, sub)
     if not ((sub / "search.json").exists() and (sub / runs.POLICY).exists()):
         echo(f"  {variant} seed {seed}: searching")
+        overrides = {"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]}
+        if variant == EQUAL_TIME:
+            overrides["cycles"] = equal_time_cycles(sub.parent / f"{REFERENCE_VARIANT}-seed{seed}", cfg)
         pipeline.search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
-                     latency_budget=cfg.latency_budget,
-                     overrides={"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]})
+                              latency_budget=cfg.latency_budget, overrides=overrides)
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")
@@ -137,8 +154,9 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     bundle = pipeline.run_bundle(rd)
     _share_graph_bytes(rd, reference=cfg.latency_budget)
     # seed by seed, so that a study stopped part-way already holds complete pairs; reported variant by variant
+    order = sorted(cfg.variants, key=lambda v: v == EQUAL_TIME)  # it needs the reference's time of the same seed
     done = {(v, s): _one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
-            for s in cfg.seeds for v in cfg.variants}
+            for s in cfg.seeds for v in order}
     rows = [done[v, s] for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
                for v in cfg.variants}

@@ -112,12 +112,13 @@ def ablation_goals(report: dict) -> list[tuple[str, bool | None, str]]:
     paired = report.get("paired") or {}
     ref, tests = paired.get("reference"), paired.get("tests") or {}
     goals: list[tuple[str, bool | None, str]] = []
-    for v in ("random", "flat", "uniform"):
+    for v in ("random", "random-time", "flat", "uniform"):
         t = tests.get(v)
         if t is None:
             continue
         ok = None if t["n"] < 2 else (t["diff"] >= 0.5 and t["p_greater"] is not None and t["p_greater"] < 0.05)
-        goals.append((f"{ref} ahead of {v} by ≥ 0.5 point ORT top-1 at p < 0.05", ok,
+        what = "random search at equal wall time" if v == "random-time" else v
+        goals.append((f"{ref} ahead of {what} by ≥ 0.5 point ORT top-1 at p < 0.05", ok,
                       f"{fmt(t['diff'], '+.2f')} points over {t['n']} seeds, {t['wins']} ahead / {t['losses']} "
                       f"behind, one-sided p {fmt(t['p_greater'], '.3f')}"))
     rho = (report.get("surrogate") or {}).get("spearman")
