@@ -85,3 +85,29 @@ def test_write_into_keeps_the_readme_mode(tmp_path, mode):
     assert stat.S_IMODE(readme.stat().st_mode) == mode
     assert "second" in readme.read_text() and "first" not in readme.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temporary file left
+
+
+def test_an_earlier_report_kept_under_the_same_name_is_never_overwritten(tmp_path, bench_report):
+    """Two benches of one model: the second goes into a numbered folder, the kept one is untouched, and a kept
+    report given again is used in place."""
+    plots = tmp_path / "plots"
+    old_run, new_run = tmp_path / "old", tmp_path / "new"
+    for run, created in ((old_run, "2026-12-01T00:00:00+00:00"), (new_run, "2026-12-02T00:00:00+00:00")):
+        run.mkdir()
+        rep = bench_report()
+        rep["created"] = created
+        (run / "bench.json").write_text(json.dumps(rep))
+        (run / "fig.png").write_bytes(created.encode())
+    copy_plots([old_run], plots, tmp_path)
+    kept = {p.name: p.read_bytes() for p in (plots / "resnet18-bench").iterdir()}
+    figs = copy_plots([new_run], plots, tmp_path)
+    assert {p.name: p.read_bytes() for p in (plots / "resnet18-bench").iterdir()} == kept
+    assert (plots / "resnet18-bench-2" / "bench.json").read_bytes() == (new_run / "bench.json").read_bytes()
+    assert figs[new_run / "bench.json"] == [(plots / "resnet18-bench-2" / "fig.png").relative_to(tmp_path)]
+    # the kept reports given again, or the new run's report again: used where they are kept, nothing new is made
+    again = copy_plots([plots / "resnet18-bench", plots / "resnet18-bench-2"], plots, tmp_path)
+    assert again[plots / "resnet18-bench" / "bench.json"] == [(plots / "resnet18-bench" / "fig.png")
+                                                               .relative_to(tmp_path)]
+    copy_plots([new_run], plots, tmp_path)
+    assert sorted(p.name for p in plots.iterdir()) == ["resnet18-bench", "resnet18-bench-2"]
+    assert {p.name: p.read_bytes() for p in (plots / "resnet18-bench").iterdir()} == kept

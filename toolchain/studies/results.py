@@ -161,20 +161,33 @@ def _inside(folder: Path, dest: Path) -> Path:
     return folder
 
 
+def _holds_other_report(folder: Path, report: Path) -> bool:
+    """True when ``folder`` already keeps a bench or ablation report that is not ``report``'s content."""
+    for name in (BENCH_JSON, ABLATION_JSON):
+        kept = folder / name
+        if kept.is_file() and not (report.is_file() and kept.read_bytes() == report.read_bytes()):
+            return True
+    return False
+
+
 def copy_plots(paths: list[str | Path], dest: str | Path, base: str | Path) -> dict[Path, list[Path]]:
     """Keep each report beside its figures in ``dest``: one folder per report, ``<model>-<kind>`` (numbered
-    when taken in this call), holding the report file, its Markdown and its PNG plots, so the section can be
-    rebuilt later from ``dest`` alone. Returns the plots' paths relative to ``base`` (where the Markdown file
-    lies), per report file. A report already inside its folder there is used in place."""
+    when that folder is taken in this call or keeps another report from an earlier one, which is never
+    overwritten), holding the report file, its Markdown and its PNG plots, so the section can be rebuilt later
+    from ``dest`` alone. Returns the plots' paths relative to ``base`` (where the Markdown file lies), per report
+    file. A report already in a folder of its own directly under ``dest`` is used in place."""
     dest, out, used = Path(dest), {}, set()
     for p in paths:
         kind, rep = load(p)
         f = _report_file(p)
         model = rep.get("model")
         stem = f"{_folder_name(model.get('name', 'model') if isinstance(model, dict) else 'model')}-{kind}"
-        folder, n = dest / stem, 2
-        while folder in used:
-            folder, n = dest / f"{stem}-{n}", n + 1
+        if f.parent.parent.resolve() == dest.resolve() and f.parent not in used:
+            folder = f.parent  # already kept in a folder of its own there: used in place
+        else:  # a folder of that name holding another report (from this call or an earlier one) is never touched
+            folder, n = dest / stem, 2
+            while folder in used or _holds_other_report(folder, f):
+                folder, n = dest / f"{stem}-{n}", n + 1
         used.add(folder)
         _inside(folder, dest)
         folder.mkdir(parents=True, exist_ok=True)
