@@ -465,9 +465,12 @@ def ablate(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
                                        "finished ablation. An interrupted one resumes."),
 ):
-    """What each part of the search buys: the full search against no surrogate, uniform (not Fisher-guided)
-    sensitivity and a single agent per level, over several seeds -> ablation.json/.md with mean ± std,
-    ablation.png, and surrogate_scatter.png (predicted vs real accuracy, Spearman).
+    """What each part of the search buys, and whether it beats the baselines: the full search against no surrogate,
+    uniform (not Fisher-guided) sensitivity, a single agent per level, random search (at equal real evaluations,
+    and random-time at the full search's wall time), a flat single-agent search and the uniform policy meeting
+    the budget, over several seeds (run seed by seed; an interrupted study resumes) -> ablation.json/.md with
+    mean ± std and paired Wilcoxon signed-rank tests against the full search, ablation.png, and
+    surrogate_scatter.png (predicted vs real accuracy, Spearman).
 
     Needs a trained baseline in RUN_DIR (`hirelc train`). Each winner is lowered, exported and scored on ORT.
     """
