@@ -50,6 +50,22 @@ def test_module_entry_point_help_in_a_fresh_interpreter():
     assert "train" in proc.stdout and "lower" in proc.stdout
 
 
+def test_help_into_a_closed_pipe_is_no_traceback():
+    """`hirelc ablate --help | head -1`: the reader goes away before the help is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "hirelc", "ablate", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the interpreter has even started: its first write meets a broken pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 1)
+    assert "Traceback" not in err and "AttributeError" not in err
+
+
+def test_an_aborted_prompt_is_caught_by_the_right_exception_type():
+    from hirelc.cli import _ABORT
+
+    assert isinstance(_ABORT, type) and _ABORT.__name__ == "Abort"
+
+
 def test_presets_lists_named_policies():
     res = invoke("presets")
     assert res.exit_code == 0

@@ -42,6 +42,19 @@ from hirelc.options import (
 _click_errors = typer.core._click.exceptions if hasattr(typer.core, "_click") else __import__("click").exceptions
 
 
+def _abort_type() -> type | tuple:
+    """The exception click raises on an aborted prompt or input: newer typers define it in ``typer.exceptions``,
+    older ones take click's. Resolved once, so an ``except`` never looks up a name that is not there."""
+    for mod in (getattr(typer, "exceptions", None), _click_errors):
+        found = getattr(mod, "Abort", None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+    return ()
+
+
+_ABORT = _abort_type()
+
+
 class _OneLineErrors(TyperGroup):
     """Command-line usage errors (an unknown choice, a value of the wrong type) as one ``hirelc: error:`` line
     and exit 2, like every other bad input, instead of a usage panel."""
@@ -57,7 +70,7 @@ class _OneLineErrors(TyperGroup):
         except _click_errors.UsageError as e:
             typer.echo(f"hirelc: error: {_first_line(e.format_message()).replace('Value error, ', '')}", err=True)
             sys.exit(EXIT_USER)
-        except _click_errors.Abort:
+        except _ABORT:
             typer.echo("hirelc: aborted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(rv if isinstance(rv, int) else 0)
