@@ -154,6 +154,22 @@ def test_a_bad_pick_is_a_one_line_error_and_nothing_is_lowered(searched, copy_ru
     assert {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != runs.LOCK} == before
 
 
+@pytest.mark.parametrize("change", ["policy", "front"])
+def test_a_front_from_another_search_is_refused(searched, copy_run, change):
+    """--pick reads front.json only while it belongs to the search that wrote policy.json (and is unchanged)."""
+    rd = copy_run(searched[0])
+    if change == "policy":  # another policy in the run directory, as a rerun with other options would leave
+        from hirelc.policy import get_policy
+
+        get_policy("int8").save(rd / runs.POLICY)
+    else:
+        front = json.loads((rd / runs.FRONT).read_text())
+        front["entries"][0]["real_acc"] = 99.9
+        (rd / runs.FRONT).write_text(json.dumps(front))
+    res = CliRunner().invoke(app, ["lower", "-r", str(rd), "--pick", "accurate"])
+    assert res.exit_code == 2 and "is not the current search's front" in res.output, res.output
+
+
 def test_compress_lowers_the_picked_entry_and_reruns_lower_when_the_pick_changes(searched, copy_run):
     """compress's lower stage takes the front entry --pick names: lowered with it, the stage is current for that pick
     and stale for another; --pick with --policy, or a pick of nothing, is refused before anything runs."""

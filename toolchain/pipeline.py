@@ -446,6 +446,9 @@ def check_sensitivity(sens, specs, path: Path) -> None:
                 bad(f"{kind} {n!r} has no finite score")
 
 
+FRONT_INPUTS = (runs.BASELINE_CKPT, runs.POLICY)  # the front belongs to the search that wrote this policy.json
+
+
 def write_front(rd: Path, model, topo: Topology, history: list[dict], budget, fp32_bytes: float,
                 progress: bool = True) -> dict:
     """front.json and front.png of a finished search (:mod:`hirelc.search.front`), batch-1 latencies predicted by
@@ -454,6 +457,7 @@ def write_front(rd: Path, model, topo: Topology, history: list[dict], budget, fp
     front = front_report(history, dataclasses.asdict(budget), lambda lay: latency.predict_latency(table_b1, topo, lay),
                          fp32_bytes=fp32_bytes)
     runs.atomic_write_json(rd / runs.FRONT, front)
+    runs.record(rd, runs.FRONT, FRONT_INPUTS)
     plot_front(history, front["entries"], rd / "front.png")
     return front
 
@@ -463,6 +467,9 @@ def load_front(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / runs.FRONT
     if not path.is_file():
         raise HirelcError(f"{path} not found: run `hirelc search` first (--pick chooses among its front)")
+    why = runs.stale(run_dir, runs.FRONT, FRONT_INPUTS, check_options=False)
+    if why is not None:
+        raise HirelcError(f"{path} is not the current search's front ({why}); run `hirelc search` again")
     return check_front(runs.read_json(path, "search front"), path)
 
 
