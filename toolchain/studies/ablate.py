@@ -36,6 +36,8 @@ import statistics
 import time
 from pathlib import Path
 
+from scipy.stats import wilcoxon
+
 from hirelc import pipeline, runs
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
@@ -83,8 +85,6 @@ def paired_test(reference: dict[int, float], other: dict[int, float]) -> dict:
     out = {"seeds": seeds, "n": len(d), "diff": statistics.fmean(d) if d else None,
            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "p_greater": None, "p_two_sided": None}
     if len(d) >= 2 and any(x != 0 for x in d):
-        from scipy.stats import wilcoxon
-
         out["p_greater"] = float(wilcoxon(d, alternative="greater").pvalue)
         out["p_two_sided"] = float(wilcoxon(d).pvalue)
     return out
