@@ -101,6 +101,10 @@ def test_goals_and_table_show_the_paired_comparison():
     assert goals["full ahead of flat by ≥ 0.5 point ORT top-1 at p < 0.05"][0] is False  # too small a lead
     assert goals["full ahead of uniform by ≥ 0.5 point ORT top-1 at p < 0.05"][0] is False  # not significant
     assert goals["surrogate Spearman ≥ 0.7 on unseen candidates"] == (True, "0.75 on 20 points")
+    # four seeds cannot reach p < 0.05 (2^-4 = 0.0625): the goal is not comparable rather than missed
+    four = {**report, "paired": {**report["paired"], "tests": {"random": t(3.0, 0.0625, n=4)}}}
+    assert [ok for g, ok, _ in ablation_goals(four) if "random" in g] == [None]
+    assert "With 4 paired seeds the smallest possible one-sided p is 0.062" in format_ablation(four)
     md = format_ablation(report)
     assert "p one-sided" in md and "| random | 80.00 ± 0.50 |" in md and "| +0.70 | 5 / 0 of 5 | 0.031 | 0.062 |" in md
     assert "| full |" in md and md.count("| - | - | - | - |") == 1  # the reference has no comparison with itself

@@ -43,9 +43,9 @@ _click_errors = typer.core._click.exceptions if hasattr(typer.core, "_click") el
 
 
 def _abort_type() -> type | tuple:
-    """The exception click raises on an aborted prompt or input: newer typers define it in ``typer.exceptions``,
-    older ones take click's. Resolved once, so an ``except`` never looks up a name that is not there."""
-    for mod in (getattr(typer, "exceptions", None), _click_errors):
+    """The exception click raises on an aborted prompt or input: ``typer.Abort`` (click's own in older typers,
+    a class of typer's in newer ones). Resolved once, so an ``except`` never looks up a name that is not there."""
+    for mod in (typer, getattr(typer, "exceptions", None), _click_errors):
         found = getattr(mod, "Abort", None)
         if isinstance(found, type) and issubclass(found, BaseException):
             return found
@@ -357,8 +357,8 @@ def search(
 
     Writes policy.json (the winner: the most accurate real evaluation within the budget), search.jsonl (one line
     per real evaluation), search.json, front.json + front.png (the Pareto front of accuracy, predicted bytes and
-    predicted batch-1/8 latency over the real evaluations within the budget; `hirelc lower --pick` takes another
-    of its policies) and PNG plots.
+    predicted batch-8 latency over the real evaluations within the budget, each with its predicted batch-1
+    latency beside; `hirelc lower --pick` takes another of its policies) and PNG plots.
     """
     from hirelc.pipeline import search_stage
 

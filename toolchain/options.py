@@ -46,7 +46,7 @@ PICKS = ("accurate", "smallest", "fastest")  # --pick by name; a number names a 
 
 def check_pick(pick: str | None) -> None:
     """``--pick`` names a pick or a real evaluation's number (whether it is on the front is checked on use)."""
-    if pick is not None and pick not in PICKS and not (pick.isdigit() and int(pick) >= 1):
+    if pick is not None and pick not in PICKS and not (pick.isascii() and pick.isdecimal() and int(pick) >= 1):
         raise HirelcError(f"--pick {pick!r}: use {', '.join(PICKS)} or the number of a real evaluation on the front")
 
 

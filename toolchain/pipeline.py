@@ -262,9 +262,12 @@ def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
     if stage == "policy":
         if cfg.policy:
             return runs.stale(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
-        return runs.stale(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
+        why = runs.stale(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
             cfg.target_ratio, cfg.search_preset, cfg.max_size_mb, cfg.max_latency_ms, cfg.seed, None,
             cfg.latency_budget))
+        if why is None and cfg.pick:  # --pick needs the search's front (a stopped search may not have written it)
+            why = runs.stale(rd, runs.FRONT, FRONT_INPUTS, check_options=False)
+        return why
     if stage == "lower":
         if not (rd / runs.POLICY).is_file():
             return f"{runs.POLICY} is missing"
@@ -466,7 +469,8 @@ def load_front(run_dir: str | Path) -> list[dict]:
     """The checked entries of a run directory's front.json (written by `hirelc search`)."""
     path = Path(run_dir) / runs.FRONT
     if not path.is_file():
-        raise HirelcError(f"{path} not found: run `hirelc search` first (--pick chooses among its front)")
+        raise HirelcError(f"{path} not found: run `hirelc search` (with --resume after a stopped one) first; "
+                          "--pick chooses among its front")
     why = runs.stale(run_dir, runs.FRONT, FRONT_INPUTS, check_options=False)
     if why is not None:
         raise HirelcError(f"{path} is not the current search's front ({why}); run `hirelc search` again")

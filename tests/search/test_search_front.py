@@ -55,6 +55,8 @@ def test_picks_choose_by_accuracy_bytes_latency_or_evaluation():
         pick(entries, "2")
     with pytest.raises(HirelcError, match="--pick 'best'"):
         pick(entries, "best")
+    with pytest.raises(HirelcError, match="--pick '²'"):  # a digit int() cannot read is a user error too
+        pick(entries, "²")
     with pytest.raises(HirelcError, match="front is empty"):
         pick([], "accurate")
     no_lat = front_entries([{**h, "predicted_latency_ms": None} for h in HISTORY])
@@ -69,7 +71,7 @@ def test_check_pick_accepts_names_and_evaluation_numbers(value):
     check_pick(value)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "best", "1.5", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "best", "1.5", "", "²", "١"])
 def test_check_pick_rejects_anything_else(value):
     with pytest.raises(HirelcError, match="--pick"):
         check_pick(value)

@@ -485,7 +485,7 @@ class _Search:
                 }
             cands = self.candidates(proposals, phase)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
-        stats = {"cycle": phase, "screened_by": "surrogate" if mean is not None else "proxy",
+        stats = {"cycle": phase, "screened_by": "surrogate" if sur is not None else "proxy",
                  "candidates": self._assembled, "feasible": len(cands), "real_evals": 0, "proxy_saturated": None}
         self.cycle_stats[phase] = stats
         if not cands:

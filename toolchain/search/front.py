@@ -128,7 +128,7 @@ def pick(entries: Sequence[Mapping], choice: str) -> Mapping:
         if any(e["latency_ms"].get("8") is None for e in entries):
             raise HirelcError("--pick fastest: the front has no latency predictions (no latency table)")
         return min(entries, key=lambda e: (e["latency_ms"]["8"], -e["real_acc"], e["eval"]))
-    if choice.isdigit():
+    if choice.isascii() and choice.isdecimal():
         for e in entries:
             if e["eval"] == int(choice):
                 return e

@@ -210,6 +210,7 @@ def format_ablation(report: dict) -> str:
     ]
     tests = (report.get("paired") or {}).get("tests") or {}
     ref = (report.get("paired") or {}).get("reference")
+    n = max((t["n"] for t in tests.values()), default=0)
     head = ["variant", "final ORT top-1 %", "best search val %", "effective ratio", "real evals",
             "winner found at eval", "search s"]
     if tests:
@@ -235,6 +236,6 @@ def format_ablation(report: dict) -> str:
     if tests:
         lines += ["", f"Paired by seed against {ref}: the mean difference of final ORT top-1 in points ({ref} minus "
                   f"the variant; positive: {ref} ahead) and Wilcoxon signed-rank p-values, one-sided for {ref} "
-                  "being better and two-sided. With 5 seeds the smallest possible one-sided p is 0.031, two-sided "
-                  "0.062."]
+                  f"being better and two-sided. With {n} paired seeds the smallest possible one-sided p is "
+                  f"{2.0 ** -n:.3f}, two-sided {min(1.0, 2.0 ** (1 - n)):.3f}."]
     return "\n".join(lines) + "\n"
