@@ -7,14 +7,13 @@ outputs bit for bit; the initializer bytes and the interleaved median latency of
 the benchmark's extra info. Skipped where the installed onnx has no INT2 type.
 """
 
-import time
-
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from hirelc.export.runtime import benchmark_runners
 from hirelc.kernels.pack import pack_int
 
 C, HW, BATCH = 128, 16, 8
@@ -75,14 +74,10 @@ def test_int2_weights_fuse_into_integer_convs(benchmark, tmp_path):
     ref = sessions["int8"].run(None, {"x": x})[0]
     for s in sessions.values():
         np.testing.assert_array_equal(s.run(None, {"x": x})[0], ref)
-    times = {fmt: [] for fmt in sessions}
-    for _ in range(30):  # interleaved: one run of each format per round
-        for fmt, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[fmt].append(time.perf_counter() - t0)
+    runners = {fmt: (lambda batch, s=s: s.run(None, {"x": batch})) for fmt, s in sessions.items()}
+    timed = benchmark_runners(runners, (C, HW, HW), batch_sizes=(BATCH,), runs=30)  # interleaved rounds
     for fmt in sessions:
-        figures[fmt]["median_ms"] = round(1e3 * float(np.median(times[fmt])), 3)
+        figures[fmt]["median_ms"] = round(timed[fmt][BATCH]["median_ms"], 3)
         print(f"{fmt}: {figures[fmt]}")
     assert figures["int2"]["weight_bytes"] * 4 == figures["int8"]["weight_bytes"]
     benchmark.extra_info.update(figures)
