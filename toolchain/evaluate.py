@@ -85,6 +85,8 @@ class RealEvaluator:
     torch threads), so any process holding a copy (:meth:`for_workers`) gives a policy the same score.
     """
 
+    proxy_cap = PROXY_CAP
+
     def __init__(self, model: nn.Module, topo: Topology, bundle, predictors: Predictors, *, qat_steps: int = 40,
                  train_samples: int = 2048, val_samples: int = 1000, calib_samples: int = 256, batch_size: int = 64,
                  lr: float = 5e-4, seed: int = 0, threads: int = 1):

@@ -116,7 +116,7 @@ class RayEvaluator:
     def __init__(self, local: RealEvaluator, ray: ModuleType, workers: int, max_retries: int = TASK_RETRIES,
                  proxy_chunk: int | None = None):
         self.local, self.workers, self.threads = local, workers, local.threads
-        self.baseline_accuracy = local.baseline_accuracy
+        self.baseline_accuracy, self.proxy_cap = local.baseline_accuracy, local.proxy_cap
         self.eval_seconds: list[float] = []  # of every real evaluation, as measured on its worker
         self.proxy_chunk = PROXY_CHUNK if proxy_chunk is None else proxy_chunk
         self.max_retries = max_retries

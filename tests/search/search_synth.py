@@ -51,6 +51,7 @@ class SyntheticEvaluator:
     """Implements the engine's Evaluator protocol with a known accuracy function; counts its calls."""
 
     baseline_accuracy = 90.0
+    proxy_cap = 50.0
 
     def __init__(self, specs, fail_at: int | None = None):
         self.specs = specs
@@ -60,7 +61,7 @@ class SyntheticEvaluator:
 
     def proxy_drop(self, layers):
         self.proxy_calls += 1
-        return min(50.0, 1.3 * (self.baseline_accuracy - synthetic_accuracy(layers)))
+        return min(self.proxy_cap, 1.3 * (self.baseline_accuracy - synthetic_accuracy(layers)))
 
     def real_accuracy(self, layers):
         if self.fail_at is not None and self.real_calls + 1 >= self.fail_at:

@@ -82,7 +82,6 @@ LOG_KEYS = (
     "cycle", "kind", "policy", "predicted_acc", "predicted_std", "proxy_drop", "real_acc", "effective_ratio",
     "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s",
 )
-PROXY_CAP = 50.0  # the evaluator's proxy drop saturates here (hirelc.evaluate.PROXY_CAP)
 UNIFORM_SENSITIVITY = 0.5  # fisher_guided=False: neutral (no Fisher shift), equal for every layer and block
 
 
@@ -90,9 +89,10 @@ class Evaluator(Protocol):
     """What the search needs from the model side (it never sees the model itself)."""
 
     baseline_accuracy: float  # validation accuracy of the fp32 model, %
+    proxy_cap: float | None  # the largest drop proxy_drop returns (saturation), None if it has none
 
     def proxy_drop(self, layers: dict[str, LayerPolicy]) -> float:
-        """Cold-start accuracy-drop proxy: 20 * logit MSE on a calibration batch, capped at 50 (points)."""
+        """Cold-start accuracy-drop proxy: 20 * logit MSE on a calibration batch, capped at ``proxy_cap`` (points)."""
 
     def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
         """Lower the policy, fine-tune briefly (QAT), return validation accuracy in % (expensive)."""
@@ -197,7 +197,6 @@ class _Search:
         self.allocation: Allocation = {}
         self._proxy: dict[tuple, float] = {}
         self.cycle_stats: dict[int, dict] = {}  # phase -> screening figures (see cycle())
-        self._assembled = 0
         self._t0 = time.perf_counter()
         self._bar = None
         self._threads = torch.get_num_threads()
@@ -483,10 +482,10 @@ class _Search:
                                      i)
                     for i, (b, sb) in enumerate(self.blocks.items())
                 }
-            cands = self.candidates(proposals, phase)
+            cands, assembled = self.candidates(proposals, phase)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
         stats = {"cycle": phase, "screened_by": "surrogate" if sur is not None else "proxy",
-                 "candidates": self._assembled, "feasible": len(cands), "real_evals": 0, "proxy_saturated": None}
+                 "candidates": assembled, "feasible": len(cands), "real_evals": 0, "proxy_saturated": None}
         self.cycle_stats[phase] = stats
         if not cands:
             return
@@ -500,7 +499,8 @@ class _Search:
             # A saturated proxy (every candidate at its cap, or all alike) cannot rank: it is reported, and the
             # milder candidates (more storage: more left to fine-tune) go first instead of an arbitrary order.
             stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
-            stats["proxy_saturated"] = bool(len(drops) > 1 and (drops.min() >= PROXY_CAP - 1e-9
+            cap = getattr(self.ev, "proxy_cap", None)
+            stats["proxy_saturated"] = bool(len(drops) > 1 and ((cap is not None and drops.min() >= cap - 1e-9)
                                                                 or drops.max() - drops.min() <= 1e-9))
             mild = np.array([storage_fraction(self.specs, c) for c in cands])
             order = np.lexsort((-mild, drops))  # by predicted drop, ties by milder compression
@@ -512,18 +512,19 @@ class _Search:
         self.real_evals(phase, [_Planned(cands[i], kind, None if mean is None else float(mean[i]),
                                          None if std is None else float(std[i])) for i, kind in chosen])
 
-    def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> list[Layers]:
-        """Distinct, budget-meeting, not yet evaluated candidates: votes first, then combinations and mutations."""
+    def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> tuple[list[Layers], int]:
+        """Distinct, budget-meeting, not yet evaluated candidates (votes first, then combinations and mutations),
+        and how many were put together to find them."""
         cfg, rng = self.config, np.random.default_rng([self.config.seed, phase, 1])
         block_c = {b: self.base.narrowed(a.min_bits, a.strategy) for b, a in self.allocation.items()}
         done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
         out: list[Layers] = []
         seen: set[tuple] = set()
-        self._assembled = 0  # candidates put together (before dropping repeats, evaluated and infeasible ones)
+        assembled = 0  # candidates put together (before dropping repeats, evaluated and infeasible ones)
         for attempt in range(20 * max(1, cfg.candidates_per_cycle)):
             if len(out) >= cfg.candidates_per_cycle:
                 break
-            self._assembled += 1
+            assembled += 1
             lay: Layers = {}
             for prop in proposals.values():
                 lay.update(prop.voted if attempt == 0 else prop.options[rng.integers(len(prop.options))])
@@ -537,7 +538,7 @@ class _Search:
             key = policy_key(self.specs, lay)
             if key not in done and self.meets_budget(lay) and all(policy_key(self.specs, o) != key for o in out):
                 out.append(lay)
-        return out
+        return out, assembled
 
     def mutate(self, layers: Layers, rng: np.random.Generator, block_c: Mapping[str, Constraints]) -> Layers:
         """Re-draw one random axis of one random layer among its valid levels."""
