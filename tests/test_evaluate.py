@@ -117,3 +117,17 @@ def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle,
         # stream's norms and position embedding shrink too; they are counted whole)
         assert -0.01 < err < 0.03, (preset, measured.predict_bytes(layers), real)
         assert abs(err) < abs(fixed.predict_bytes(layers) - real) / real
+
+
+def test_a_higher_fidelity_fine_tunes_twice_as_long_per_level(evaluator, monkeypatch):
+    b, ev = evaluator
+    steps = []
+    real = E.lower_model
+    monkeypatch.setattr(E, "lower_model", lambda model, topo, layers, sub, cfg, **k: steps.append(cfg.max_steps)
+                        or real(model, topo, layers, sub, cfg, **k))
+    policy = PRESETS["int8"].resolve(list(b.topo.layers))
+    ev.real_accuracy(policy)
+    ev.real_accuracy(policy, fidelity=2)
+    assert steps == [1, 4] and ev.cfg.max_steps == 1  # the evaluator's own setting is left as it was
+    with pytest.raises(E.HirelcError, match="fidelity must be in 0..3"):
+        ev.real_accuracy(policy, fidelity=4)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -86,6 +87,7 @@ class RealEvaluator:
     """
 
     proxy_cap = PROXY_CAP
+    max_fidelity = 3  # real_accuracy(fidelity=f) fine-tunes 2**f times qat_steps (the search's adaptive fidelity)
 
     def __init__(self, model: nn.Module, topo: Topology, bundle, predictors: Predictors, *, qat_steps: int = 40,
                  train_samples: int = 2048, val_samples: int = 1000, calib_samples: int = 256, batch_size: int = 64,
@@ -128,11 +130,14 @@ class RealEvaluator:
             mse = F.mse_loss(logits, self.base_logits).item()
         return min(20.0 * mse, PROXY_CAP)
 
-    def real_accuracy(self, layers: dict[str, LayerPolicy]) -> float:
+    def real_accuracy(self, layers: dict[str, LayerPolicy], fidelity: int = 0) -> float:
+        if not 0 <= fidelity <= self.max_fidelity:
+            raise HirelcError(f"fidelity must be in 0..{self.max_fidelity}, got {fidelity}")
         t0 = time.time()
         saliency = self.saliency(layers)
+        cfg = dataclasses.replace(self.cfg, max_steps=self.cfg.max_steps * 2 ** fidelity) if fidelity else self.cfg
         with torch_threads(self.threads):
-            lowered, _ = lower_model(self.model, self.topo, layers, self._sub, self.cfg, progress=False,
+            lowered, _ = lower_model(self.model, self.topo, layers, self._sub, cfg, progress=False,
                                      saliency=saliency, placement=self._placement, probe=ORT_PROBE)
             acc = evaluate(lowered, self._sub.loader("val", 256))
         self.eval_seconds.append(time.time() - t0)

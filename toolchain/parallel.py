@@ -117,6 +117,7 @@ class RayEvaluator:
                  proxy_chunk: int | None = None):
         self.local, self.workers, self.threads = local, workers, local.threads
         self.baseline_accuracy, self.proxy_cap = local.baseline_accuracy, local.proxy_cap
+        self.max_fidelity = local.max_fidelity
         self.eval_seconds: list[float] = []  # of every real evaluation, as measured on its worker
         self.proxy_chunk = PROXY_CHUNK if proxy_chunk is None else proxy_chunk
         self.max_retries = max_retries
@@ -127,9 +128,9 @@ class RayEvaluator:
         self._real_task = ray.remote(**options)(_real_task)
         self._proxy_task = ray.remote(**options)(_proxy_task)
 
-    def real_accuracies(self, batch: Sequence[Layers]) -> Iterator[tuple[float, float]]:
+    def real_accuracies(self, batch: Sequence[Layers], fidelity: int = 0) -> Iterator[tuple[float, float]]:
         """Submit one task per policy now; yield ``(accuracy, seconds)`` in ``batch``'s order as they finish."""
-        refs = [self._real_task.remote(self._payload, dict(layers), self.threads) for layers in batch]
+        refs = [self._real_task.remote(self._payload, dict(layers), self.threads, fidelity) for layers in batch]
         return self._in_order(refs)
 
     def _in_order(self, refs: list) -> Iterator[tuple[float, float]]:
@@ -172,8 +173,8 @@ class RayEvaluator:
     def proxy_drop(self, layers: Layers) -> float:
         return self.local.proxy_drop(layers)
 
-    def real_accuracy(self, layers: Layers) -> float:
-        return next(self.real_accuracies([layers]))[0]
+    def real_accuracy(self, layers: Layers, fidelity: int = 0) -> float:
+        return next(self.real_accuracies([layers], fidelity))[0]
 
     def predict_bytes(self, layers: Layers) -> float:
         return self.local.predict_bytes(layers)
@@ -195,11 +196,11 @@ def _worker_evaluator(payload: list, threads: int) -> RealEvaluator:
     return _WORKER_EVALUATOR[key]
 
 
-def _real_task(payload: list, layers: Layers, threads: int) -> tuple[float, float]:
-    """One real evaluation on a worker: ``(accuracy %, seconds)``."""
+def _real_task(payload: list, layers: Layers, threads: int, fidelity: int = 0) -> tuple[float, float]:
+    """One real evaluation on a worker, its fine-tune ``2**fidelity`` times as long: ``(accuracy %, seconds)``."""
     ev = _worker_evaluator(payload, threads)
     t = time.perf_counter()
-    acc = float(ev.real_accuracy(layers))
+    acc = float(ev.real_accuracy(layers, fidelity) if fidelity else ev.real_accuracy(layers))
     return acc, time.perf_counter() - t
 
 

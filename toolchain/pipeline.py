@@ -614,7 +614,12 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
 def format_cycle(c: dict) -> str:
     """One line of a search cycle's screening figures (``search.json``'s ``cycles``)."""
     if c["cycle"] == 0:
-        return f"warm-up: {c['real_evals']} real evaluations, {c['feasible']} within the budget"
+        line = f"warm-up: {c['real_evals']} real evaluations, {c['feasible']} within the budget"
+        for why in c.get("fidelity_doubled_because") or ():
+            line += f"; fine-tune doubled ({why})"
+        if c.get("separated") is False:
+            line += "; still not separated at the longest fine-tune"
+        return line
     line = (f"cycle {c['cycle']}: {c['candidates']} candidates put together, {c['feasible']} distinct new within the "
             f"budget, screened by {c['screened_by']}, {c['real_evals']} really evaluated")
     if c.get("proxy_drop"):

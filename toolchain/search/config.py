@@ -70,6 +70,13 @@ class SearchConfig:
     use_surrogate: bool = True  # False: the logit-MSE proxy shapes rewards throughout (ablation)
     fisher_guided: bool = True  # False: uniform sensitivity everywhere in the search (ablation)
     fill_budget: bool = False  # after repair, loosen the most sensitive layers while the budget still holds
+    # Adaptive fidelity: when the warm-up's real evaluations do not separate (the best scores more than
+    # fidelity_gap points under the baseline, or all lie within fidelity_spread points of one another while
+    # under it), every real evaluation's fine-tune is doubled and the warm-up scored again, at most
+    # fidelity_doublings times; the rest of the search runs at the length reached. 0 turns it off.
+    fidelity_doublings: int = 2
+    fidelity_gap: float = 25.0
+    fidelity_spread: float = 0.5
     surrogate_members: int = 5  # bootstrap ensemble size (uncertainty = std across members)
     # weight formats (hirelc.policy.FORMAT_KEYS) the space offers; None = all. The pipeline sets the ones the
     # run directory's latency table finds no slower than int8, so the default space holds only fast formats.
@@ -88,6 +95,8 @@ class SearchConfig:
             raise HirelcError("levels must be descending (mildest first) with one min_bits per level")
         if min(self.cycles, self.warmup_real_evals - 1, self.real_evals_per_cycle, self.candidates_per_cycle) < 0:
             raise HirelcError("cycles, evaluations and candidates must be non-negative (warm-up >= 1)")
+        if self.fidelity_doublings < 0 or not (self.fidelity_gap > 0 and self.fidelity_spread >= 0):
+            raise HirelcError("fidelity_doublings must be >= 0, fidelity_gap > 0 and fidelity_spread >= 0")
         if min(self.hla_timesteps, self.lla_timesteps, self.lla_episode_len) < 1:
             raise HirelcError("timesteps and episode length must be >= 1")
         if self.mode not in SEARCH_MODES:

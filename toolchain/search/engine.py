@@ -14,6 +14,13 @@ many distinct new ones met the budget (all of them are screened), by what (surro
 real evaluation, the range of the screening's predictions, and whether the proxy saturated (every candidate at
 its cap, or all alike: it cannot rank them, and the milder candidates go first).
 
+**Adaptive fidelity** (``SearchConfig.fidelity_doublings``, evaluators with ``max_fidelity``): a real evaluation
+is a short fine-tune, and when it is too short every candidate scores near the bottom and they cannot be told
+apart. The warm-up checks that: when its best score is far under the baseline's, or all of its scores are alike
+under it, the fine-tune length is doubled and the warm-up scored again, until they separate or the doublings run
+out. Every later evaluation runs at the length reached; only results at that length compete (winner, surrogate,
+front), and the earlier ones stay in the log, marked by their ``fidelity``, and count as real evaluations.
+
 Baselines on the same loop (``SearchConfig.mode``): ``flat`` drops the high level and the ensembles (one PPO
 agent proposes for every layer at once with the global target as its level, as HAQ does); ``random`` drops
 every agent and the surrogate (random valid policies, repaired into the budget). Both spend the same number
@@ -77,10 +84,11 @@ from hirelc.topology import LayerSpec
 STATE_VERSION = 1
 # One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random | random |
 # promising | uncertain; predicted_* are the surrogate's (null without one) and the evaluator's predictions;
-# storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation.
+# storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation;
+# fidelity: how many times the evaluation's fine-tune was doubled (see SearchConfig.fidelity_doublings).
 LOG_KEYS = (
     "cycle", "kind", "policy", "predicted_acc", "predicted_std", "proxy_drop", "real_acc", "effective_ratio",
-    "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s",
+    "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s", "fidelity",
 )
 UNIFORM_SENSITIVITY = 0.5  # fisher_guided=False: neutral (no Fisher shift), equal for every layer and block
 
@@ -102,6 +110,14 @@ class Evaluator(Protocol):
 
     def predict_latency_ms(self, layers: dict[str, LayerPolicy]) -> float | None:
         """Predicted ONNX Runtime latency in ms, None if unknown."""
+
+
+class FidelityEvaluator(Evaluator, Protocol):
+    """An evaluator whose real evaluation can fine-tune longer: ``real_accuracy(layers, fidelity=f)`` (and
+    ``real_accuracies(batch, fidelity=f)`` when it has that) fine-tunes ``2**f`` times as long, for ``f`` up to
+    ``max_fidelity``. The engine passes ``fidelity`` only to evaluators that declare ``max_fidelity > 0``."""
+
+    max_fidelity: int
 
 
 class BatchEvaluator(Evaluator, Protocol):
@@ -197,6 +213,9 @@ class _Search:
         self.allocation: Allocation = {}
         self._proxy: dict[tuple, float] = {}
         self.cycle_stats: dict[int, dict] = {}  # phase -> screening figures (see cycle())
+        # fine-tune doublings the evaluator allows (0: it has no such knob), and the ones in use now
+        self.max_fidelity = min(config.fidelity_doublings, int(getattr(evaluator, "max_fidelity", 0) or 0))
+        self.fidelity = 0
         self._t0 = time.perf_counter()
         self._bar = None
         self._threads = torch.get_num_threads()
@@ -232,6 +251,7 @@ class _Search:
         self.surrogate_state = state["surrogate"]
         self.allocation = {b: BlockAllocation.from_dict(a) for b, a in state["allocation"].items()}
         self.cycle_stats = {int(c["cycle"]): c for c in state.get("cycles", [])}
+        self.fidelity = int(state.get("fidelity", 0))
         atomic_write_text(self.run_dir / SEARCH_LOG, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def save(self) -> None:
@@ -240,7 +260,7 @@ class _Search:
         state = {"version": STATE_VERSION, "identity": self._identity(), "records": self.records, "phase": self.phase,
                  "wall_s": self.wall(), "surrogate": self.surrogate_state,
                  "allocation": {b: a.to_dict() for b, a in self.allocation.items()},
-                 "cycles": [self.cycle_stats[c] for c in sorted(self.cycle_stats)]}
+                 "cycles": [self.cycle_stats[c] for c in sorted(self.cycle_stats)], "fidelity": self.fidelity}
         atomic_torch_save(state, self.run_dir / SEARCH_STATE)
 
     def wall(self) -> float:
@@ -304,20 +324,25 @@ class _Search:
         best = self.best(before_phase)
         return self.layers[best] if best is not None else self.uniform_meeting_budget()
 
+    def current(self, i: int) -> bool:
+        """Whether real evaluation ``i`` ran at the fine-tune length in use (only those compete)."""
+        return self.records[i].get("fidelity", 0) == self.fidelity
+
     def best(self, before_phase: int | None = None) -> int | None:
-        idx = [i for i, r in enumerate(self.records)
-               if r["meets_budget"] and (before_phase is None or r["cycle"] < before_phase)]
+        idx = [i for i, r in enumerate(self.records) if self.current(i)
+               and r["meets_budget"] and (before_phase is None or r["cycle"] < before_phase)]
         return max(idx, key=lambda i: (self.records[i]["real_acc"], -i)) if idx else None
 
     # ---- real evaluation -----------------------------------------------------------------------------------
     def real_evals(self, cycle: int, plan: Sequence[_Planned]) -> None:
         """Really evaluate a phase's plan (each policy once per phase) and commit every result in the plan's order.
 
-        Policies this phase evaluated before an interruption are skipped. The evaluator gets the rest at once
+        Policies this phase evaluated (at the fidelity in use) before an interruption are skipped. The evaluator gets the rest at once
         (see :class:`BatchEvaluator`); each result is logged (search.jsonl) and checkpointed as soon as it and
         every result before it in the plan are in, so a killed search loses at most what was still running.
         """
-        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] == cycle}
+        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records)
+                if r["cycle"] == cycle and self.current(i)}
         todo: list[_Planned] = []
         for p in plan:
             layers = share_group_keeps(self.specs, p.layers)  # whole-policy masks (tied keeps, group sizes)
@@ -332,15 +357,16 @@ class _Search:
             self._commit(cycle, p, float(acc), float(eval_s))
 
     def _real_accuracies(self, batch: list[Layers]) -> Iterator[tuple[float, float]]:
+        kw = {"fidelity": self.fidelity} if self.max_fidelity > 0 else {}
         many = getattr(self.ev, "real_accuracies", None)
         if many is not None:
-            return iter(many(batch))
-        return self._one_by_one(batch)
+            return iter(many(batch, **kw))
+        return self._one_by_one(batch, kw)
 
-    def _one_by_one(self, batch: list[Layers]) -> Iterator[tuple[float, float]]:
+    def _one_by_one(self, batch: list[Layers], kw: dict) -> Iterator[tuple[float, float]]:
         for layers in batch:  # lazily: each result is committed before the next evaluation starts
             t = time.perf_counter()
-            acc = float(self.ev.real_accuracy(layers))
+            acc = float(self.ev.real_accuracy(layers, **kw))
             yield acc, time.perf_counter() - t
 
     def _commit(self, cycle: int, p: _Planned, acc: float, eval_s: float) -> None:
@@ -354,7 +380,7 @@ class _Search:
             "effective_ratio": storage["effective_ratio"], "storage_bytes": storage["storage_bits"] / 8,
             "predicted_bytes": None if size is None else float(size),
             "predicted_latency_ms": None if lat is None else float(lat), "meets_budget": self.meets_budget(layers),
-            "wall_s": self.wall(), "eval_s": eval_s,
+            "wall_s": self.wall(), "eval_s": eval_s, "fidelity": self.fidelity,
         }
         self.records.append(rec)
         self.layers.append(layers)
@@ -376,7 +402,8 @@ class _Search:
     # ---- phases --------------------------------------------------------------------------------------------
     def run(self, progress: bool) -> SearchResult:
         c = self.config
-        total = c.warmup_real_evals + c.cycles * c.real_evals_per_cycle
+        total = (c.warmup_real_evals + c.cycles * c.real_evals_per_cycle
+                 + sum(r.get("fidelity", 0) < self.fidelity for r in self.records))  # warm-ups scored again
         with tqdm(total=total, disable=not progress, desc="search", unit="eval") as bar:
             self._bar = bar
             self._progress(len(self.records))
@@ -399,11 +426,35 @@ class _Search:
             if self.config.mode == "random":  # random search spends every evaluation inside the budget
                 lay = self.repair(lay, self._base_constraints())
             plan.append(_Planned(lay, "warmup-random"))
-        self.real_evals(0, plan)
-        warm = [r for r in self.records if r["cycle"] == 0]
+        # Each level's decision depends only on that level's results, so a resumed warm-up re-derives it.
+        doubled: list[str] = []
+        for level in range(self.max_fidelity + 1):
+            self.fidelity = level
+            self.real_evals(0, plan)
+            why = self.unseparated([r["real_acc"] for i, r in enumerate(self.records)
+                                    if r["cycle"] == 0 and self.current(i)])
+            if why is None or level == self.max_fidelity:
+                break
+            doubled.append(why)
+            if self._bar is not None:
+                self._bar.total += len(plan)
+                self._bar.refresh()
+        warm = [r for i, r in enumerate(self.records) if r["cycle"] == 0 and self.current(i)]
         self.cycle_stats[0] = {"cycle": 0, "screened_by": "warm-up", "candidates": len(plan),
-                               "feasible": sum(r["meets_budget"] for r in warm), "real_evals": len(warm),
-                               "proxy_saturated": None}
+                               "feasible": sum(r["meets_budget"] for r in warm),
+                               "real_evals": sum(r["cycle"] == 0 for r in self.records), "proxy_saturated": None,
+                               "fidelity": self.fidelity, "fidelity_doubled_because": doubled,
+                               "separated": why is None}
+
+    def unseparated(self, accs: Sequence[float]) -> str | None:
+        """Why these real scores cannot tell candidates apart (the fine-tune is too short), or None if they can."""
+        c, base = self.config, float(self.ev.baseline_accuracy)
+        best, worst = max(accs), min(accs)
+        if base - best > c.fidelity_gap:
+            return f"the best scored {best:.1f} %, {base - best:.1f} points under the baseline's {base:.1f} %"
+        if len(accs) > 1 and best - worst < c.fidelity_spread and base - best > c.fidelity_spread:
+            return f"all {len(accs)} scored within {best - worst:.2f} points of one another ({worst:.1f}-{best:.1f} %)"
+        return None
 
     def _base_constraints(self) -> dict[str, Constraints]:
         return {b: self.base for b in self.blocks}
@@ -435,7 +486,7 @@ class _Search:
 
     def surrogate_for(self, phase: int) -> Surrogate | None:
         """The surrogate trained on all real results of earlier phases (None: the proxy shapes rewards)."""
-        prev = [i for i, r in enumerate(self.records) if r["cycle"] < phase]
+        prev = [i for i, r in enumerate(self.records) if r["cycle"] < phase and self.current(i)]
         if not self.config.use_surrogate or len(prev) < self.config.min_surrogate_points:
             return None
         sur = Surrogate(self.specs, self.layer_sens, self.config.surrogate_members, seed=self.config.seed)

@@ -40,14 +40,22 @@ def _latency(h: Mapping) -> float | None:
     return None if v is None else float(v)
 
 
+def competing(history: Sequence[Mapping]) -> list[int]:
+    """Indices of the real evaluations at the search's final fine-tune length (the largest ``fidelity`` in the
+    log): the ones that compete for the winner; warm-ups scored at a shorter length before it was doubled do not."""
+    final = max((h.get("fidelity", 0) for h in history), default=0)
+    return [i for i, h in enumerate(history) if h.get("fidelity", 0) == final]
+
+
 def front_entries(history: Sequence[Mapping], predict_b1: Callable[[dict], float | None] | None = None) -> list[dict]:
     """The Pareto front of a search's real evaluations within its budget, fewest bytes first.
 
     ``history`` is the search log (``search.jsonl`` records); ``predict_b1`` maps a record's policy (layer name ->
     :class:`LayerPolicy`) to a predicted batch-1 latency. Latency is an objective only when every record in the
-    budget has a prediction. Equal points are all kept.
+    budget has a prediction. Equal points are all kept. Only evaluations at the search's final fine-tune length
+    (the largest ``fidelity`` in the log) compete, as in the search itself.
     """
-    rows = [(i, h) for i, h in enumerate(history) if h.get("meets_budget")]
+    rows = [(i, history[i]) for i in competing(history) if history[i].get("meets_budget")]
     with_latency = bool(rows) and all(_latency(h) is not None for _, h in rows)
 
     def point(h: Mapping) -> tuple[float, ...]:

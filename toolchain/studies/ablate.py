@@ -44,6 +44,7 @@ from hirelc.lower import LowerConfig
 from hirelc.options import EQUAL_TIME, REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
 from hirelc.report import fmt, md_table
 from hirelc.search import PRESETS
+from hirelc.search.front import competing
 from hirelc.search.plots import plot_ablation, plot_surrogate
 from hirelc.search.surrogate import spearman
 from hirelc.studies import report_header
@@ -57,8 +58,9 @@ METRICS = ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search
 
 
 def evals_to_best(history: list[dict]) -> int | None:
-    """1-based index of the first real evaluation that reached the best accuracy within the budget."""
-    ok = [(i, h["real_acc"]) for i, h in enumerate(history) if h.get("meets_budget", True)]
+    """1-based index of the first real evaluation that reached the best accuracy within the budget (among those
+    at the final fine-tune length, :func:`hirelc.search.front.competing`)."""
+    ok = [(i, history[i]["real_acc"]) for i in competing(history) if history[i].get("meets_budget", True)]
     if not ok:
         return None
     best = max(a for _, a in ok)
