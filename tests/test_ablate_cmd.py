@@ -272,6 +272,20 @@ def test_random_search_at_equal_time_spends_the_full_searchs_wall_time(ablated, 
     search_json = json.loads((rd / "ablation" / "random-time-seed0" / "search.json").read_text())
     assert search_json["config"]["mode"] == "random" and search_json["config"]["cycles"] == cycles
     assert "random-time" in report["paired"]["tests"]
+    # the reference is done again and took another time: the equal-time run is searched and scored anew
+    (rd / "ablation" / ABLATION_JSON).unlink()
+    ref_json = rd / "ablation" / "full-seed0" / "search.json"
+    ref_json.write_text(json.dumps({**json.loads(ref_json.read_text()), "wall_s": 5.0 * full["wall_s"]}))
+    longer = equal_time_cycles(rd / "ablation" / "full-seed0", AblateConfig(**tiny.__dict__))
+    assert longer > cycles
+    said = []
+    again = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("random-time", "full"), "seeds": (0,)}),
+                   progress=False, echo=said.append)
+    search_json = json.loads((rd / "ablation" / "random-time-seed0" / "search.json").read_text())
+    assert search_json["config"]["cycles"] == longer and any("searching again" in m for m in said)
+    (row2,) = [r for r in again["runs"] if r["variant"] == "random-time"]
+    assert row2["real_evals"] > row["real_evals"]
+    assert any("lowering the winner" in m and "random-time" in m for m in said)
 
 
 def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):

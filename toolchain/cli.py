@@ -204,6 +204,9 @@ def lower(
     act_int8: bool = typer.Option(False, "--act-int8", help="Signed int8 activations instead of uint8."),
     percentile: Optional[float] = typer.Option(None, help="Activation calibration percentile (default min-max)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap fine-tuning steps."),
+    distill: float = typer.Option(LOWER.distill, help="Knowledge distillation from the fp32 baseline during "
+                                  "fine-tuning: the weight (0-1) of its softened outputs in the loss; 0 trains on "
+                                  "the labels alone."),
     importance: Importance = typer.Option(LOWER.importance, help="How channels are ranked for pruning: taylor "
                                           "(loss saliency of each channel on 256 training images) | magnitude "
                                           "(weight norms)."),
@@ -225,7 +228,8 @@ def lower(
         elif spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
         cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
-                          percentile=percentile, max_steps=max_steps, importance=Importance(importance).value)
+                          percentile=percentile, max_steps=max_steps, importance=Importance(importance).value,
+                          distill=distill)
         rep = lower_stage(run_dir, spec, cfg)
         typer.echo(json.dumps({
             "accuracy": rep["accuracy"], "params_before": rep["params_before"], "params_after": rep["params_after"],
@@ -395,6 +399,8 @@ def compress(
                                                    "ONNX Runtime's own int8 of the model, timed here."),
     no_latency_budget: bool = NoLatencyOpt,
     qat_epochs: float = typer.Option(COMPRESS.qat_epochs, help="Fine-tuning epochs of the final policy."),
+    distill: float = typer.Option(COMPRESS.distill, help="Weight (0-1) of the fp32 baseline's softened outputs in "
+                                  "the final fine-tune's loss (knowledge distillation); 0: labels alone."),
     runs_: int = typer.Option(COMPRESS.verify_runs, "--runs", help="Timed runs per artifact in verify."),
     seed: int = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue this run directory: skip the stages whose "
@@ -416,7 +422,7 @@ def compress(
                              img_size=img_size, seed=seed), train_epochs=epochs, policy=policy,
                              target_ratio=target_ratio, search_preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
-                             qat_epochs=qat_epochs, verify_runs=runs_, resume=resume, seed=seed,
+                             qat_epochs=qat_epochs, distill=distill, verify_runs=runs_, resume=resume, seed=seed,
                              workers=workers, ray_address=ray_address, pick=pick)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))

@@ -108,10 +108,14 @@ class LowerConfig:
     importance_batches: int = 2  # training batches the Taylor saliency is measured on
     max_steps: int | None = None  # cap on QAT steps (search candidates, tests)
     keep_best: bool = True  # keep the calibrated weights when fine-tuning lowers validation accuracy
+    # Knowledge distillation during QAT: the loss mixes the labels' cross-entropy with (weight ``distill``) the
+    # KL divergence to the fp32 model's softened outputs (temperature 2). 0 fine-tunes on labels alone.
+    distill: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
         finite("--epochs", self.epochs, low=0.0)
+        finite("--distill", self.distill, low=0.0, high=1.0)
         finite("--lr", self.lr, low=0.0, strict_low=True)
         at_least("--max-steps", self.max_steps, 0)
         at_least("batch size", self.batch_size, 1)
@@ -220,6 +224,7 @@ class CompressConfig:
     max_latency_ms: float | None = None
     latency_budget: bool = True  # without max_latency_ms: no slower than ORT int8 of the model (batch 8)
     qat_epochs: float = 1.0
+    distill: float = 0.0  # knowledge distillation weight of the final fine-tune (LowerConfig.distill)
     verify_runs: int = 50
     resume: bool = False
     seed: int = 0
@@ -230,6 +235,7 @@ class CompressConfig:
     def __post_init__(self):
         finite("--target-ratio", self.target_ratio, low=1.0)
         finite("--qat-epochs", self.qat_epochs, low=0.0)
+        finite("--distill", self.distill, low=0.0, high=1.0)
         at_least("--workers", self.workers, 1)
         check_pick(self.pick)
         if self.max_size_mb is not None:

@@ -244,7 +244,8 @@ STAGES = ("train", "policy", "lower", "export", "fp32", "ort-int8", "verify")
 
 
 def _compress_parts(cfg: CompressConfig):
-    return (TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed),
+    return (TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed), LowerConfig(epochs=cfg.qat_epochs, seed=cfg.seed,
+                                                                           distill=cfg.distill),
             VerifyConfig(runs=cfg.verify_runs))
 
 

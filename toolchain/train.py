@@ -19,6 +19,7 @@ from hirelc.models import ModelConfig, build_model, load_checkpoint
 from hirelc.options import TrainConfig  # noqa: F401 (part of this API)
 
 CNN_LR, VIT_LR = 2e-3, 1e-3
+DISTILL_TEMPERATURE = 2.0  # softens both outputs in distillation (fit's default)
 
 
 def default_lr(model_cfg) -> float:
@@ -62,14 +63,23 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
 
 def fit(model: nn.Module, loader, cfg: TrainConfig, desc: str = "train", progress: bool = True,
         params: list[nn.Parameter] | None = None, state_path: str | Path | None = None,
-        state_key: dict | None = None, save_every_s: float = 120.0) -> dict:
+        state_key: dict | None = None, save_every_s: float = 120.0, teacher: nn.Module | None = None,
+        distill: float = 0.0, temperature: float = DISTILL_TEMPERATURE) -> dict:
     """Train with AdamW + warm-up/cosine schedule; returns loss and wall-time figures.
+
+    With ``distill > 0`` the loss is ``(1 - distill) * CE(labels) + distill * T^2 * KL(teacher || model)`` on
+    outputs softened by ``T = temperature``; ``teacher`` (run in eval mode, no gradients) sees the same augmented
+    batch as the model.
 
     With ``state_path`` the whole training state (weights, optimizer, schedule, step, data order and
     augmentation RNGs) is written there atomically every ``save_every_s`` seconds and at every epoch's end;
     a later call with the same ``state_key`` continues from it and ends on the same weights as an
     uninterrupted run. A state file with another key is ignored (and overwritten).
     """
+    if not 0.0 <= distill <= 1.0 or (distill > 0 and teacher is None) or not temperature > 0:
+        raise HirelcError(f"distillation needs a teacher, a weight in [0, 1] and a positive temperature "
+                          f"(weight {distill}, temperature {temperature})")
+    kd = (teacher.eval(), distill, temperature) if distill > 0 else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -129,7 +139,7 @@ def fit(model: nn.Module, loader, cfg: TrainConfig, desc: str = "train", progres
         for i, (x, y) in enumerate(loader, start=1):
             if i <= skip:
                 continue
-            ema = _train_step(model, opt, sched, params, x, y, gen, cfg, ema, step)
+            ema = _train_step(model, opt, sched, params, x, y, gen, cfg, ema, step, kd)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}")
@@ -166,11 +176,20 @@ def _load_state(path: Path | None, key: dict) -> dict | None:
     return state
 
 
-def _train_step(model, opt, sched, params, x, y, gen, cfg: TrainConfig, ema, step: int) -> float:
+def _train_step(model, opt, sched, params, x, y, gen, cfg: TrainConfig, ema, step: int,
+                kd: tuple[nn.Module, float, float] | None = None) -> float:
     if cfg.augment:
         x = _augment(x, gen)
     x = x.contiguous(memory_format=torch.channels_last)
-    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if kd is not None:
+        teacher, weight, t = kd
+        with torch.no_grad():
+            target = teacher(x)
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(target / t, dim=1), log_target=True,
+                        reduction="batchmean") * t * t
+        loss = (1 - weight) * loss + weight * soft
     if not torch.isfinite(loss):
         raise HirelcError(f"training diverged at step {step} (loss {loss.item()}): try a lower --lr")
     opt.zero_grad(set_to_none=True)

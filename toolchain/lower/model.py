@@ -70,7 +70,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
                 placement[key] = (list(outs), list(blocks))
         if outs:
             calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
-    qat, qat_kept = fine_tune(m, bundle, cfg, progress)
+    qat, qat_kept = fine_tune(m, bundle, cfg, progress, teacher=model if cfg.distill > 0 else None)
     freeze(m)
     m.eval()
     info = {

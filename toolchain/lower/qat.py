@@ -10,8 +10,10 @@ from hirelc.options import LowerConfig
 from hirelc.train import TrainConfig, evaluate, fit
 
 
-def fine_tune(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True) -> tuple[dict, bool | None]:
-    """Fine-tune ``model`` in place for ``cfg.epochs`` (capped at ``cfg.max_steps``) on the training split.
+def fine_tune(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True,
+              teacher: nn.Module | None = None) -> tuple[dict, bool | None]:
+    """Fine-tune ``model`` in place for ``cfg.epochs`` (capped at ``cfg.max_steps``) on the training split,
+    distilling from ``teacher`` (the fp32 model) with weight ``cfg.distill``.
 
     Returns the training record (steps, wall time, loss, and the validation accuracy before / after when
     ``cfg.keep_best``) and whether the fine-tuned weights were kept: ``None`` without a check, ``False`` when
@@ -27,7 +29,8 @@ def fine_tune(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True)
                        weight_decay=0.0, label_smoothing=0.0, warmup_frac=0.02, seed=cfg.seed, max_steps=steps)
     before = copy.deepcopy(model.state_dict()) if cfg.keep_best else None
     acc_before = evaluate(model, bundle.loader("val", 256)) if cfg.keep_best else None
-    record = fit(model, loader, tcfg, desc="QAT fine-tune", progress=progress)
+    record = fit(model, loader, tcfg, desc="QAT fine-tune", progress=progress,
+                 teacher=teacher, distill=cfg.distill if teacher is not None else 0.0)
     if not cfg.keep_best:
         return record, None
     acc_after = evaluate(model, bundle.loader("val", 256))
