@@ -286,6 +286,12 @@ def test_random_search_at_equal_time_spends_the_full_searchs_wall_time(ablated, 
     (row2,) = [r for r in again["runs"] if r["variant"] == "random-time"]
     assert row2["real_evals"] > row["real_evals"]
     assert any("lowering the winner" in m and "random-time" in m for m in said)
+    # an unchanged reference leaves the equal-time run as it is
+    (rd / "ablation" / ABLATION_JSON).unlink()
+    said.clear()
+    ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("random-time", "full"), "seeds": (0,)}),
+           progress=False, echo=said.append)
+    assert not any("searching" in m or "lowering" in m for m in said)
 
 
 def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):

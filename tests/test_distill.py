@@ -37,6 +37,19 @@ def test_pure_distillation_from_an_identical_teacher_has_next_to_no_loss():
     assert record["loss"] < 1e-3 < 0.5 < labels_only["loss"]
 
 
+def test_the_loss_mixes_labels_and_the_teachers_softened_outputs_as_documented():
+    student, teacher, w, t = _net(seed=0), _net(seed=1), 0.3, 2.0
+    x, y = next(iter(_data()))
+    with torch.no_grad():
+        s_out, t_out = student(x), teacher(x)
+        p_t, log_p_s = torch.softmax(t_out / t, 1), torch.log_softmax(s_out / t, 1)
+        kl = (p_t * (torch.log(p_t) - log_p_s)).sum(1).mean()  # KL(teacher || student), per sample
+        want = (1 - w) * torch.nn.functional.cross_entropy(s_out, y) + w * t * t * kl
+    record = fit(student, _data(), TrainConfig(**{**CFG.__dict__, "max_steps": 1}), progress=False,
+                 teacher=teacher, distill=w, temperature=t)
+    assert record["loss"] == pytest.approx(want.item(), rel=1e-5)  # the first step's loss, before any update
+
+
 def test_distillation_pulls_the_student_towards_the_teacher():
     teacher = _net(seed=1)
     gap = {}
@@ -64,9 +77,11 @@ def test_lowering_distills_from_the_model_it_was_given(built, bundle, monkeypatc
     monkeypatch.setattr(qat_mod, "fit", lambda *a, **k: seen.append((k.get("teacher"), k.get("distill")))
                         or real(*a, **k))
     layers = PRESETS["int8"].resolve(list(b.topo.layers))
+    before = copy.deepcopy(b.model.state_dict())
     L.lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, max_steps=1, distill=0.5), progress=False)
     L.lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, max_steps=1), progress=False)
     assert seen[0][0] is b.model and seen[0][1] == 0.5
+    assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())  # the teacher is left alone
     assert seen[1] == (None, 0.0)
 
 

@@ -79,6 +79,9 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+MAX_FIDELITY = 3
+
+
 class RealEvaluator:
     """Scores policies by lowering the real model; sizes of the subsets trade fidelity for search time.
 
@@ -87,7 +90,6 @@ class RealEvaluator:
     """
 
     proxy_cap = PROXY_CAP
-    max_fidelity = 3  # real_accuracy(fidelity=f) fine-tunes 2**f times qat_steps (the search's adaptive fidelity)
 
     def __init__(self, model: nn.Module, topo: Topology, bundle, predictors: Predictors, *, qat_steps: int = 40,
                  train_samples: int = 2048, val_samples: int = 1000, calib_samples: int = 256, batch_size: int = 64,
@@ -95,6 +97,8 @@ class RealEvaluator:
         if threads < 1:
             raise HirelcError(f"an evaluation needs at least one thread, got {threads}")
         self.model, self.topo, self.seed, self.threads = model.eval(), topo, seed, threads
+        # real_accuracy(fidelity=f) fine-tunes 2**f times qat_steps (the search's adaptive fidelity); none without QAT
+        self.max_fidelity = MAX_FIDELITY if qat_steps > 0 else 0
         self.predictors = predictors
         self.cfg = LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
                                keep_best=False, seed=seed)  # the search scores the fine-tuned candidate as is

@@ -117,7 +117,7 @@ class RayEvaluator:
                  proxy_chunk: int | None = None):
         self.local, self.workers, self.threads = local, workers, local.threads
         self.baseline_accuracy, self.proxy_cap = local.baseline_accuracy, local.proxy_cap
-        self.max_fidelity = local.max_fidelity
+        self.max_fidelity = getattr(local, "max_fidelity", 0)
         self.eval_seconds: list[float] = []  # of every real evaluation, as measured on its worker
         self.proxy_chunk = PROXY_CHUNK if proxy_chunk is None else proxy_chunk
         self.max_retries = max_retries
@@ -200,7 +200,7 @@ def _real_task(payload: list, layers: Layers, threads: int, fidelity: int = 0) -
     """One real evaluation on a worker, its fine-tune ``2**fidelity`` times as long: ``(accuracy %, seconds)``."""
     ev = _worker_evaluator(payload, threads)
     t = time.perf_counter()
-    acc = float(ev.real_accuracy(layers, fidelity) if fidelity else ev.real_accuracy(layers))
+    acc = float(ev.real_accuracy(layers, fidelity))
     return acc, time.perf_counter() - t
 
 

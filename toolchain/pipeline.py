@@ -39,7 +39,7 @@ from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of th
 from hirelc.parallel import distributed, needs_ray
 from hirelc.policy import LayerPolicy, Policy, get_policy
 from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
-from hirelc.search.front import check_front, front_report, pick, picked_policy
+from hirelc.search.front import check_front, competing, front_report, pick, picked_policy
 from hirelc.search.plots import plot_front, plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
 from hirelc.search.space import uniform_grid
 from hirelc.topology import Topology, build_topology
@@ -597,6 +597,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "latency_reference": reference,
         "formats": list(config.formats) if config.formats else None,
         "n_real_evals": result.n_real_evals,
+        "n_final_fidelity_evals": len(competing(result.history)),  # without warm-ups superseded by a longer fine-tune
         "wall_s": result.wall_s,
         "mean_eval_s": (sum(eval_seconds) / len(eval_seconds)) if eval_seconds else None,
         "workers": workers,

@@ -70,7 +70,8 @@ def test_an_unseparated_warm_up_doubles_the_fine_tune_until_it_separates(tmp_pat
     logged = [json.loads(x) for x in (tmp_path / SEARCH_LOG).read_text().splitlines()]
     assert [x["fidelity"] for x in logged] == ev.fidelities
     assert competing(result.history) == list(range(10, 19))
-    assert {e["eval"] for e in front_entries(result.history)} <= set(range(11, 20))
+    front = {e["eval"] for e in front_entries(result.history)}
+    assert front and front <= set(range(11, 20))
     assert evals_to_best(result.history) > 10
     line = format_cycle(w)
     assert line.count("fine-tune doubled") == 2 and "not separated" not in line
@@ -101,7 +102,8 @@ def test_turning_it_off_never_asks_for_a_longer_fine_tune():
     ev = ShortFineTune(specs)
     cfg = SearchConfig(**{**CFG.__dict__, "fidelity_doublings": 0, "cycles": 1})
     result = run_search(specs, SENSITIVITY, ev, cfg, BUDGET, progress=False)
-    assert set(ev.fidelities) == {0} and result.cycles[0]["separated"] is False
+    assert set(ev.fidelities) == {0} and result.cycles[0]["separated"] is None  # not asked
+    assert "not separated" not in format_cycle(result.cycles[0])
 
 
 def test_a_search_killed_while_the_warm_up_is_scored_again_resumes_to_the_same_policy(tmp_path):
@@ -115,6 +117,20 @@ def test_a_search_killed_while_the_warm_up_is_scored_again_resumes_to_the_same_p
     resumed = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, run_dir=tmp_path / "b", resume=True, progress=False)
     assert ev.fidelities == [1] * 3 + [2] * 5 + [2] * 4  # only what was left, at the lengths it was due at
     assert resumed.layers == whole.layers and resumed.cycles == whole.cycles
+    assert [h["policy"] for h in resumed.history] == [h["policy"] for h in whole.history]
+
+
+def test_a_search_killed_after_the_doublings_resumes_at_the_length_reached(tmp_path):
+    specs = make_specs()
+    whole = run_search(specs, SENSITIVITY, ShortFineTune(specs), CFG, BUDGET, run_dir=tmp_path / "a",
+                       progress=False)
+    with pytest.raises(KeyboardInterrupt):  # dies at the 17th real evaluation: cycle 1's second
+        run_search(specs, SENSITIVITY, ShortFineTune(specs, fail_at=17), CFG, BUDGET, run_dir=tmp_path / "b",
+                   progress=False)
+    ev = ShortFineTune(specs)
+    resumed = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, run_dir=tmp_path / "b", resume=True, progress=False)
+    assert ev.fidelities == [2] * 3
+    assert resumed.layers == whole.layers and resumed.accuracy == whole.accuracy
     assert [h["policy"] for h in resumed.history] == [h["policy"] for h in whole.history]
 
 

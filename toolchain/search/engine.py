@@ -427,16 +427,19 @@ class _Search:
                 lay = self.repair(lay, self._base_constraints())
             plan.append(_Planned(lay, "warmup-random"))
         # Each level's decision depends only on that level's results, so a resumed warm-up re-derives it.
+        # A single warm-up evaluation (nothing to rank, as with no cycles to follow) is not scored again.
+        levels = self.max_fidelity if len(plan) > 1 else 0
+        restored = self.fidelity  # a resumed warm-up: the bar already counts the levels up to this one
         doubled: list[str] = []
-        for level in range(self.max_fidelity + 1):
+        for level in range(levels + 1):
             self.fidelity = level
             self.real_evals(0, plan)
             why = self.unseparated([r["real_acc"] for i, r in enumerate(self.records)
                                     if r["cycle"] == 0 and self.current(i)])
-            if why is None or level == self.max_fidelity:
+            if why is None or level == levels:
                 break
             doubled.append(why)
-            if self._bar is not None:
+            if self._bar is not None and level + 1 > restored:
                 self._bar.total += len(plan)
                 self._bar.refresh()
         warm = [r for i, r in enumerate(self.records) if r["cycle"] == 0 and self.current(i)]
@@ -444,7 +447,8 @@ class _Search:
                                "feasible": sum(r["meets_budget"] for r in warm),
                                "real_evals": sum(r["cycle"] == 0 for r in self.records), "proxy_saturated": None,
                                "fidelity": self.fidelity, "fidelity_doubled_because": doubled,
-                               "separated": why is None}
+                               # None: the fine-tune could not be lengthened, so separation was not asked
+                               "separated": (why is None) if levels > 0 else None}
 
     def unseparated(self, accs: Sequence[float]) -> str | None:
         """Why these real scores cannot tell candidates apart (the fine-tune is too short), or None if they can."""

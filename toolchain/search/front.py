@@ -85,8 +85,8 @@ def front_report(history: Sequence[Mapping], budget: Mapping, predict_b1=None, f
     for e in entries:
         e["file_ratio"] = None if not fp32_bytes else float(fp32_bytes) / e["bytes"]
     return {
-        "version": FRONT_VERSION, "real_evals": len(history),
-        "in_budget": sum(bool(h.get("meets_budget")) for h in history), "budget": dict(budget),
+        "version": FRONT_VERSION, "real_evals": len(history), "competing": len(competing(history)),
+        "in_budget": sum(bool(history[i].get("meets_budget")) for i in competing(history)), "budget": dict(budget),
         "objectives": ["real_acc (max)", "bytes (min)", "latency_ms.8 (min)"],
         "figures": "real_acc: validation accuracy after the search's short fine-tune (%); bytes: predicted ONNX file "
                    "bytes; latency_ms: ONNX Runtime CPU latency predicted by the run directory's latency tables "

@@ -12,6 +12,7 @@ import numpy as np
 
 from hirelc.policy import LayerPolicy
 from hirelc.report import pareto_front
+from hirelc.search.front import competing
 from hirelc.search.surrogate import spearman
 from hirelc.topology import LayerSpec
 
@@ -55,15 +56,21 @@ def plot_policy_heatmap(specs: list[LayerSpec], layers: dict[str, LayerPolicy], 
 
 
 def plot_progress(history: Sequence[dict], path: str | Path) -> Path:
-    """Real accuracy of every evaluation and the best so far (among budget-meeting ones) over wall time."""
+    """Real accuracy of every evaluation and the best so far (among budget-meeting ones at the final fine-tune
+    length) over wall time; warm-ups scored at a shorter length before it was doubled are drawn apart."""
     plt = _pyplot()
     t = np.array([h["wall_s"] for h in history], dtype=float)
     acc = np.array([h["real_acc"] for h in history], dtype=float)
-    ok = np.array([h.get("meets_budget", True) for h in history], dtype=bool)
+    current = np.zeros(len(history), dtype=bool)
+    current[competing(history)] = True
+    ok = np.array([h.get("meets_budget", True) for h in history], dtype=bool) & current
     best = np.maximum.accumulate(np.where(ok, acc, -np.inf))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(t[ok], acc[ok], s=18, label="meets budget")
-    ax.scatter(t[~ok], acc[~ok], s=18, marker="x", c="grey", label="outside budget")
+    out = ~ok & current
+    ax.scatter(t[out], acc[out], s=18, marker="x", c="grey", label="outside budget")
+    if not current.all():
+        ax.scatter(t[~current], acc[~current], s=12, marker=".", c="silver", label="shorter fine-tune (superseded)")
     finite = np.isfinite(best)
     ax.step(t[finite], best[finite], where="post", c="C3", label="best so far")
     ax.set(xlabel="wall time (s)", ylabel="real accuracy (%)", title="search progress")
@@ -73,9 +80,9 @@ def plot_progress(history: Sequence[dict], path: str | Path) -> Path:
 
 def plot_pareto(history: Sequence[dict], path: str | Path, x: str = "effective_ratio") -> Path:
     """Accuracy against ``x`` (``effective_ratio``, maximised, or a size key such as ``storage_bytes``,
-    minimised) for every real evaluation, with the Pareto front drawn."""
+    minimised) for every real evaluation at the final fine-tune length, with the Pareto front drawn."""
     plt = _pyplot()
-    rows = [h for h in history if h.get(x) is not None]
+    rows = [history[i] for i in competing(history) if history[i].get(x) is not None]
     xs = np.array([h[x] for h in rows], dtype=float)
     acc = np.array([h["real_acc"] for h in rows], dtype=float)
     sign = 1.0 if x == "effective_ratio" else -1.0  # ratios grow, sizes shrink
@@ -91,8 +98,11 @@ def plot_pareto(history: Sequence[dict], path: str | Path, x: str = "effective_r
 
 def plot_front(history: Sequence[dict], entries: Sequence[dict], path: str | Path) -> Path:
     """Accuracy against predicted bytes and against predicted batch-8 latency: every real evaluation (crosses:
-    outside the budget), the front's entries ringed and labelled with their evaluation number."""
+    outside the budget), the front's entries ringed and labelled with their evaluation number. Only evaluations at
+    the final fine-tune length are drawn (the ones that compete)."""
     plt = _pyplot()
+    total = len(history)
+    history = [history[i] for i in competing(history)]
     lat = all(h.get("predicted_latency_ms") is not None for h in history)
     fig, axes = plt.subplots(1, 2 if lat else 1, figsize=(10 if lat else 5.5, 4), squeeze=False)
     panels = [("bytes", "predicted file bytes")] + ([("latency", "predicted batch-8 latency (ms)")] if lat else [])
@@ -115,7 +125,9 @@ def plot_front(history: Sequence[dict], entries: Sequence[dict], path: str | Pat
                         xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="real accuracy (%)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"search front: {len(entries)} of {len(history)} real evaluations (numbers: evaluation, *: winner)")
+    fig.suptitle(f"search front: {len(entries)} of {len(history)} real evaluations"
+                 + (f" ({total} with superseded warm-ups)" if total > len(history) else "")
+                 + " (numbers: evaluation, *: winner)")
     fig.tight_layout()
     return _save(fig, path)
 

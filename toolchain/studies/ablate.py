@@ -107,11 +107,21 @@ def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
 
 def equal_time_cycles(reference_run: Path, cfg: AblateConfig) -> int:
     """Cycles of random search that spend about the wall time the reference search of the same seed took: as many
-    real evaluations as its wall time holds at its own mean cost per evaluation (never fewer than it spent)."""
+    real evaluations as its wall time holds at its own mean cost per evaluation (never fewer than it spent).
+
+    When the reference doubled its fine-tune (adaptive fidelity), the cost per evaluation is that of its
+    evaluations at the final length (from its log), and its shorter warm-ups count as time spent, not as
+    evaluations the random search can make at that cost."""
     ref = runs.read_json(reference_run / "search.json", "search summary")
     search = dataclasses.replace(PRESETS[cfg.preset], **cfg.search_overrides)
-    per_eval = ref.get("mean_eval_s") or ref["wall_s"] / max(1, ref["n_real_evals"])
-    n = max(ref["n_real_evals"], int(ref["wall_s"] // per_eval))
+    n_ref, per_eval = ref["n_real_evals"], ref.get("mean_eval_s") or ref["wall_s"] / max(1, ref["n_real_evals"])
+    log = reference_run / "search.jsonl"
+    if log.is_file():
+        history = _read_history(log)
+        final = [history[i]["eval_s"] for i in competing(history)]
+        if final and len(final) < len(history):
+            n_ref, per_eval = len(final), max(statistics.fmean(final), 1e-9)
+    n = max(n_ref, int(ref["wall_s"] // per_eval))
     per_cycle = max(1, search.real_evals_per_cycle)
     return max(search.cycles, math.ceil((n - search.warmup_real_evals) / per_cycle))
 
@@ -121,10 +131,11 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     runs.link_baseline(rd, sub)
     pipeline.share_latency(rd, sub)
     overrides = {"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]}
-    if variant == EQUAL_TIME:
-        overrides["cycles"] = equal_time_cycles(sub.parent / f"{REFERENCE_VARIANT}-seed{seed}", cfg)
     searched = (sub / "search.json").exists() and (sub / runs.POLICY).exists()
-    if searched and variant == EQUAL_TIME:
+    reference = sub.parent / f"{REFERENCE_VARIANT}-seed{seed}"
+    if variant == EQUAL_TIME and (not searched or (reference / "search.json").is_file()):
+        overrides["cycles"] = equal_time_cycles(reference, cfg)
+    if searched and variant == EQUAL_TIME and "cycles" in overrides:
         # a reference run done again (its folder removed) takes another time: the equal-time run follows it
         before = runs.read_json(sub / "search.json", "search summary").get("config", {}).get("cycles")
         if before != overrides["cycles"]:

@@ -170,6 +170,7 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
         s = a.get("search")
         r["search_wall_s"] = s["wall_s"] if s else None
         r["real_evals"] = s["n_real_evals"] if s else None
+        r["final_fidelity_evals"] = s.get("n_final_fidelity_evals", s["n_real_evals"]) if s else None
         r["surrogate_spearman"] = s.get("surrogate_spearman") if s else None
         # what the latency table promised the search, beside what was measured (None without a budget)
         r["predicted_latency_ms_b8"] = s.get("predicted_latency_ms_b8") if s else None
