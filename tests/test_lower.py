@@ -488,7 +488,7 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
     layers = PRESETS["int8"].resolve(list(b.topo.layers))
     ref, _ = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=0, calib_batches=2), progress=False, probe=ORT_PROBE)
 
-    def harmful_fit(model, loader, cfg, desc="", progress=True, params=None):
+    def harmful_fit(model, loader, cfg, desc="", progress=True, params=None, **distillation):
         with torch.no_grad():
             for q in quant_layers(model).values():
                 q.latent.mul_(-1.0)  # a visible change to every weight
