@@ -251,7 +251,8 @@ class _Search:
         self.surrogate_state = state["surrogate"]
         self.allocation = {b: BlockAllocation.from_dict(a) for b, a in state["allocation"].items()}
         self.cycle_stats = {int(c["cycle"]): c for c in state.get("cycles", [])}
-        self.fidelity = int(state.get("fidelity", 0))
+        # the length in use is the longest any result was scored at (a doubling is saved with its first result)
+        self.fidelity = max((r.get("fidelity", 0) for r in self.records), default=0)
         atomic_write_text(self.run_dir / SEARCH_LOG, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def save(self) -> None:
@@ -260,7 +261,7 @@ class _Search:
         state = {"version": STATE_VERSION, "identity": self._identity(), "records": self.records, "phase": self.phase,
                  "wall_s": self.wall(), "surrogate": self.surrogate_state,
                  "allocation": {b: a.to_dict() for b, a in self.allocation.items()},
-                 "cycles": [self.cycle_stats[c] for c in sorted(self.cycle_stats)], "fidelity": self.fidelity}
+                 "cycles": [self.cycle_stats[c] for c in sorted(self.cycle_stats)]}
         atomic_torch_save(state, self.run_dir / SEARCH_STATE)
 
     def wall(self) -> float:
@@ -337,9 +338,10 @@ class _Search:
     def real_evals(self, cycle: int, plan: Sequence[_Planned]) -> None:
         """Really evaluate a phase's plan (each policy once per phase) and commit every result in the plan's order.
 
-        Policies this phase evaluated (at the fidelity in use) before an interruption are skipped. The evaluator gets the rest at once
-        (see :class:`BatchEvaluator`); each result is logged (search.jsonl) and checkpointed as soon as it and
-        every result before it in the plan are in, so a killed search loses at most what was still running.
+        Policies this phase evaluated (at the fidelity in use) before an interruption are skipped. The evaluator
+        gets the rest at once (see :class:`BatchEvaluator`); each result is logged (search.jsonl) and checkpointed
+        as soon as it and every result before it in the plan are in, so a killed search loses at most what was
+        still running.
         """
         done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records)
                 if r["cycle"] == cycle and self.current(i)}
@@ -457,7 +459,8 @@ class _Search:
         if base - best > c.fidelity_gap:
             return f"the best scored {best:.1f} %, {base - best:.1f} points under the baseline's {base:.1f} %"
         if len(accs) > 1 and best - worst < c.fidelity_spread and base - best > c.fidelity_spread:
-            return f"all {len(accs)} scored within {best - worst:.2f} points of one another ({worst:.1f}-{best:.1f} %)"
+            return (f"all {len(accs)} scored within {best - worst:.2f} points of one another "
+                    f"({worst:.1f}-{best:.1f} %)")
         return None
 
     def _base_constraints(self) -> dict[str, Constraints]:

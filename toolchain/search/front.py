@@ -84,9 +84,10 @@ def front_report(history: Sequence[Mapping], budget: Mapping, predict_b1=None, f
     entries = front_entries(history, predict_b1)
     for e in entries:
         e["file_ratio"] = None if not fp32_bytes else float(fp32_bytes) / e["bytes"]
+    current = competing(history)
     return {
-        "version": FRONT_VERSION, "real_evals": len(history), "competing": len(competing(history)),
-        "in_budget": sum(bool(history[i].get("meets_budget")) for i in competing(history)), "budget": dict(budget),
+        "version": FRONT_VERSION, "real_evals": len(history), "competing": len(current),
+        "in_budget": sum(bool(history[i].get("meets_budget")) for i in current), "budget": dict(budget),
         "objectives": ["real_acc (max)", "bytes (min)", "latency_ms.8 (min)"],
         "figures": "real_acc: validation accuracy after the search's short fine-tune (%); bytes: predicted ONNX file "
                    "bytes; latency_ms: ONNX Runtime CPU latency predicted by the run directory's latency tables "

@@ -135,10 +135,10 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     reference = sub.parent / f"{REFERENCE_VARIANT}-seed{seed}"
     if variant == EQUAL_TIME and (not searched or (reference / "search.json").is_file()):
         overrides["cycles"] = equal_time_cycles(reference, cfg)
-    if searched and variant == EQUAL_TIME and "cycles" in overrides:
         # a reference run done again (its folder removed) takes another time: the equal-time run follows it
-        before = runs.read_json(sub / "search.json", "search summary").get("config", {}).get("cycles")
-        if before != overrides["cycles"]:
+        before = (runs.read_json(sub / "search.json", "search summary").get("config", {}).get("cycles")
+                  if searched else None)
+        if searched and before != overrides["cycles"]:
             echo(f"  {variant} seed {seed}: the {REFERENCE_VARIANT} run now holds {overrides['cycles']} cycles' "
                  f"time (not {before}): searching again")
             (sub / runs.HIRELC_ONNX).unlink(missing_ok=True)  # built from the stale winner
