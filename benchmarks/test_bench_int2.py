@@ -1,7 +1,8 @@
 """Can 2-bit weights be stored as INT2 (four codes per byte, ONNX opset 25) and still run on an integer kernel?
 
 One QDQ conv (128 -> 128 channels, 3x3, 16x16, batch 8) with the same 2-bit codes stored three ways: INT8,
-INT4 + ``Cast(INT8)`` (what ``hirelc export`` writes today for 2..4 bits) and INT2 + ``Cast(INT8)`` at opset 25.
+INT4 + ``Cast(INT8)`` (what ``hirelc export`` writes for 2..4 bits at opset 21) and INT2 + ``Cast(INT8)`` (what
+``hirelc export --opset 25`` writes for 2 bits).
 Each must load in the installed ONNX Runtime, fold and fuse into ``QLinearConv`` and give the INT8 graph's
 outputs bit for bit; the initializer bytes and the interleaved median latency of each are printed and kept in
 the benchmark's extra info. Skipped where the installed onnx has no INT2 type.

@@ -4,8 +4,9 @@ The quantized layers emit their own ONNX nodes (see :mod:`hirelc.qmodules`); thi
 TorchScript exporter (fast, one file) and then post-processes the graph with ``onnx``:
 
 * weights of layers with ``bits <= 4`` move from INT8/UINT8 to INT4/UINT4 initializers (two codes per byte);
-  the codes keep their true range, so 2- and 3-bit weights live in 4-bit containers and 5..7-bit weights in
-  8-bit containers (ONNX has no narrower types; the report's effective bits count the real widths);
+  the codes keep their true range, so 3-bit weights live in 4-bit containers and 5..7-bit weights in 8-bit
+  containers (ONNX has no types in between; the report's effective bits count the real widths). 2-bit weights
+  take INT2/UINT2 (four codes per byte) when the export's opset is 25 or later (:data:`INT2_OPSET`), else INT4;
 * :func:`unfused_layers` asks ONNX Runtime which quantized layers it could *not* fuse into integer kernels
   (a conv whose output is not quantized again, e.g. it feeds a residual ``Add``, runs as a float conv on
   weights dequantized at every call); lowering can give exactly those layers an output quantizer.
@@ -42,8 +43,13 @@ from hirelc.policy import PerGroup, parse_granularity
 from hirelc.qmodules import ActQuant, QConv2d, QLinear, quant_layers
 
 DEFAULT_OPSET = 21  # first opset with INT4/UINT4 and blocked DequantizeLinear
+INT2_OPSET = 25  # first opset with INT2/UINT2 (2-bit weights stored four codes per byte)
+TORCHSCRIPT_OPSET = 21  # the TorchScript exporter writes at most 21: later opsets are converted from it
+EXPORT_OPSETS = (17, 25)
 _CONTAINERS = {(4, True): "int4", (4, False): "uint4", (8, True): "int8", (8, False): "uint8"}
-_ONNX_TYPE = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
+_ONNX_TYPE = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4,  # INT2/UINT2 from onnx 1.20
+              "int2": getattr(TensorProto, "INT2", None), "uint2": getattr(TensorProto, "UINT2", None)}
+_RANGE = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
 
 
 @contextlib.contextmanager
@@ -61,7 +67,12 @@ def strip_activation_qdq(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """TorchScript export (fast, single file) into memory; input ``input``, output ``logits``, dynamic batch."""
+    """TorchScript export (fast, single file) into memory; input ``input``, output ``logits``, dynamic batch.
+
+    Opsets past :data:`TORCHSCRIPT_OPSET` are exported at it and converted by ``onnx.version_converter``.
+    """
+    if opset > TORCHSCRIPT_OPSET:
+        return _converted(_torch_export(model, input_shape, TORCHSCRIPT_OPSET), opset)
     buf = io.BytesIO()
     was_training = model.training
     model.eval()
@@ -161,12 +172,27 @@ def map_weight_dequantizers(graph: onnx.GraphProto, model: nn.Module) -> dict[st
     return found
 
 
+def _converted(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``proto`` converted to ``opset`` of the default domain, with the IR version that opset needs."""
+    from onnx import version_converter  # with onnx, on use
+
+    try:
+        out = version_converter.convert_version(proto, opset)
+    except Exception as e:
+        raise HirelcError(f"ONNX export: cannot convert the graph to opset {opset}: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
+    del out.graph.value_info[:]  # the shapes the converter inferred on the way: bytes no runtime needs
+    return out
+
+
 def _narrow(t: np.ndarray, name: str, container: str) -> onnx.TensorProto:
-    """A packed INT4/UINT4 initializer holding the integer values of ``t`` (which must fit)."""
-    lo, hi = (-8, 7) if container == "int4" else (0, 15)
+    """A packed INT4/UINT4/INT2/UINT2 initializer holding the integer values of ``t`` (which must fit)."""
+    lo, hi = _RANGE[container]
     if t.size and (t.min() < lo or t.max() > hi):
         raise RuntimeError(f"{name}: values [{t.min()}, {t.max()}] do not fit {container}")
-    packed = K.pack_int(torch.from_numpy(t.astype(np.int8 if container == "int4" else np.uint8)), 4)
+    width = int(container.lstrip("u").removeprefix("int"))
+    packed = K.pack_int(torch.from_numpy(t.astype(np.int8 if lo < 0 else np.uint8)), width)
     return helper.make_tensor(name, _ONNX_TYPE[container], list(t.shape), packed.numpy().tobytes(), raw=True)
 
 
@@ -213,7 +239,7 @@ def _plain_node(rw: _Rewriter, name: str, node: onnx.NodeProto, container: str) 
 SATURATION_FREE = 64
 
 
-def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str:
+def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int, int2: bool = False) -> str:
     """Rewrite one weight ``DequantizeLinear`` so ORT runs an integer kernel; returns the form used.
 
     Forms (all exact; every op before the ``DequantizeLinear`` reads constants only, so ORT's constant folding
@@ -223,6 +249,7 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
       [-8, 7]) packed as INT4 -> ``Cast(INT8)`` -> DQ with zero point 0;
     * ``uint4-sub``: other asymmetric 2..4-bit codes as UINT4, widened and shifted in int32 (ORT's CPU ``Sub``
       has no int8 kernel) -> ``Cast(INT8)`` -> DQ with zero point 0;
+    * ``int2-cast`` / ``uint2-sub``: the same for 2-bit codes in INT2/UINT2 when ``int2`` (opset >= 25);
     * ``int8``: 5..8-bit symmetric codes, or asymmetric ones minus their zero point when that stays within
       +-64 (no U8S8 saturation);
     * ``uint8``: asymmetric 8-bit codes that do not fit, kept with their zero point (ORT's U8U8 kernels);
@@ -242,13 +269,16 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
     if zp.ndim == 1:
         bshape[_attr(node, "axis", 1) % codes.ndim] = zp.size
     diff = codes.astype(np.int32) - zp.astype(np.int32).reshape(bshape if zp.ndim else ())
-    if container == 4 and diff.min() >= -8 and diff.max() <= 7:
-        rw.add(f"{name}.qweight.int4", lambda n: _narrow(diff, n, "int4"))
-        form = "int4-cast"
+    width = 2 if int2 and bits <= 2 else container
+    lo, hi = _RANGE.get(f"int{width}", (0, -1))  # 8-bit containers take neither packed form
+    if container == 4 and diff.min() >= lo and diff.max() <= hi:
+        rw.add(f"{name}.qweight.int{width}", lambda n: _narrow(diff, n, f"int{width}"))
+        form = f"int{width}-cast"
     elif container == 4:
-        rw.add(f"{name}.qweight.uint4", lambda n: _narrow(codes, n, "uint4"))
-        rw.add(f"{name}.zero_point.uint4", lambda n: _narrow(zp.reshape(bshape if zp.ndim else ()), n, "uint4"))
-        form = "uint4-sub"
+        rw.add(f"{name}.qweight.uint{width}", lambda n: _narrow(codes, n, f"uint{width}"))
+        rw.add(f"{name}.zero_point.uint{width}",
+               lambda n: _narrow(zp.reshape(bshape if zp.ndim else ()), n, f"uint{width}"))
+        form = f"uint{width}-sub"
     elif signed:
         return "int8"
     elif diff.min() >= -SATURATION_FREE and diff.max() <= SATURATION_FREE:
@@ -260,7 +290,7 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
     zeros = rw.add(f"hirelc.zero_point.int8.{shape}",  # one shared tensor of zeros per shape
                    lambda n: numpy_helper.from_array(np.zeros(zp.shape, np.int8), n))
     if form != "int8":
-        chain = fold_chain(name, form == "uint4-sub")
+        chain = fold_chain(name, form.endswith("-sub"), width)
         have = {o for n in rw.nodes for o in n.output}
         rw.nodes.extend(n for n in chain if n.output[0] not in have)
         node.input[0] = chain[-1].output[0]
@@ -271,32 +301,38 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int) -> str
     return form
 
 
-def fold_chain(name: str, asym: bool) -> list[onnx.NodeProto]:
-    """The constant-only nodes that widen layer ``name``'s packed 4-bit codes to int8 (see :func:`_fold_node`)."""
+def fold_chain(name: str, asym: bool, width: int = 4) -> list[onnx.NodeProto]:
+    """The constant-only nodes that widen layer ``name``'s packed ``width``-bit codes to int8 (see
+    :func:`_fold_node`)."""
     w = f"{name}.qweight"
     if not asym:
-        return [helper.make_node("Cast", [f"{w}.int4"], [f"{w}.as_int8"], to=TensorProto.INT8)]
+        return [helper.make_node("Cast", [f"{w}.int{width}"], [f"{w}.as_int8"], to=TensorProto.INT8)]
     z = f"{name}.zero_point"
-    return [helper.make_node("Cast", [f"{w}.uint4"], [f"{w}.as_int32"], to=TensorProto.INT32),
-            helper.make_node("Cast", [f"{z}.uint4"], [f"{z}.as_int32"], to=TensorProto.INT32),
+    return [helper.make_node("Cast", [f"{w}.uint{width}"], [f"{w}.as_int32"], to=TensorProto.INT32),
+            helper.make_node("Cast", [f"{z}.uint{width}"], [f"{z}.as_int32"], to=TensorProto.INT32),
             helper.make_node("Sub", [f"{w}.as_int32", f"{z}.as_int32"], [f"{w}.centered_int32"]),
             helper.make_node("Cast", [f"{w}.centered_int32"], [f"{w}.as_int8"], to=TensorProto.INT8)]
 
 
 def fold_graph_bytes(name: str, asym: bool) -> int:
-    """Bytes the ``fold`` form adds to the file for one 4-bit layer: its widening nodes (2 bytes of framing each)."""
+    """Bytes the ``fold`` form adds to the file for one 4-bit layer: its widening nodes (2 bytes of framing each;
+    a 2-bit layer's INT2 chain has names of the same length)."""
     return sum(n.ByteSize() + 2 for n in fold_chain(name, asym))
 
 
 WEIGHT_FORMATS = ("fold", "plain")
 
 
-def narrow_weights(graph: onnx.GraphProto, model: nn.Module, weight_format: str = "fold") -> dict[str, str]:
+def narrow_weights(graph: onnx.GraphProto, model: nn.Module, weight_format: str = "fold",
+                   int2: bool = False) -> dict[str, str]:
     """Rewrite every quantized layer's weight codes in ``weight_format``; returns layer -> form written.
 
-    ``fold`` (default): every format runs on ONNX Runtime's integer kernels (see :func:`_fold_node`).
+    ``fold`` (default): every format runs on ONNX Runtime's integer kernels (see :func:`_fold_node`); with
+    ``int2`` (opset >= 25) 2-bit codes are stored as INT2/UINT2.
     ``plain``: 2..4-bit codes (and zero points) as INT4/UINT4 straight into ``DequantizeLinear``, for runtimes
-    that dequantize natively; ONNX Runtime's CPU EP runs those layers as float kernels.
+    that dequantize natively; ONNX Runtime's CPU EP runs those layers as float kernels. It keeps 2-bit codes in
+    INT4 at every opset: ONNX Runtime 1.32 fuses an INT2 ``DequantizeLinear`` into ``QLinearConv``, which then
+    rejects the INT2 weight, so no session can be created.
     """
     if weight_format not in WEIGHT_FORMATS:
         raise HirelcError(f"unknown weight format {weight_format!r} (use {', '.join(WEIGHT_FORMATS)})")
@@ -310,7 +346,7 @@ def narrow_weights(graph: onnx.GraphProto, model: nn.Module, weight_format: str 
                 if slot < len(node.input) and node.input[slot] and node.input[slot] not in rw.inits:
                     raise RuntimeError(f"export: {name}: DequantizeLinear input {node.input[slot]!r} is not constant")
             if weight_format == "fold":
-                forms[name] = _fold_node(rw, name, node, q.bits)
+                forms[name] = _fold_node(rw, name, node, q.bits, int2)
                 continue
             signed = q.qweight.dtype == torch.int8
             container = _CONTAINERS[(K.container_bits(q.bits), signed)]
@@ -321,16 +357,17 @@ def narrow_weights(graph: onnx.GraphProto, model: nn.Module, weight_format: str 
     return forms
 
 
-TORCHSCRIPT_OPSETS = (17, 21)  # INT4/UINT4 need 21; the TorchScript exporter writes at most 21
-
-
 def check_export_options(opset: int, weight_format: str) -> None:
-    """Reject an opset or weight format before anything is exported or written."""
+    """Reject an opset or weight format before anything is exported or written (whether the installed ONNX
+    Runtime runs the graph is checked on the graph itself, before it is saved: :func:`check_loads`)."""
     if weight_format not in WEIGHT_FORMATS:
         raise HirelcError(f"unknown weight format {weight_format!r} (use {', '.join(WEIGHT_FORMATS)})")
-    lo, hi = TORCHSCRIPT_OPSETS
+    lo, hi = EXPORT_OPSETS
     if not isinstance(opset, int) or not lo <= opset <= hi:
         raise HirelcError(f"opset {opset!r} is not supported: hirelc exports opsets {lo}..{hi}")
+    if opset > onnx.defs.onnx_opset_version() or (opset >= INT2_OPSET and _ONNX_TYPE["int2"] is None):
+        raise HirelcError(f"opset {opset} is not supported by the installed onnx {onnx.__version__}: "
+                          f"use --opset {TORCHSCRIPT_OPSET} or a newer onnx")
 
 
 def check_loads(model: onnx.ModelProto, what: str) -> None:
@@ -382,7 +419,7 @@ def lowered_graph(model: nn.Module, input_shape: tuple[int, ...], *, opset: int 
     with strip_activation_qdq(model) if weight_only else contextlib.nullcontext():
         proto = _torch_export(model, tuple(input_shape), opset)
     _inline_identities(proto.graph)
-    containers = narrow_weights(proto.graph, model, weight_format) if qls else {}
+    containers = narrow_weights(proto.graph, model, weight_format, int2=opset >= INT2_OPSET) if qls else {}
     return proto, containers
 
 

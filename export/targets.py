@@ -190,6 +190,8 @@ def _openvino_session(path: Path, threads: int | None) -> TargetSession:
         compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     except Exception as e:  # OpenVINO raises its own RuntimeError subclasses with multi-line messages
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _has_int2(path):  # OpenVINO 2026.4's ONNX frontend stops at the type with no more than this
+            msg = "it cannot read INT2/UINT2 initializers (an opset-25 export): export with --opset 21"
         raise HirelcError(f"OpenVINO cannot load {path}: {msg}") from None
     request = compiled.create_infer_request()
 
@@ -197,6 +199,17 @@ def _openvino_session(path: Path, threads: int | None) -> TargetSession:
         return np.array(request.infer({0: x})[compiled.outputs[0]])
 
     return TargetSession("openvino", path, run, lambda: openvino_precisions(compiled))
+
+
+def _has_int2(path: Path) -> bool:
+    import onnx  # imported on use, as in all of hirelc.export
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    two = (onnx.TensorProto.INT2, onnx.TensorProto.UINT2)
+    return any(t.data_type in two for t in model.graph.initializer)
 
 
 def openvino_precisions(compiled) -> dict:
@@ -226,7 +239,7 @@ def openvino_precisions(compiled) -> dict:
 # ---------------------------------------------------------------- what TensorRT will be handed
 
 # Casts TensorRT's ONNX parser rejects: to 8- or 4-bit integers (the folded low-bit form relies on ORT folding them)
-_TRT_BAD_CAST = {3: "INT8", 2: "UINT8", 22: "INT4", 21: "UINT4"}
+_TRT_BAD_CAST = {3: "INT8", 2: "UINT8", 22: "INT4", 21: "UINT4", 26: "INT2", 25: "UINT2"}
 _TRT_QDQ_TYPES = {3: "INT8", 22: "INT4"}  # signed, zero point 0: TensorRT's explicit quantization
 
 

@@ -251,7 +251,9 @@ def export(
         help="fold: 2-8-bit codes stored packed and widened to int8 by nodes ONNX Runtime folds at load time, so "
              "every layer runs on an integer kernel. plain: INT4/UINT4 straight into DequantizeLinear (for "
              "runtimes that dequantize natively; ONNX Runtime CPU runs those layers in float)."),
-    opset: int = typer.Option(21, "--opset", help="ONNX opset (17..21; 4-bit weights need 21)."),
+    opset: int = typer.Option(21, "--opset", help="ONNX opset (17..25; 4-bit weights need 21; from 25, 2-bit "
+                              "weights are stored as INT2, four per byte, which ONNX Runtime runs but OpenVINO "
+                              "2026.4 cannot read)."),
 ):
     """Export model.onnx: integer weight initializers -> DequantizeLinear, Q/DQ activations."""
     from hirelc.pipeline import export_stage
