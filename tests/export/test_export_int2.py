@@ -146,3 +146,32 @@ def test_an_onnx_without_int2_refuses_opset_25_with_a_reason(tmp_path, monkeypat
     with pytest.raises(HirelcError, match=r"opset 25 is not supported by the installed onnx .*: use --opset 21"):
         export_lowered(toy_model(LayerPolicy(bits=2)), TOY_SHAPE, tmp_path / "m.onnx", opset=INT2_OPSET)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_runs_an_int2_artifact_on_integer_kernels(tmp_path, built, bundle):
+    """A run directory whose model.onnx holds INT2 layers verifies like any other: parity with the lowered model,
+    and no quantized layer left as a float kernel."""
+    from hirelc import runs
+    from hirelc.export import VerifyConfig, export_fp32, ort_int8_baseline, verify_run
+    from hirelc.lower import save_lowered
+    from hirelc.pipeline import lowered_reference
+    from hirelc.policy import Policy
+
+    b = built("test_resnet")
+    policy = Policy(default=LayerPolicy(bits=2), name="w2")
+    layers = policy.resolve(list(b.topo.layers))
+    low = lower_model(b.model, b.topo, layers, bundle, FAST, progress=False, probe=ORT_PROBE)[0]
+    rd = tmp_path / "rd"
+    rd.mkdir()
+    export_fp32(b.model, SHAPE, rd / runs.FP32_ONNX)
+    info = export_lowered(low, SHAPE, rd / runs.HIRELC_ONNX, opset=INT2_OPSET)
+    assert {v["container"] for v in info["layers"].values()} <= {"int2-cast", "uint2-sub"}
+    ort_int8_baseline(rd / runs.FP32_ONNX, rd / runs.ORT_INT8_ONNX, bundle.train.x[:64].numpy())
+    save_lowered(rd / runs.LOWERED_MODEL, low, b.cfg, policy, layers, b.topo, FAST)
+    rep = verify_run(rd, bundle, VerifyConfig(runs=1, warmup=0, batch_sizes=(1,), parity_samples=200, memory=False),
+                     reference=lowered_reference(rd))
+    hirelc = rep["artifacts"]["hirelc"]
+    assert hirelc["bytes"] == (rd / runs.HIRELC_ONNX).stat().st_size
+    ops = hirelc["fused_ops"]
+    assert ops["QLinearConv"] > 0 and ops["Conv"] + ops["FusedConv"] + ops["Gemm"] == 0
+    assert rep["parity"]["status"] == "ok" and rep["parity"]["top1_agreement"] >= 99.0
