@@ -16,6 +16,7 @@ from hirelc.studies.results import (
     ablation_command,
     bench_command,
     bench_goals,
+    compact_section,
     copy_plots,
     load,
     results_section,
@@ -190,3 +191,43 @@ def test_two_reports_of_one_model_and_kind_get_their_own_folders(tmp_path, bench
     assert [[str(p) for p in v] for v in figs.values()] == [["kept/resnet18-bench/bench_accuracy_vs_bytes.png"],
                                                            ["kept/resnet18-bench-2/bench_accuracy_vs_bytes.png"]]
     assert (tmp_path / "kept" / "resnet18-bench-2" / "bench_accuracy_vs_bytes.png").read_bytes() == b"\x01"
+
+
+def _paired(report: dict) -> dict:
+    report["paired"] = {"reference": "full", "metric": "final_top1", "tests": {"no-surrogate": {
+        "seeds": [0, 1, 2], "n": 3, "diff": 0.4, "wins": 2, "losses": 1, "p_greater": 0.25, "p_two_sided": 0.5}}}
+    report["surrogate"] = {"points": 12, "spearman": 0.55}
+    return report
+
+
+def test_compact_section_holds_one_row_per_variant_and_method_and_the_commands(tmp_path, bench_report,
+                                                                               ablation_report):
+    b, a = tmp_path / "bench.json", tmp_path / "ablation.json"
+    b.write_text(json.dumps(bench_report()))
+    a.write_text(json.dumps(_paired(ablation_report())))
+    text = compact_section([a, b])
+    assert "| resnet18 (87.41) | 8x, quick | full | 3 | 86.00 ± 1.00 | (reference) | - | - | - |" in text
+    assert ("| resnet18 (87.41) | 8x, quick | no-surrogate | 3 | 86.00 ± 1.00 | +0.40 | 2 / 1 of 3 | 0.250 | 0.500 |"
+            in text)
+    assert "Surrogate Spearman: resnet18 0.55 on 12 points." in text
+    # the bench rows: top-1, bytes, size against fp32, latencies and batch-8 speed against ORT int8
+    assert "| resnet18 | 8x | hirelc | 89.20 | 3,900,000 | 10.26x | 1.100 | 4.400 | 2.18x |" in text
+    assert "| resnet18 | 8x | fp32 | 90.00 | 40,000,000 | 1.00x | 2.000 | 8.000 | 1.20x |" in text
+    assert ablation_command(json.loads(a.read_text())) in text and bench_command(bench_report()) in text
+    assert "Per run:" not in text and "Goal figures" not in text  # the full section's detail stays out
+    assert len(text) < len(results_section([a, b], info=INFO))
+
+
+def test_cli_compact_writes_the_readme_and_refuses_plots(tmp_path, ablation_report):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ablation.json").write_text(json.dumps(_paired(ablation_report())))
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n")
+    res = CliRunner().invoke(app, ["results", str(tmp_path / "a"), "--readme", str(readme), "--compact"])
+    assert res.exit_code == 0, res.output
+    assert START in readme.read_text() and "| no-surrogate | 3 | 86.00 ± 1.00 | +0.40 |" in readme.read_text()
+    before = readme.read_text()
+    res = CliRunner().invoke(app, ["results", str(tmp_path / "a"), "--readme", str(readme), "--compact",
+                                   "--plots", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "--plots goes with the full section" in res.output
+    assert readme.read_text() == before and not (tmp_path / "p").exists()

@@ -518,17 +518,22 @@ def results(
                                          "folder of its own under this one (MODEL-KIND) and show the plots in "
                                          "the section (with --readme: linked relative to it); the section can "
                                          "later be rebuilt from those folders alone."),
+    compact: bool = typer.Option(False, "--compact", help="A short section instead: one table of every study "
+                                 "(mean ± std, paired differences, p-values) and one of every comparison, and the "
+                                 "commands; for a README that links to the full tables."),
 ):
     """The results section of the README from finished comparisons and ablations: the exact command of each,
     date, machine, the tables, and the goal figures checked against what was measured (met / not met)."""
-    from hirelc.studies.results import copy_plots, results_section, write_into
+    from hirelc.studies.results import compact_section, copy_plots, results_section, write_into
 
     with _user_errors():
         reports = list(reports)
+        if compact and plots is not None:
+            raise HirelcError("--plots goes with the full section: the --compact one shows no plots")
         figures = None
         if plots is not None:
             figures = copy_plots(reports, plots, readme.parent if readme is not None else Path.cwd())
-        section = results_section(reports, plots=figures)
+        section = compact_section(reports) if compact else results_section(reports, plots=figures)
         if readme is None:
             typer.echo(section)
         else:

@@ -122,7 +122,8 @@ def test_cli_export_at_opset_25_records_it_and_refuses_26(run_dir, tmp_path):
     assert (rd / runs.HIRELC_ONNX).read_bytes() == before
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed (the dev extra has it)")
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="openvino not installed (the dev extra has it)")
 def test_openvino_on_an_int2_file_runs_it_or_names_the_reason(tmp_path):
     from hirelc.export.targets import open_target
 
