@@ -6,7 +6,8 @@ random policies from the default search space, predicted vs measured batch-8 ONN
 Skipped without ``HIRELC_BENCH_LATENCY_OUT``. Each model's table and every measured policy are saved in that
 folder as they are done (``<model>.json``), so an interrupted run continues where it stopped; ``summary.json`` and
 ``summary.md`` give, per model, the median and worst |measured / predicted - 1|, beside the same figures for
-predicting pruned layers by their kept multiply-accumulates alone (the table without its keep curves).
+predicting pruned layers by their kept multiply-accumulates alone (the table without its keep curves), and how
+many policies ORT ran with a float conv or Gemm left (each policy's record keeps its formats and ORT's op counts).
 Measured policies are timed alone (one model per session), like the table's anchors.
 """
 
@@ -16,13 +17,22 @@ import copy
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hirelc import runs
-from hirelc.latency import calibrate_rest, fast_formats, measure_latency_table, predict_latency, time_lowered
+from hirelc.export import fused_op_counts
+from hirelc.latency import (
+    calibrate_rest,
+    fast_formats,
+    measure_latency_table,
+    predict_latency,
+    time_lowered,
+    variant,
+)
 from hirelc.machine import record
 from hirelc.models import build_model, model_config
 from hirelc.report import md_table
@@ -66,11 +76,17 @@ def _model(name: str, out: Path) -> dict:
         for i, layers in enumerate(samples):
             if i < len(state["policies"]):
                 continue
-            measured = time_lowered(model, topo, layers, BATCH, 30, Path(tmp) / f"p{i}.onnx")
+            path = Path(tmp) / f"p{i}.onnx"
+            measured = time_lowered(model, topo, layers, BATCH, 30, path)
+            ops = fused_op_counts(path)
             state["policies"].append({
                 "index": i, "predicted_ms": predict_latency(table, topo, layers),
                 "predicted_by_macs_ms": predict_latency(by_macs, topo, layers), "measured_ms": measured,
                 "mean_keep": float(np.mean([lp.keep_ratio for lp in layers.values()])),
+                # what to look at when a prediction misses: the formats drawn, and what ORT really ran
+                "formats": dict(Counter(variant(lp) for lp in layers.values())),
+                "float_convs_gemms": ops["Conv"] + ops["FusedConv"] + ops["Gemm"],  # (a ViT's MatMuls: attention)
+                "ops": {k: v for k, v in ops.items() if v},
             })
             runs.atomic_write_json(path, state)
     return state
@@ -85,11 +101,14 @@ def test_latency_table_predicts_random_policies():
     for name in MODELS:
         state = _model(name, out)
         summary["models"][name] = {"keep_curves": _errors(state["policies"], "predicted_ms"),
-                                   "macs_only": _errors(state["policies"], "predicted_by_macs_ms")}
+                                   "macs_only": _errors(state["policies"], "predicted_by_macs_ms"),
+                                   "with_float_convs": sum(1 for r in state["policies"] if r.get("float_convs_gemms"))}
     runs.atomic_write_json(out / "summary.json", summary)
-    head = ["model", "policies", "median |m/p-1|", "worst |m/p-1|", "median, MACs only", "worst, MACs only"]
+    head = ["model", "policies", "median |m/p-1|", "worst |m/p-1|", "median, MACs only", "worst, MACs only",
+            "with float convs"]
     rows = [[m, str(v["keep_curves"]["n"]), f"{v['keep_curves']['median']:.1%}", f"{v['keep_curves']['worst']:.1%}",
-             f"{v['macs_only']['median']:.1%}", f"{v['macs_only']['worst']:.1%}"] for m, v in summary["models"].items()]
+             f"{v['macs_only']['median']:.1%}", f"{v['macs_only']['worst']:.1%}", str(v["with_float_convs"])]
+            for m, v in summary["models"].items()]
     text = "\n".join([f"# Latency table vs measured, batch {BATCH}, {summary['machine']['cpu']}", "",
                       *md_table(head, rows)]) + "\n"
     runs.atomic_write_text(out / "summary.md", text)
