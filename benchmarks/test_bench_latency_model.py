@@ -7,7 +7,8 @@ Skipped without ``HIRELC_BENCH_LATENCY_OUT``. Each model's table and every measu
 folder as they are done (``<model>.json``), so an interrupted run continues where it stopped; ``summary.json`` and
 ``summary.md`` give, per model, the median and worst |measured / predicted - 1|, beside the same figures for
 predicting pruned layers by their kept multiply-accumulates alone (the table without its keep curves), and how
-many policies ORT ran with a float conv or Gemm left (each policy's record keeps its formats and ORT's op counts).
+many policies ORT ran with a float Conv or Gemm kernel (each policy's record keeps its formats and ORT's op
+counts).
 Measured policies are timed alone (one model per session), like the table's anchors.
 """
 
@@ -76,16 +77,18 @@ def _model(name: str, out: Path) -> dict:
         for i, layers in enumerate(samples):
             if i < len(state["policies"]):
                 continue
-            path = Path(tmp) / f"p{i}.onnx"
-            measured = time_lowered(model, topo, layers, BATCH, 30, path)
-            ops = fused_op_counts(path)
+            onnx_path = Path(tmp) / f"p{i}.onnx"
+            measured = time_lowered(model, topo, layers, BATCH, 30, onnx_path)
+            ops = fused_op_counts(onnx_path)
             state["policies"].append({
                 "index": i, "predicted_ms": predict_latency(table, topo, layers),
                 "predicted_by_macs_ms": predict_latency(by_macs, topo, layers), "measured_ms": measured,
                 "mean_keep": float(np.mean([lp.keep_ratio for lp in layers.values()])),
                 # what to look at when a prediction misses: the formats drawn, and what ORT really ran
                 "formats": dict(Counter(variant(lp) for lp in layers.values())),
-                "float_convs_gemms": ops["Conv"] + ops["FusedConv"] + ops["Gemm"],  # (a ViT's MatMuls: attention)
+                # float Conv / FusedConv / Gemm kernels ORT ran: layers left unfused, or left in float by the policy
+                # (a ViT's float MatMuls are mostly attention, so they are not counted here; see "ops")
+                "float_convs_gemms": ops["Conv"] + ops["FusedConv"] + ops["Gemm"],
                 "ops": {k: v for k, v in ops.items() if v},
             })
             runs.atomic_write_json(path, state)

@@ -50,6 +50,7 @@ _CONTAINERS = {(4, True): "int4", (4, False): "uint4", (8, True): "int8", (8, Fa
 _ONNX_TYPE = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4,  # INT2/UINT2 from onnx 1.20
               "int2": getattr(TensorProto, "INT2", None), "uint2": getattr(TensorProto, "UINT2", None)}
 _RANGE = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
+_WIDTH = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2}
 
 
 @contextlib.contextmanager
@@ -179,8 +180,8 @@ def _converted(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     try:
         out = version_converter.convert_version(proto, opset)
     except Exception as e:
-        raise HirelcError(f"ONNX export: cannot convert the graph to opset {opset}: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HirelcError(f"ONNX export: cannot convert the graph to opset {opset}: {msg}") from None
     out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
     del out.graph.value_info[:]  # the shapes the converter inferred on the way: bytes no runtime needs
     return out
@@ -191,8 +192,7 @@ def _narrow(t: np.ndarray, name: str, container: str) -> onnx.TensorProto:
     lo, hi = _RANGE[container]
     if t.size and (t.min() < lo or t.max() > hi):
         raise RuntimeError(f"{name}: values [{t.min()}, {t.max()}] do not fit {container}")
-    width = int(container.lstrip("u").removeprefix("int"))
-    packed = K.pack_int(torch.from_numpy(t.astype(np.int8 if lo < 0 else np.uint8)), width)
+    packed = K.pack_int(torch.from_numpy(t.astype(np.int8 if lo < 0 else np.uint8)), _WIDTH[container])
     return helper.make_tensor(name, _ONNX_TYPE[container], list(t.shape), packed.numpy().tobytes(), raw=True)
 
 
@@ -269,12 +269,11 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int, int2: 
     if zp.ndim == 1:
         bshape[_attr(node, "axis", 1) % codes.ndim] = zp.size
     diff = codes.astype(np.int32) - zp.astype(np.int32).reshape(bshape if zp.ndim else ())
-    width = 2 if int2 and bits <= 2 else container
-    lo, hi = _RANGE.get(f"int{width}", (0, -1))  # 8-bit containers take neither packed form
-    if container == 4 and diff.min() >= lo and diff.max() <= hi:
+    width = _packed_width(name, diff, zp.size, bits, int2) if container == 4 else 8
+    if width < 8 and _fits(diff, f"int{width}"):
         rw.add(f"{name}.qweight.int{width}", lambda n: _narrow(diff, n, f"int{width}"))
         form = f"int{width}-cast"
-    elif container == 4:
+    elif width < 8:
         rw.add(f"{name}.qweight.uint{width}", lambda n: _narrow(codes, n, f"uint{width}"))
         rw.add(f"{name}.zero_point.uint{width}",
                lambda n: _narrow(zp.reshape(bshape if zp.ndim else ()), n, f"uint{width}"))
@@ -299,6 +298,22 @@ def _fold_node(rw: _Rewriter, name: str, node: onnx.NodeProto, bits: int, int2: 
     else:
         node.input.append(zeros)
     return form
+
+
+def _fits(t: np.ndarray, container: str) -> bool:
+    lo, hi = _RANGE[container]
+    return bool(t.min() >= lo and t.max() <= hi)
+
+
+def _packed_width(name: str, diff: np.ndarray, zp_size: int, bits: int, int2: bool) -> int:
+    """4, or 2 for 2-bit codes when ``int2`` and INT2/UINT2 make the file smaller: asymmetric codes whose
+    difference to their zero point leaves [-2, 1] need the longer ``uint2-sub`` chain (and a zero-point tensor),
+    where INT4 takes the difference with a single ``Cast``; a small layer does not save those bytes."""
+    if not int2 or bits > 2 or _fits(diff, "int2"):
+        return 2 if int2 and bits <= 2 else 4
+    # the longer chain, and the zero points as an initializer of their own (its name and header: ~40 bytes)
+    extra = fold_graph_bytes(name, True) - fold_graph_bytes(name, False) + 40 + zp_size / 4
+    return 2 if diff.size / 4 > extra else 4
 
 
 def fold_chain(name: str, asym: bool, width: int = 4) -> list[onnx.NodeProto]:
@@ -412,6 +427,7 @@ def graph_summary(model: onnx.ModelProto) -> dict:
 def lowered_graph(model: nn.Module, input_shape: tuple[int, ...], *, opset: int = DEFAULT_OPSET,
                   weight_only: bool = False, weight_format: str = "fold") -> tuple[onnx.ModelProto, dict[str, str]]:
     """The post-processed ONNX graph of a lowered model, in memory, and the form each layer's weight took."""
+    check_export_options(opset, weight_format)
     qls = quant_layers(model)
     unfrozen = [n for n, q in qls.items() if not q.frozen]
     if unfrozen:

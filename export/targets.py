@@ -191,7 +191,7 @@ def _openvino_session(path: Path, threads: int | None) -> TargetSession:
     except Exception as e:  # OpenVINO raises its own RuntimeError subclasses with multi-line messages
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if _has_int2(path):  # OpenVINO 2026.4's ONNX frontend stops at the type with no more than this
-            msg = "it cannot read INT2/UINT2 initializers (an opset-25 export): export with --opset 21"
+            msg = f"it cannot read INT2/UINT2 initializers (an opset-25 export): export with --opset 21 ({msg})"
         raise HirelcError(f"OpenVINO cannot load {path}: {msg}") from None
     request = compiled.create_infer_request()
 

@@ -211,7 +211,8 @@ def _uses_surrogate(variant: str) -> bool:
     return sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
 
 
-def _ms(d: dict, spec: str) -> str:
+def format_mean_std(d: dict, spec: str) -> str:
+    """``mean ± std`` of a :func:`mean_std` summary in ``spec``; ``-`` when it holds no value."""
     if d["mean"] is None:
         return "-"
     return f"{d['mean']:{spec}} ± {d['std']:{spec}}"
@@ -247,9 +248,9 @@ def format_ablation(report: dict) -> str:
         return [fmt(t["diff"], "+.2f"), f"{t['wins']} / {t['losses']} of {t['n']}", fmt(t["p_greater"], ".3f"),
                 fmt(t["p_two_sided"], ".3f")]
 
-    lines += md_table(head, ([v, _ms(s["final_top1"], ".2f"), _ms(s["best_val"], ".2f"),
-                              _ms(s["effective_ratio"], ".2f"), _ms(s["real_evals"], ".1f"),
-                              _ms(s["evals_to_best"], ".1f"), _ms(s["search_wall_s"], ".0f"), *cols(v)]
+    specs = (("final_top1", ".2f"), ("best_val", ".2f"), ("effective_ratio", ".2f"), ("real_evals", ".1f"),
+             ("evals_to_best", ".1f"), ("search_wall_s", ".0f"))
+    lines += md_table(head, ([v, *(format_mean_std(s[m], spec) for m, spec in specs), *cols(v)]
                              for v, s in report["summary"].items()))
     sur = report["surrogate"]
     rho = fmt(sur["spearman"], ".2f")
