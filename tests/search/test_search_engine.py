@@ -267,3 +267,18 @@ def test_screening_figures_survive_a_resume(full_run, tmp_path):
     resumed = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), CFG, BUDGET, tmp_path, resume=True,
                          progress=False)
     assert resumed.cycles == result.cycles
+
+
+def test_every_mode_spends_the_same_warm_up_inside_the_budget(full_run):
+    """The warm-up's random policies are repaired into the budget in every mode, so the hierarchical, flat and
+    random searches start from the same feasible points and differ only in what they propose afterwards."""
+    specs, _, _, hier = full_run
+    warm = {"full": [h for h in hier.history if h["cycle"] == 0]}
+    for mode in ("random", "flat"):
+        cfg = SearchConfig(**{**CFG.__dict__, "mode": mode})
+        result = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, run_dir=None, progress=False)
+        warm[mode] = [h for h in result.history if h["cycle"] == 0]
+    for mode, rows in warm.items():
+        assert len(rows) == CFG.warmup_real_evals and all(h["meets_budget"] for h in rows), mode
+        assert [h["policy"] for h in rows] == [h["policy"] for h in warm["full"]], mode
+        assert [h["real_acc"] for h in rows] == [h["real_acc"] for h in warm["full"]], mode

@@ -9,6 +9,7 @@ from search_synth import BLOCK_SENS, SENS, SyntheticEvaluator, make_specs, synth
 
 from hirelc.errors import HirelcError
 from hirelc.pipeline import format_cycle
+from hirelc.policy import LayerPolicy
 from hirelc.runs import SEARCH_LOG
 from hirelc.search import Budget, SearchConfig, run_search
 from hirelc.search.front import competing, front_entries
@@ -139,3 +140,43 @@ def test_a_search_killed_after_the_doublings_resumes_at_the_length_reached(tmp_p
 def test_bad_fidelity_settings_are_refused(field, value):
     with pytest.raises(HirelcError, match="fidelity"):
         SearchConfig(**{field: value})
+
+
+class FarFromBudget(SyntheticEvaluator):
+    """Within the budget every candidate scores 30 points under the baseline after a short fine-tune; policies
+    outside it (more bytes than the budget allows) score close to it."""
+
+    max_fidelity = 3
+
+    def __init__(self, specs, limit: float):
+        super().__init__(specs)
+        self.limit = limit
+
+    def real_accuracy(self, layers, fidelity=0):
+        acc = super().real_accuracy(layers)
+        if fidelity == 0 and self.predict_bytes(layers) <= self.limit:
+            return acc - 30.0
+        return acc
+
+
+def test_the_fine_tune_is_judged_on_warm_ups_inside_the_budget(tmp_path, monkeypatch):
+    """An unrepairable warm-up point outside the budget that scores well must not hide that every feasible one is
+    far under the baseline: the decision to double reads the feasible scores."""
+    from hirelc.search import engine
+
+    specs = make_specs()
+    probe = SyntheticEvaluator(specs)
+    limit = probe.predict_bytes({s.name: LayerPolicy(bits=None) for s in specs}) / BUDGET.target_ratio
+    ev = FarFromBudget(specs, limit)
+    real_repair = engine._Search.repair
+
+    def not_in_the_warm_up(self, layers, cons):  # the warm-up's random points stay as drawn (most outside)
+        return layers if self.phase == 0 else real_repair(self, layers, cons)
+
+    monkeypatch.setattr(engine._Search, "repair", not_in_the_warm_up)
+    result = run_search(specs, SENSITIVITY, ev, CFG, BUDGET, run_dir=tmp_path, progress=False)
+    warm0 = [h for h in result.history if h["cycle"] == 0 and h["fidelity"] == 0]
+    outside = [h for h in warm0 if not h["meets_budget"]]
+    assert outside and max(h["real_acc"] for h in outside) > max(h["real_acc"] for h in warm0 if h["meets_budget"])
+    assert result.cycles[0]["fidelity"] >= 1
+    assert "under the baseline" in result.cycles[0]["fidelity_doubled_because"][0]

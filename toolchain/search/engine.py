@@ -424,9 +424,9 @@ class _Search:
         rng = np.random.default_rng([self.config.seed, 0])
         plan = [_Planned(self.uniform_meeting_budget(), "warmup-uniform")]
         for _ in range(self.config.warmup_real_evals - 1):
-            lay = random_policy(self.specs, rng, self.base)
-            if self.config.mode == "random":  # random search spends every evaluation inside the budget
-                lay = self.repair(lay, self._base_constraints())
+            # repaired into the budget in every mode: a warm-up outside it teaches the surrogate about policies
+            # the search may not return, and spends a real evaluation on one (the same warm-up for every mode)
+            lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
             plan.append(_Planned(lay, "warmup-random"))
         # Each level's decision depends only on that level's results, so a resumed warm-up re-derives it.
         # A single warm-up evaluation (nothing to rank, as with no cycles to follow) is not scored again.
@@ -436,8 +436,10 @@ class _Search:
         for level in range(levels + 1):
             self.fidelity = level
             self.real_evals(0, plan)
-            why = self.unseparated([r["real_acc"] for i, r in enumerate(self.records)
-                                    if r["cycle"] == 0 and self.current(i)])
+            scored = [r for i, r in enumerate(self.records) if r["cycle"] == 0 and self.current(i)]
+            # judged on the policies the search could return (all of them, where none meets the budget)
+            why = self.unseparated([r["real_acc"] for r in (scored if not any(r["meets_budget"] for r in scored)
+                                                             else [r for r in scored if r["meets_budget"]])])
             if why is None or level == levels:
                 break
             doubled.append(why)
