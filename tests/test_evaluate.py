@@ -119,6 +119,28 @@ def test_measured_graph_bytes_predict_a_transformers_file_closely(built, bundle,
         assert abs(err) < abs(fixed.predict_bytes(layers) - real) / real
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_predicted_bytes_of_asymmetric_low_bit_layers_follow_the_widening_they_get(built, bundle, tmp_path, bits):
+    """Asymmetric 2- and 3-bit codes are widened by one Cast (their codes minus the zero point fit INT4); 4-bit
+    ones may need Cast, Cast, Sub, Cast, which the prediction assumes so that it stays on the safe side."""
+    from hirelc.export import export_lowered
+    from hirelc.pipeline import load_or_measure_graph_bytes
+    from hirelc.policy import LayerPolicy, PerChannel, Scheme
+
+    b = built("test_resnet")
+    layers = {s.name: LayerPolicy(bits=bits, scheme=Scheme.ASYMMETRIC, granularity=PerChannel()) for s in b.topo.layers}
+    low, _ = L.lower_model(b.model, b.topo, layers, bundle, L.LowerConfig(max_steps=0, batch_size=16, calib_batches=1),
+                           progress=False, probe=ORT_PROBE)
+    info = export_lowered(low, b.topo.input_shape, tmp_path / "m.onnx")
+    forms = {v["container"] for v in info["layers"].values()}
+    if bits < 4:
+        assert forms == {"int4-cast"}
+    real = info["bytes"]
+    predicted = Predictors(b.model, b.topo, graph_bytes=load_or_measure_graph_bytes(tmp_path, b.model, b.topo))
+    err = (predicted.predict_bytes(layers) - real) / real
+    assert -0.01 < err < (0.01 if bits < 4 else 0.05), (bits, forms, predicted.predict_bytes(layers), real)
+
+
 def test_a_higher_fidelity_fine_tunes_twice_as_long_per_level(evaluator, monkeypatch):
     b, ev = evaluator
     steps = []

@@ -192,7 +192,8 @@ def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_par
         n_scales = scale_count(g, out, inn, math.prod(s.kernel) if s.kernel else 1)
         total += n_scales * (4 + width / 8)  # fp32 scale + zero-point (always written)
         if width == 4 and not isinstance(g, PerGroup):  # the "fold" export: widened to int8 in the graph
-            asym = lp.scheme is Scheme.ASYMMETRIC
+            # asymmetric 2- and 3-bit codes minus their zero point always fit INT4 (one Cast); 4-bit ones may not
+            asym = lp.scheme is Scheme.ASYMMETRIC and lp.bits == 4
             total += fold_graph_bytes(s.name, asym) + FOLD_NAME_BYTES  # Cast (or Cast, Cast, Sub, Cast) nodes
         total += 8  # activation scale + zero-point
     return float(total)
