@@ -206,14 +206,16 @@ def test_compact_section_holds_one_row_per_variant_and_method_and_the_commands(t
     b.write_text(json.dumps(bench_report()))
     a.write_text(json.dumps(_paired(ablation_report())))
     text = compact_section([a, b])
-    assert "| resnet18 (87.41) | 8x, quick | full | 3 | 86.00 ± 1.00 | (reference) | - | - | - |" in text
-    assert ("| resnet18 (87.41) | 8x, quick | no-surrogate | 3 | 86.00 ± 1.00 | +0.40 | 2 / 1 of 3 | 0.250 | 0.500 |"
-            in text)
-    assert "Surrogate Spearman: resnet18 0.55 on 12 points." in text
+    # one line per report: model, baseline, budget, effort, when, surrogate, and the command
+    assert ("**resnet18** (fp32 87.41 %), 8x budget, `quick` effort, 2026-11-25 19:00 UTC; surrogate Spearman 0.55 "
+            f"on 12 points: `{ablation_command(json.loads(a.read_text()))}`") in text
+    assert "| full | 3 | 86.00 ± 1.00 | (reference) | - | - | - |" in text
+    assert "| no-surrogate | 3 | 86.00 ± 1.00 | +0.40 | 2 / 1 of 3 | 0.250 | 0.500 |" in text
+    assert f"`{bench_command(bench_report())}`" in text
     # the bench rows: top-1, bytes, size against fp32, latencies and batch-8 speed against ORT int8
-    assert "| resnet18 | 8x | hirelc | 89.20 | 3,900,000 | 10.26x | 1.100 | 4.400 | 2.18x |" in text
-    assert "| resnet18 | 8x | fp32 | 90.00 | 40,000,000 | 1.00x | 2.000 | 8.000 | 1.20x |" in text
-    assert ablation_command(json.loads(a.read_text())) in text and bench_command(bench_report()) in text
+    assert "| hirelc | 89.20 | 3,900,000 | 10.26x | 1.100 | 4.400 | 2.18x |" in text
+    assert "| fp32 | 90.00 | 40,000,000 | 1.00x | 2.000 | 8.000 | 1.20x |" in text
+    assert text.index("**resnet18** (fp32") < text.index("| hirelc | 89.20")  # the order given
     assert "Per run:" not in text and "Goal figures" not in text  # the full section's detail stays out
     assert len(text) < len(results_section([a, b], info=INFO))
 
