@@ -452,7 +452,6 @@ def export_lowered(model: nn.Module, input_shape: tuple[int, ...], path: str | P
     ``op_counts``, ``initializer_dtypes``, ``layers`` (name -> bits, scheme, granularity, kind, shape,
     container: the form written), ``weight_only`` and ``weight_format``.
     """
-    check_export_options(opset, weight_format)
     proto, containers = lowered_graph(model, input_shape, opset=opset, weight_only=weight_only,
                                       weight_format=weight_format)
     check_onnx(proto, str(path))

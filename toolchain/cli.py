@@ -518,9 +518,10 @@ def results(
                                          "folder of its own under this one (MODEL-KIND) and show the plots in "
                                          "the section (with --readme: linked relative to it); the section can "
                                          "later be rebuilt from those folders alone."),
-    compact: bool = typer.Option(False, "--compact", help="A short section instead: one table of every study "
-                                 "(mean ± std, paired differences, p-values) and one of every comparison, and the "
-                                 "commands; for a README that links to the full tables."),
+    compact: bool = typer.Option(False, "--compact", help="A short section instead: per report one line (model, "
+                                 "budget, date, command) and a small table (a study's mean ± std, paired "
+                                 "differences and p-values; a comparison's top-1, bytes and latencies); for a "
+                                 "README that links to the full tables."),
 ):
     """The results section of the README from finished comparisons and ablations: the exact command of each,
     date, machine, the tables, and the goal figures checked against what was measured (met / not met)."""

@@ -437,9 +437,9 @@ class _Search:
             self.fidelity = level
             self.real_evals(0, plan)
             scored = [r for i, r in enumerate(self.records) if r["cycle"] == 0 and self.current(i)]
+            feasible = [r for r in scored if r["meets_budget"]]
             # judged on the policies the search could return (all of them, where none meets the budget)
-            why = self.unseparated([r["real_acc"] for r in (scored if not any(r["meets_budget"] for r in scored)
-                                                             else [r for r in scored if r["meets_budget"]])])
+            why = self.unseparated([r["real_acc"] for r in feasible or scored])
             if why is None or level == levels:
                 break
             doubled.append(why)

@@ -211,6 +211,12 @@ def _uses_surrogate(variant: str) -> bool:
     return sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
 
 
+def paired_cells(t: dict) -> list[str]:
+    """A paired test's table cells: mean difference, wins / losses of n, one- and two-sided p."""
+    return [fmt(t["diff"], "+.2f"), f"{t['wins']} / {t['losses']} of {t['n']}", fmt(t["p_greater"], ".3f"),
+            fmt(t["p_two_sided"], ".3f")]
+
+
 def format_mean_std(d: dict, spec: str) -> str:
     """``mean ± std`` of a :func:`mean_std` summary in ``spec``; ``-`` when it holds no value."""
     if d["mean"] is None:
@@ -243,10 +249,7 @@ def format_ablation(report: dict) -> str:
         if not tests:
             return []
         t = tests.get(v)
-        if t is None:
-            return ["-"] * 4
-        return [fmt(t["diff"], "+.2f"), f"{t['wins']} / {t['losses']} of {t['n']}", fmt(t["p_greater"], ".3f"),
-                fmt(t["p_two_sided"], ".3f")]
+        return ["-"] * 4 if t is None else paired_cells(t)
 
     specs = (("final_top1", ".2f"), ("best_val", ".2f"), ("effective_ratio", ".2f"), ("real_evals", ".1f"),
              ("evals_to_best", ".1f"), ("search_wall_s", ".0f"))
