@@ -59,7 +59,7 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
     with pytest.raises(HirelcError, match="distinct"):
         AblateConfig(seeds=(1, 1))
     assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "random-time",
-                             "flat", "uniform"}
+                             "flat", "proxy-screen", "uniform"}
     with pytest.raises(HirelcError, match="run them together"):
         AblateConfig(variants=("random-time",))
     assert len(AblateConfig().seeds) >= 5  # a one-sided paired test over fewer seeds cannot reach p < 0.05
@@ -108,6 +108,10 @@ def test_goals_and_table_show_the_paired_comparison():
     md = format_ablation(report)
     assert "p one-sided" in md and "| random | 80.00 ± 0.50 |" in md and "| +0.70 | 5 / 0 of 5 | 0.031 | 0.062 |" in md
     assert "| full |" in md and md.count("| - | - | - | - |") == 1  # the reference has no comparison with itself
+    assert "logit-MSE proxy" not in md  # a report without the proxy's figures does not invent them
+    report["surrogate"].update(proxy_points=20, proxy_spearman=0.81)
+    assert ("Spearman 0.75 on 20 points (each predicted before the surrogate saw it). The logit-MSE proxy on the "
+            "same points: Spearman 0.81 on 20.") in format_ablation(report)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +147,14 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
             assert r["surrogate_points"] == [[h["predicted_acc"], h["real_acc"]] for h in history
                                              if h["predicted_acc"] is not None]
             assert r["surrogate_points"]
+            # the proxy's ranking of the same evaluations, for comparison: minus its logged drop
+            assert r["proxy_points"] == [[-h["proxy_drop"], h["real_acc"]] for h in history
+                                         if h["predicted_acc"] is not None]
+    # pooled over the runs whose predictions are the surrogate's (proxy-screen logs the calibrated proxy's)
     pooled = sum(len(r["surrogate_points"]) for r in report["runs"]
-                 if r["variant"] not in ("no-surrogate", "random", "random-time", "uniform"))
-    assert report["surrogate"]["points"] == pooled
+                 if r["variant"] not in ("no-surrogate", "random", "random-time", "uniform", "proxy-screen"))
+    assert report["surrogate"]["points"] == pooled == report["surrogate"]["proxy_points"]
+    assert report["surrogate"]["proxy_spearman"] is not None
 
 
 def _check_summary(report) -> None:
@@ -203,7 +212,7 @@ def ablated_all(tiny_baseline, copy_run_module, tiny):
     return rd, ablate(rd, cfg, progress=False, echo=lambda *_: None)
 
 
-# slow: eight searches
+# slow: nine searches
 @pytest.mark.slow
 def test_every_variant_on_two_seeds_is_summarised_with_its_spread(ablated_all, n_evals, onnx_top1):
     rd, report = ablated_all

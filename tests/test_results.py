@@ -218,6 +218,11 @@ def test_compact_section_holds_one_row_per_variant_and_method_and_the_commands(t
     assert text.index("**resnet18** (fp32") < text.index("| hirelc | 89.20")  # the order given
     assert "Per run:" not in text and "Goal figures" not in text  # the full section's detail stays out
     assert len(text) < len(results_section([a, b], info=INFO))
+    # a report that also holds the proxy's Spearman on the same points shows it beside the surrogate's
+    with_proxy = _paired(ablation_report())
+    with_proxy["surrogate"].update(proxy_points=12, proxy_spearman=0.71)
+    a.write_text(json.dumps(with_proxy))
+    assert "surrogate Spearman 0.55 on 12 points (the proxy on the same points: 0.71): `" in compact_section([a])
 
 
 def test_cli_compact_writes_the_readme_and_refuses_plots(tmp_path, ablation_report):

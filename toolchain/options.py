@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "random": {"mode": "random"},
     "random-time": {"mode": "random"},  # and as many cycles as the full search's wall time holds (ablate)
     "flat": {"mode": "flat"},
+    "proxy-screen": {"screening": "proxy"},  # the proxy, calibrated on real results, ranks each cycle's candidates
     "uniform": {"warmup_real_evals": 1, "cycles": 0},
 }
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed

@@ -282,3 +282,48 @@ def test_every_mode_spends_the_same_warm_up_inside_the_budget(full_run):
         assert len(rows) == CFG.warmup_real_evals and all(h["meets_budget"] for h in rows), mode
         assert [h["policy"] for h in rows] == [h["policy"] for h in warm["full"]], mode
         assert [h["real_acc"] for h in rows] == [h["real_acc"] for h in warm["full"]], mode
+
+
+def test_proxy_screening_ranks_candidates_by_the_proxy_fitted_to_real_results(full_run):
+    """With ``screening="proxy"`` the cycle's candidates are predicted from their proxy drop by a line fitted to
+    the real results. The synthetic proxy is an exact linear function of real accuracy, so the line recovers
+    every candidate's accuracy; the surrogate (the default), trained on a few points, does not."""
+    specs, _, _, default = full_run
+    cfg = SearchConfig(**{**CFG.__dict__, "screening": "proxy"})
+    result = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, run_dir=None, progress=False)
+    for c in (c for c in result.cycles if c["cycle"] > 0):
+        assert c["screened_by"].startswith("proxy calibrated") and c["proxy_saturated"] is False
+    screened = [h for h in result.history if h["cycle"] > 0]
+    assert screened and all(h["predicted_acc"] == pytest.approx(h["real_acc"], abs=1e-6) for h in screened)
+    assert all(h["predicted_std"] is not None for h in screened)  # the surrogate still gives the uncertainty
+    assert result.surrogate_spearman == pytest.approx(1.0)
+    by_default = [h for h in default.history if h["cycle"] > 0]
+    assert not all(h["predicted_acc"] == pytest.approx(h["real_acc"], abs=1e-6) for h in by_default)
+    # the warm-up is shared: the screening changes only what follows it
+    assert [h["policy"] for h in result.history if h["cycle"] == 0] == [
+        h["policy"] for h in default.history if h["cycle"] == 0]
+
+
+class _BackwardProxy(SyntheticEvaluator):
+    """A proxy that predicts larger drops for the more accurate policies: real results contradict it."""
+
+    def proxy_drop(self, layers):
+        return 40.0 - 0.5 * super().proxy_drop(layers)  # 15-40 points: under the cap, never saturated
+
+
+@pytest.mark.parametrize("evaluator", [_RuinedProxy, _BackwardProxy])
+def test_proxy_screening_falls_back_to_the_surrogate_when_the_proxy_cannot_rank(evaluator):
+    specs = make_specs()
+    cfg = SearchConfig(**{**CFG.__dict__, "screening": "proxy", "cycles": 1})
+    result = run_search(specs, SENSITIVITY, evaluator(specs), cfg, BUDGET, progress=False)
+    (c1,) = [c for c in result.cycles if c["cycle"] == 1]
+    assert c1["screened_by"] == "surrogate"
+    assert c1["proxy_saturated"] is (evaluator is _RuinedProxy)
+    plain = run_search(specs, SENSITIVITY, evaluator(specs), SearchConfig(**{**cfg.__dict__, "screening": "surrogate"}),
+                       BUDGET, progress=False)
+    assert [h["policy"] for h in result.history] == [h["policy"] for h in plain.history]
+
+
+def test_unknown_screening_is_refused():
+    with pytest.raises(HirelcError, match="unknown screening 'oracle'"):
+        SearchConfig(screening="oracle")

@@ -38,6 +38,7 @@ class RewardConfig:
 
 
 SEARCH_MODES = ("hierarchical", "flat", "random")
+SCREENINGS = ("surrogate", "proxy")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class SearchConfig:
     fidelity_gap: float = 25.0
     fidelity_spread: float = 0.5
     surrogate_members: int = 5  # bootstrap ensemble size (uncertainty = std across members)
+    # What ranks a cycle's candidates for the "promising" real evaluations once a surrogate exists: "surrogate"
+    # (its mean prediction) or "proxy" (the logit-MSE proxy of every candidate, mapped to accuracy by a line fitted
+    # to the real results; the surrogate still shapes the agents' rewards and picks the "uncertain" ones).
+    screening: str = "surrogate"
     # weight formats (hirelc.policy.FORMAT_KEYS) the space offers; None = all. The pipeline sets the ones the
     # run directory's latency table finds no slower than int8, so the default space holds only fast formats.
     formats: tuple[str, ...] | None = None
@@ -99,6 +104,8 @@ class SearchConfig:
             raise HirelcError("fidelity_doublings must be >= 0, fidelity_gap > 0 and fidelity_spread >= 0")
         if min(self.hla_timesteps, self.lla_timesteps, self.lla_episode_len) < 1:
             raise HirelcError("timesteps and episode length must be >= 1")
+        if self.screening not in SCREENINGS:
+            raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
         if self.mode not in SEARCH_MODES:
             raise HirelcError(f"unknown search mode {self.mode!r} (use {', '.join(SEARCH_MODES)})")
         if self.formats is not None:

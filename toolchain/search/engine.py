@@ -550,6 +550,11 @@ class _Search:
         if not cands:
             return
         n_prom = math.ceil(cfg.real_evals_per_cycle / 2)
+        if mean is not None and cfg.screening == "proxy":
+            calibrated = self.calibrated_proxy(cands, stats)
+            if calibrated is not None:  # the proxy, mapped to accuracy, ranks; the surrogate's spread picks the rest
+                mean = calibrated
+                stats["screened_by"] = "proxy calibrated on real results (uncertainty: surrogate)"
         if mean is not None:
             prom = list(np.argsort(-mean, kind="stable")[:n_prom])
             rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
@@ -571,6 +576,27 @@ class _Search:
         stats["real_evals"] = len(chosen)
         self.real_evals(phase, [_Planned(cands[i], kind, None if mean is None else float(mean[i]),
                                          None if std is None else float(std[i])) for i, kind in chosen])
+
+    def calibrated_proxy(self, cands: Sequence[Layers], stats: dict) -> np.ndarray | None:
+        """Predicted accuracy (%) of each candidate from its proxy drop, by a line fitted to the real results at
+        the fine-tune length in use (accuracy falling with the drop); None when the proxy cannot rank these
+        candidates (saturated or alike) or the real results show no such fall."""
+        drops = np.array(self.proxy_drops(cands))
+        cap = getattr(self.ev, "proxy_cap", None)
+        stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
+        stats["proxy_saturated"] = bool(len(drops) > 1 and ((cap is not None and drops.min() >= cap - 1e-9)
+                                                            or drops.max() - drops.min() <= 1e-9))
+        seen = [(r["proxy_drop"], r["real_acc"]) for i, r in enumerate(self.records)
+                if self.current(i) and r.get("proxy_drop") is not None]
+        if stats["proxy_saturated"] or len(seen) < 2:
+            return None
+        x, y = (np.array(v, dtype=float) for v in zip(*seen, strict=True))
+        if np.ptp(x) <= 1e-9:
+            return None
+        slope = float(np.cov(x, y, bias=True)[0, 1] / np.var(x))
+        if slope >= 0:  # a proxy that does not track real accuracy here says nothing: the surrogate ranks
+            return None
+        return y.mean() + slope * (drops - x.mean())
 
     def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> tuple[list[Layers], int]:
         """Distinct, budget-meeting, not yet evaluated candidates (votes first, then combinations and mutations),

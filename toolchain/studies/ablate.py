@@ -12,6 +12,8 @@ random                   random valid policies repaired into the budget (no agen
 random-time              random search given the wall time the full search took on the same seed (more
                          real evaluations: as many as that time holds at the full search's cost per one)
 flat                     one PPO agent over every layer with the global target (no high level): HAQ-like
+proxy-screen             the full search, but each cycle's promising candidates are ranked by the logit-MSE
+                         proxy mapped to accuracy by a line fitted to the real results, not by the surrogate
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
 
@@ -22,8 +24,8 @@ found, search wall time, surrogate rank correlation. Per variant: mean and sampl
 seeds, and, against ``full`` on the seeds both ran, the mean paired difference of final top-1 with a
 Wilcoxon signed-rank test (exact for small samples): the one-sided p that ``full`` is better, and the
 two-sided p. With 5 seeds the smallest one-sided p is 1/32 and the smallest two-sided p 1/16. Also a scatter
-of surrogate-predicted against real accuracy pooled over every surrogate-using run, with its Spearman
-correlation. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
+of surrogate-predicted against real accuracy pooled over every run whose screening the surrogate does, with
+its Spearman correlation, beside the Spearman of the logit-MSE proxy (its negated drop) on the same points. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
 ``surrogate_scatter.png``; one folder per run (finished runs are reused, so an interrupted call resumes).
 """
 
@@ -163,6 +165,9 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
         "surrogate_spearman": summary.get("surrogate_spearman"),
         "surrogate_points": [[h["predicted_acc"], h["real_acc"]] for h in history
                              if h.get("predicted_acc") is not None],
+        # the proxy's own ranking of the same evaluations: minus its predicted drop
+        "proxy_points": [[-h["proxy_drop"], h["real_acc"]] for h in history
+                         if h.get("predicted_acc") is not None and h.get("proxy_drop") is not None],
     }
 
 
@@ -189,6 +194,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
                   for v in cfg.variants if v != REFERENCE_VARIANT}
     pooled = [p for r in rows if _uses_surrogate(r["variant"]) for p in r["surrogate_points"]]
     pred, real = [p for p, _ in pooled], [r for _, r in pooled]
+    proxy = [p for r in rows if _uses_surrogate(r["variant"]) for p in r.get("proxy_points", [])]
     report = {
         **report_header(rd),
         "config": {**dataclasses.asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
@@ -196,7 +202,9 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
         "runs": rows,
         "summary": summary,
         "paired": {"reference": REFERENCE_VARIANT if paired else None, "metric": "final_top1", "tests": paired},
-        "surrogate": {"points": len(pooled), "spearman": spearman(pred, real) if len(pooled) >= 2 else None},
+        "surrogate": {"points": len(pooled), "spearman": spearman(pred, real) if len(pooled) >= 2 else None,
+                      "proxy_points": len(proxy),
+                      "proxy_spearman": spearman(*zip(*proxy, strict=True)) if len(proxy) >= 2 else None},
     }
     plot_ablation(summary, out / "ablation.png")
     if len(pooled) >= 2:
@@ -207,8 +215,10 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
 
 
 def _uses_surrogate(variant: str) -> bool:
+    """Whether the variant's recorded predictions are the surrogate's (not the proxy's, and it has some)."""
     sw = VARIANTS[variant]
-    return sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
+    return (sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
+            and sw.get("screening", "surrogate") == "surrogate")
 
 
 def paired_cells(t: dict) -> list[str]:
@@ -259,6 +269,9 @@ def format_ablation(report: dict) -> str:
     rho = fmt(sur["spearman"], ".2f")
     lines += ["", f"Mean ± sample std over seeds. Surrogate predicted vs real accuracy, pooled over the runs that "
               f"use it: Spearman {rho} on {sur['points']} points (each predicted before the surrogate saw it)."]
+    if sur.get("proxy_points"):
+        lines[-1] += (f" The logit-MSE proxy on the same points: Spearman {fmt(sur.get('proxy_spearman'), '.2f')} "
+                      f"on {sur['proxy_points']}.")
     if tests:
         lines += ["", f"Paired by seed against {ref}: the mean difference of final ORT top-1 in points ({ref} minus "
                   f"the variant; positive: {ref} ahead) and Wilcoxon signed-rank p-values, one-sided for {ref} "
