@@ -368,3 +368,30 @@ def test_a_pruned_layer_is_predicted_from_its_keep_curves():
     assert time_fraction(row, 0.125) == pytest.approx(0.25)  # below the curve: proportional to its first point
     assert time_fraction(row, 0.5, 0.5) == pytest.approx(0.7 * 0.6)  # both sides cut: the product
     assert time_fraction({"w8": 2.0}, 0.3, 0.5) == pytest.approx(0.15)  # no curves: the MAC fraction
+
+
+@pytest.mark.parametrize("argv,overrides", [
+    ([], None),
+    (["--screening", "proxy"], {"screening": "proxy"}),
+    (["--screening", "proxy", "--fill-budget"], {"fill_budget": True, "screening": "proxy"}),
+    (["--screening", "surrogate"], None),  # the default adds nothing, so earlier runs still match their record
+])
+def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, overrides):
+    import hirelc.pipeline
+
+    seen = {}
+
+    def fake_search_stage(run_dir, **kw):
+        seen.update(kw)
+        raise HirelcError("stopped after the options were read")
+
+    monkeypatch.setattr(hirelc.pipeline, "search_stage", fake_search_stage)
+    res = CliRunner().invoke(app, ["search", "-r", str(tmp_path), *argv])
+    assert res.exit_code == 2 and "stopped after the options were read" in res.output
+    assert seen["overrides"] == overrides
+
+
+def test_search_cli_refuses_an_unknown_screening(tmp_path):
+    res = CliRunner().invoke(app, ["search", "-r", str(tmp_path), "--screening", "oracle"])
+    assert res.exit_code == 2 and "oracle" in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())

@@ -26,6 +26,7 @@ from hirelc.errors import HirelcError
 from hirelc.options import (
     IMPORTANCES,
     METHODS,
+    SCREENINGS,
     SEARCH_PRESETS,
     TARGETS,
     VARIANTS,
@@ -93,6 +94,7 @@ TRAIN, LOWER, VERIFY, DATA, COMPRESS = TrainConfig(), LowerConfig(), VerifyConfi
 BENCH, ABLATE = BenchConfig(), AblateConfig()
 ABLATE_SEEDS = ", ".join(str(s) for s in ABLATE.seeds)
 SearchPreset = Enum("SearchPreset", {p: p for p in SEARCH_PRESETS}, type=str)
+Screening = Enum("Screening", {p: p for p in SCREENINGS}, type=str)
 Importance = Enum("Importance", {p: p for p in IMPORTANCES}, type=str)
 Method = Enum("Method", {m: m for m in METHODS}, type=str)
 Variant = Enum("Variant", {v: v for v in VARIANTS}, type=str)
@@ -340,6 +342,15 @@ NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-la
                             "artifact to be as fast as ONNX Runtime's own int8 of the model (batch 8).")
 
 
+def search_overrides(fill_budget: bool, screening: str) -> dict | None:
+    """The SearchConfig fields `hirelc search` changes from the preset's (None: none); defaults are left out, so
+    a run searched before an option existed still matches its record."""
+    out = {"fill_budget": True} if fill_budget else {}
+    if screening != "surrogate":
+        out["screening"] = screening
+    return out or None
+
+
 @app.command()
 def search(
     run_dir: Path = RunDir,
@@ -356,6 +367,10 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
                                      "give the most sensitive layers back bits / channels while it still fits."),
+    screening: Screening = typer.Option("surrogate", help="What ranks each cycle's candidates for the real "
+                                        "evaluations: the surrogate's prediction, or the cold-start proxy mapped "
+                                        "to accuracy by a line fitted to the real results (the surrogate still "
+                                        "shapes the agents' rewards; `hirelc ablate` compares the two)."),
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
 ):
@@ -371,7 +386,7 @@ def search(
     with _user_errors(run_dir, "search", interrupted=RESUME_HINT):
         s = search_stage(run_dir, target_ratio=target_ratio, preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
-                         overrides={"fill_budget": True} if fill_budget else None,
+                         overrides=search_overrides(fill_budget, Screening(screening).value),
                          latency_budget=not no_latency_budget, echo=typer.echo, workers=workers,
                          ray_address=ray_address)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",

@@ -20,6 +20,8 @@ IMPORTANCES = ("taylor", "magnitude")  # how lowering ranks the channels it prun
 SALIENCY_BATCH = 128
 DEFAULT_MIN_PARITY = 98.0  # a model.onnx that is not the lowered model agrees on far fewer images
 SEARCH_PRESETS = ("quick", "standard", "thorough")  # search effort (hirelc.search.PRESETS holds their settings)
+# what ranks a cycle's candidates for real evaluation (hirelc.search.SearchConfig.screening)
+SCREENINGS = ("surrogate", "proxy")
 # what `hirelc bench` builds and measures on one budget
 # where `hirelc verify` / `hirelc bench` run the artifacts (hirelc.export.targets opens them)
 TARGETS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "openvino")

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from hirelc.errors import HirelcError
+from hirelc.options import SCREENINGS
 from hirelc.policy import ALLOWED_BITS, FORMAT_KEYS
 
 
@@ -38,7 +39,6 @@ class RewardConfig:
 
 
 SEARCH_MODES = ("hierarchical", "flat", "random")
-SCREENINGS = ("surrogate", "proxy")
 
 
 @dataclass(frozen=True)
