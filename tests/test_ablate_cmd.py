@@ -327,6 +327,25 @@ def test_an_interrupted_ablation_reuses_finished_runs(ablated, tiny, copy_run):
     assert redo["runs"][0]["final_top1"] == report["runs"][0]["final_top1"]
 
 
+def test_an_interrupted_ablation_resumed_with_other_options_is_refused(ablated, tiny, copy_run):
+    rd = copy_run(ablated[0])
+    out = rd / "ablation"
+    (out / ABLATION_JSON).unlink()  # interrupted before its summary
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for change in ({"qat_epochs": 1.0}, {"preset": "standard"}, {"target_ratio": 8.0}):
+        cfg = AblateConfig(**{**tiny.__dict__, **change})
+        with pytest.raises(HirelcError, match=f"other options \\({next(iter(change))} "):
+            ablate(rd, cfg, progress=False, echo=lambda *_: None)
+    res = CliRunner().invoke(app, ["ablate", "-r", str(rd), "--seed", "0", "--variant", "full", "--qat-epochs", "2"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "unfinished ablation made with other options (" in res.output and "qat_epochs" in res.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or redone
+    # other seeds or variants are not other options: the study resumes (here: with the runs it holds)
+    lines: list[str] = []
+    redo = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",)}), progress=False, echo=lines.append)
+    assert [r["variant"] for r in redo["runs"]] == ["full"] and not any("searching" in x for x in lines)
+
+
 def test_cli_bad_input_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["ablate", "-r", str(tmp_path / "none")])
     assert res.exit_code == 2 and "Traceback" not in res.output

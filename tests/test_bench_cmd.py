@@ -112,6 +112,18 @@ def test_outputs_and_refusal_to_overwrite(benched):
     assert (out / "bench.json").read_bytes() == before
 
 
+def test_an_interrupted_bench_resumed_with_other_options_is_refused(benched, tiny, copy_run):
+    rd = copy_run(benched[0])
+    out = rd / "bench"
+    (out / "bench.json").unlink()  # interrupted before its summary
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(HirelcError, match="unfinished comparison made with other options \\(qat_epochs 0.0 there, 1.0 now"):
+        bench(rd, BenchConfig(**{**tiny.__dict__, "qat_epochs": 1.0}), progress=False, echo=lambda s: None)
+    res = CliRunner().invoke(app, ["bench", "-r", str(rd), "--target-ratio", "12"])
+    assert res.exit_code == 2 and "Traceback" not in res.output and "target_ratio 6.0 there, 12.0 now" in res.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or rebuilt
+
+
 def test_uniform_keep_matches_a_parameter_budget(benched):
     from hirelc.cost import policy_storage
     from hirelc.policy import LayerPolicy, Policy

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from hirelc.errors import HirelcError
 
@@ -173,18 +173,35 @@ def link_baseline(run_dir: Path, sub: Path) -> None:
             shutil.copy2(run_dir / name, dst)
 
 
+STUDY_OPTIONS = "study_options.json"  # in a study's output folder: the options its finished runs were made with
+
+
 def open_study_dir(run_dir: str | Path, out_dir: str | Path | None, default: str, finished: str,
-                   what: str) -> tuple[Path, Path]:
+                   what: str, options: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """(run dir, output folder) of a study over a trained baseline (``hirelc bench``, ``hirelc ablate``).
 
     The output folder defaults to ``run_dir/default``; one that already holds ``finished`` is refused so a
-    finished study is never overwritten (an interrupted one, without it, resumes).
+    finished study is never overwritten (an interrupted one, without it, resumes). ``options`` are what every
+    run of the study depends on (budget, effort, fine-tuning): kept in the folder when the study starts, and an
+    interrupted study resumed with other ones is refused, since its finished runs would be reused as if they
+    had been made with them.
     """
     rd = require_run_dir(run_dir, BASELINE_META, BASELINE_CKPT, CONFIG)
     out = Path(out_dir) if out_dir is not None else rd / default
     if (out / finished).exists():
         raise HirelcError(f"{out} already holds a finished {what} ({finished}); give another --out")
+    now = None if options is None else json.loads(json.dumps(strict(_plain(dict(options))), default=_json_default))
+    kept = out / STUDY_OPTIONS
+    if now is not None and kept.is_file():
+        before = read_json(kept, f"{what} options")
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            diff = "; ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+            raise HirelcError(f"{out} holds an unfinished {what} made with other options ({diff}): resume it with "
+                              f"the same options, or give another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if now is not None and not kept.is_file():
+        atomic_write_json(kept, now)
     return rd, out
 
 

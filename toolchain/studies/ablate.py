@@ -175,7 +175,8 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
            progress: bool = True, echo=print) -> dict:
     """Run every (variant, seed), then write ablation.json, ablation.md and the plots into ``out_dir``."""
     cfg = cfg or AblateConfig()
-    rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation")
+    rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation",
+                                  options=study_options(cfg))
     set_threads()
     t0 = time.time()
     bundle = pipeline.run_bundle(rd)
@@ -212,6 +213,11 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     runs.atomic_write_json(out / ABLATION_JSON, report)
     runs.atomic_write_text(out / ABLATION_MD, format_ablation(report))
     return report
+
+
+def study_options(cfg: AblateConfig) -> dict:
+    """What every run of a study depends on; seeds and variants may be added when it is resumed."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "variants")}
 
 
 def _uses_surrogate(variant: str) -> bool:

@@ -145,7 +145,9 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
           progress: bool = True, echo=print) -> dict:
     """Build and measure every method; write bench.json, bench.md and the plots into ``out_dir``."""
     cfg = cfg or BenchConfig()
-    rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison")
+    # what the built artifacts depend on; methods, targets and timing may change when it is resumed
+    built = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "targets", "runs", "batch_sizes")}
+    rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison", options=built)
     set_threads()
     for t in cfg.targets:  # a target this machine cannot run: exit 2 now, not after the searches
         check_target(t)
