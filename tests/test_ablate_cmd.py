@@ -110,6 +110,10 @@ def test_goals_and_table_show_the_paired_comparison():
     assert "p one-sided" in md and "| random | 80.00 ± 0.50 |" in md and "| +0.70 | 5 / 0 of 5 | 0.031 | 0.062 |" in md
     assert "| full |" in md and md.count("| - | - | - | - |") == 1  # the reference has no comparison with itself
     assert "logit-MSE proxy" not in md  # a report without the proxy's figures does not invent them
+    assert "| winner after warm-up |" in md and "| 80.0 ± 0.5 | - | 80 ± 0 |" in md  # no runs listed: not counted
+    report["runs"] = [{"variant": "random", "seed": s, "winner_after_warmup": s < 2} for s in range(5)]
+    assert "| random | 80.00 ± 0.50 | 80.00 ± 0.50 | 80.00 ± 0.50 | 80.0 ± 0.5 | 80.0 ± 0.5 | 2 of 5 | 80 ± 0 |" \
+        in format_ablation(report)
     report["surrogate"].update(proxy_points=20, proxy_spearman=0.81)
     assert ("Spearman 0.75 on 20 points (each predicted before the surrogate saw it). The logit-MSE proxy on the "
             "same points: Spearman 0.81 on 20.") in format_ablation(report)
@@ -134,6 +138,10 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
             assert expected >= n_evals
         assert r["real_evals"] == expected == len(history) and r["effective_ratio"] >= 6.0
         assert r["evals_to_best"] == evals_to_best(history) and 1 <= r["evals_to_best"] <= expected
+        # found by the search itself (a cycle after the warm-up) or one of the warm-up's policies
+        assert r["winner_after_warmup"] is (history[r["evals_to_best"] - 1]["cycle"] > 0)
+        if r["variant"] == "uniform":
+            assert r["winner_after_warmup"] is False
         assert r["best_val"] == max(h["real_acc"] for h in history if h["meets_budget"])
         # the final score is the run's exported winner on the whole test split
         assert r["final_top1"] == pytest.approx(onnx_top1(sub / "model.onnx", test.x.numpy(), test.y.numpy()),

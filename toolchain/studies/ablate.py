@@ -158,10 +158,13 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     top1 = ort_accuracy(make_session(sub / runs.HIRELC_ONNX), bundle.test.x.numpy(), bundle.test.y.numpy())
     history = _read_history(sub / "search.jsonl")
     report = runs.read_json(sub / runs.LOWER_REPORT, "lower report")
+    found = evals_to_best(history)
     return {
         "variant": variant, "seed": seed, "final_top1": top1, "best_val": summary["best_acc"],
         "effective_ratio": report["effective_ratio"], "real_evals": summary["n_real_evals"],
-        "evals_to_best": evals_to_best(history), "search_wall_s": summary["wall_s"],
+        "evals_to_best": found, "search_wall_s": summary["wall_s"],
+        # whether the search itself found the winner, or it was one of the warm-up's (shared) policies
+        "winner_after_warmup": None if found is None else history[found - 1].get("cycle", 0) > 0,
         "surrogate_spearman": summary.get("surrogate_spearman"),
         "surrogate_points": [[h["predicted_acc"], h["real_acc"]] for h in history
                              if h.get("predicted_acc") is not None],
@@ -257,7 +260,7 @@ def format_ablation(report: dict) -> str:
     ref = (report.get("paired") or {}).get("reference")
     n = max((t["n"] for t in tests.values()), default=0)
     head = ["variant", "final ORT top-1 %", "best search val %", "effective ratio", "real evals",
-            "winner found at eval", "search s"]
+            "winner found at eval", "winner after warm-up", "search s"]
     if tests:
         head += [f"{ref} − this (paired)", f"{ref} ahead / behind", "p one-sided", "p two-sided"]
 
@@ -267,9 +270,14 @@ def format_ablation(report: dict) -> str:
         t = tests.get(v)
         return ["-"] * 4 if t is None else paired_cells(t)
 
+    def after_warmup(v: str) -> str:  # seeds whose winner the search found after the warm-up (older reports: -)
+        found = [r.get("winner_after_warmup") for r in report.get("runs", []) if r["variant"] == v]
+        return "-" if not found or None in found else f"{sum(found)} of {len(found)}"
+
     specs = (("final_top1", ".2f"), ("best_val", ".2f"), ("effective_ratio", ".2f"), ("real_evals", ".1f"),
-             ("evals_to_best", ".1f"), ("search_wall_s", ".0f"))
-    lines += md_table(head, ([v, *(format_mean_std(s[m], spec) for m, spec in specs), *cols(v)]
+             ("evals_to_best", ".1f"))
+    lines += md_table(head, ([v, *(format_mean_std(s[m], spec) for m, spec in specs), after_warmup(v),
+                              format_mean_std(s["search_wall_s"], ".0f"), *cols(v)]
                              for v, s in report["summary"].items()))
     sur = report["surrogate"]
     rho = fmt(sur["spearman"], ".2f")
