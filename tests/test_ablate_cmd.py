@@ -16,6 +16,7 @@ from hirelc.studies.ablate import (
     ABLATION_JSON,
     VARIANTS,
     AblateConfig,
+    _by_surrogate,
     ablate,
     evals_to_best,
     format_ablation,
@@ -46,6 +47,15 @@ def test_evals_to_best_counts_only_evaluations_within_budget():
             {"real_acc": 80.0, "meets_budget": True}, {"real_acc": 80.0, "meets_budget": True}]
     assert evals_to_best(hist) == 3  # the first evaluation reaching the best in-budget accuracy
     assert evals_to_best([{"real_acc": 50.0, "meets_budget": False}]) is None
+
+
+def test_a_logged_evaluation_counts_as_the_surrogates_prediction_only_where_it_is():
+    assert _by_surrogate({"surrogate_acc": 71.0, "predicted_acc": 74.0}, "proxy-screen")
+    assert not _by_surrogate({"surrogate_acc": None, "predicted_acc": None}, "full")
+    # a log from before surrogate_acc: its prediction is the surrogate's only where the surrogate screened
+    assert _by_surrogate({"predicted_acc": 74.0}, "full") and _by_surrogate({"predicted_acc": 74.0}, "flat")
+    assert not _by_surrogate({"predicted_acc": 74.0}, "proxy-screen")
+    assert not _by_surrogate({"predicted_acc": None}, "full")
 
 
 def test_mean_std_is_the_sample_statistic_and_skips_missing_values():
@@ -152,20 +162,17 @@ def _check_runs(rd, report, n_evals, onnx_top1) -> None:
             assert search["config"][k] == v, (r["variant"], k)
         if r["variant"] in ("no-surrogate", "random", "random-time", "uniform"):
             assert not r["surrogate_points"]
-        else:  # each surrogate point is a logged (prediction, real accuracy) pair
-            assert r["surrogate_points"] == [[h["predicted_acc"], h["real_acc"]] for h in history
-                                             if h["predicted_acc"] is not None]
+        else:  # each surrogate point is a logged (the surrogate's own prediction, real accuracy) pair
+            assert r["surrogate_points"] == [[h["surrogate_acc"], h["real_acc"]] for h in history
+                                             if h["surrogate_acc"] is not None]
             assert r["surrogate_points"]
             # the proxy's ranking of the same evaluations, for comparison: minus its logged drop
             assert r["proxy_points"] == [[-h["proxy_drop"], h["real_acc"]] for h in history
-                                         if h["predicted_acc"] is not None]
-    # pooled over the runs whose predictions are the surrogate's (proxy-screen logs the calibrated proxy's)
-    pooled = sum(len(r["surrogate_points"]) for r in report["runs"]
-                 if r["variant"] not in ("no-surrogate", "random", "random-time", "uniform", "proxy-screen"))
+                                         if h["surrogate_acc"] is not None]
+    # pooled over every run with a surrogate, whatever screened its candidates
+    pooled = sum(len(r["surrogate_points"]) for r in report["runs"])
     assert report["surrogate"]["points"] == pooled == report["surrogate"]["proxy_points"]
-    proxy = [p for r in report["runs"]
-             if r["variant"] not in ("no-surrogate", "random", "random-time", "uniform", "proxy-screen")
-             for p in r["proxy_points"]]
+    proxy = [p for r in report["runs"] for p in r["proxy_points"]]
     drops, accs = zip(*proxy, strict=True)
     if len(set(drops)) > 1 and len(set(accs)) > 1:  # the proxy's rank correlation on the pooled points
         assert report["surrogate"]["proxy_spearman"] == pytest.approx(spearman(drops, accs))

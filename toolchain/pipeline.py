@@ -39,6 +39,7 @@ from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of th
 from hirelc.parallel import distributed, needs_ray
 from hirelc.policy import LayerPolicy, Policy, get_policy
 from hirelc.search import PRESETS, Budget, check_budget_feasible, fisher_sensitivity, run_search
+from hirelc.search.engine import surrogate_prediction
 from hirelc.search.front import check_front, competing, front_report, pick, picked_policy
 from hirelc.search.plots import plot_front, plot_pareto, plot_policy_heatmap, plot_progress, plot_surrogate
 from hirelc.search.space import uniform_grid
@@ -577,7 +578,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     plot_progress(result.history, rd / "search_progress.png")
     plot_pareto(result.history, rd / "search_pareto.png")
     front = write_front(rd, model, topo, result.history, budget, fp32_bytes, progress=progress)
-    pairs = [(h["predicted_acc"], h["real_acc"]) for h in result.history if h.get("predicted_acc") is not None]
+    pairs = [(surrogate_prediction(h), h["real_acc"]) for h in result.history if surrogate_prediction(h) is not None]
     if len(pairs) >= 2:
         plot_surrogate([p for p, _ in pairs], [r for _, r in pairs], rd / "surrogate.png")
     winner_bytes = evaluator.predict_bytes(result.layers)
@@ -630,5 +631,6 @@ def format_cycle(c: dict) -> str:
                                                               if c.get("proxy_saturated") else "")
     if c.get("predicted_acc"):
         lo, hi = c["predicted_acc"]
-        line += f"; surrogate {lo:.1f}-{hi:.1f} %"
+        by = "calibrated proxy" if str(c.get("screened_by", "")).startswith("proxy calibrated") else "surrogate"
+        line += f"; {by} {lo:.1f}-{hi:.1f} %"
     return line

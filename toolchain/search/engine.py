@@ -83,13 +83,24 @@ from hirelc.topology import LayerSpec
 
 STATE_VERSION = 1
 # One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random | random |
-# promising | uncertain; predicted_* are the surrogate's (null without one) and the evaluator's predictions;
+# promising | uncertain; predicted_acc / _std: what screened the candidate (the surrogate, or with
+# screening="proxy" the calibrated proxy; null without either), surrogate_acc: the surrogate's own prediction
+# (null without one), predicted_bytes / _latency_ms: the evaluator's;
 # storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation;
 # fidelity: how many times the evaluation's fine-tune was doubled (see SearchConfig.fidelity_doublings).
 LOG_KEYS = (
-    "cycle", "kind", "policy", "predicted_acc", "predicted_std", "proxy_drop", "real_acc", "effective_ratio",
-    "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s", "fidelity",
+    "cycle", "kind", "policy", "predicted_acc", "predicted_std", "surrogate_acc", "proxy_drop", "real_acc",
+    "effective_ratio", "storage_bytes", "predicted_bytes", "predicted_latency_ms", "meets_budget", "wall_s", "eval_s",
+    "fidelity",
 )
+
+
+def surrogate_prediction(rec: Mapping) -> float | None:
+    """The surrogate's predicted accuracy of a logged real evaluation (logs written before ``surrogate_acc``
+    existed hold it as ``predicted_acc``, when the surrogate screened)."""
+    return rec["surrogate_acc"] if "surrogate_acc" in rec else rec.get("predicted_acc")
+
+
 UNIFORM_SENSITIVITY = 0.5  # fisher_guided=False: neutral (no Fisher shift), equal for every layer and block
 
 
@@ -132,12 +143,14 @@ class BatchEvaluator(Evaluator, Protocol):
 
 @dataclass(frozen=True)
 class _Planned:
-    """One real evaluation a phase plans: the policy, why it was chosen, and the surrogate's prediction."""
+    """One real evaluation a phase plans: the policy, why it was chosen, the screening's prediction and the
+    surrogate's own (the same unless the proxy screened)."""
 
     layers: Layers
     kind: str
     pred: float | None = None
     std: float | None = None
+    surrogate: float | None = None
 
 
 @dataclass
@@ -378,7 +391,8 @@ class _Search:
         storage = policy_storage(self.specs, layers)
         rec = {
             "cycle": cycle, "kind": p.kind, "policy": {n: lp.to_dict() for n, lp in layers.items()},
-            "predicted_acc": p.pred, "predicted_std": p.std, "proxy_drop": proxy, "real_acc": acc,
+            "predicted_acc": p.pred, "predicted_std": p.std, "surrogate_acc": p.surrogate, "proxy_drop": proxy,
+            "real_acc": acc,
             "effective_ratio": storage["effective_ratio"], "storage_bytes": storage["storage_bits"] / 8,
             "predicted_bytes": None if size is None else float(size),
             "predicted_latency_ms": None if lat is None else float(lat), "meets_budget": self.meets_budget(layers),
@@ -550,6 +564,7 @@ class _Search:
         if not cands:
             return
         n_prom = math.ceil(cfg.real_evals_per_cycle / 2)
+        sur_mean = mean
         if mean is not None and cfg.screening == "proxy":
             calibrated = self.calibrated_proxy(cands, stats)
             if calibrated is not None:  # the proxy, mapped to accuracy, ranks; the surrogate's spread picks the rest
@@ -575,7 +590,8 @@ class _Search:
         chosen = [(i, "promising") for i in prom] + [(i, "uncertain") for i in rest[:n_unc]]
         stats["real_evals"] = len(chosen)
         self.real_evals(phase, [_Planned(cands[i], kind, None if mean is None else float(mean[i]),
-                                         None if std is None else float(std[i])) for i, kind in chosen])
+                                         None if std is None else float(std[i]),
+                                         None if sur_mean is None else float(sur_mean[i])) for i, kind in chosen])
 
     def calibrated_proxy(self, cands: Sequence[Layers], stats: dict) -> np.ndarray | None:
         """Predicted accuracy (%) of each candidate from its proxy drop, by a line fitted to the real results at
@@ -675,7 +691,8 @@ class _Search:
         best = self.best()
         if best is None:
             raise HirelcError(f"no really evaluated policy meets the budget {self.budget}")
-        pairs = [(r["predicted_acc"], r["real_acc"]) for r in self.records if r["predicted_acc"] is not None]
+        pairs = [(surrogate_prediction(r), r["real_acc"]) for r in self.records
+                 if surrogate_prediction(r) is not None]
         rho = spearman(*zip(*pairs, strict=True)) if len(pairs) >= 3 else float("nan")
         return SearchResult(
             layers=dict(self.layers[best]), accuracy=self.records[best]["real_acc"],

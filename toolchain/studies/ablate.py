@@ -46,6 +46,7 @@ from hirelc.lower import LowerConfig
 from hirelc.options import EQUAL_TIME, REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
 from hirelc.report import fmt, md_table
 from hirelc.search import PRESETS
+from hirelc.search.engine import surrogate_prediction
 from hirelc.search.front import competing
 from hirelc.search.plots import plot_ablation, plot_surrogate
 from hirelc.search.surrogate import spearman
@@ -166,11 +167,11 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
         # whether the search itself found the winner, or it was one of the warm-up's (shared) policies
         "winner_after_warmup": None if found is None else history[found - 1].get("cycle", 0) > 0,
         "surrogate_spearman": summary.get("surrogate_spearman"),
-        "surrogate_points": [[h["predicted_acc"], h["real_acc"]] for h in history
-                             if h.get("predicted_acc") is not None],
-        # the proxy's own ranking of the same evaluations: minus its predicted drop
+        # the surrogate's own prediction of each real evaluation it saw before (whatever screened it), and the
+        # proxy's ranking of the same evaluations: minus its predicted drop
+        "surrogate_points": [[surrogate_prediction(h), h["real_acc"]] for h in history if _by_surrogate(h, variant)],
         "proxy_points": [[-h["proxy_drop"], h["real_acc"]] for h in history
-                         if h.get("predicted_acc") is not None and h.get("proxy_drop") is not None],
+                         if _by_surrogate(h, variant) and h.get("proxy_drop") is not None],
     }
 
 
@@ -224,10 +225,17 @@ def study_options(cfg: AblateConfig) -> dict:
 
 
 def _uses_surrogate(variant: str) -> bool:
-    """Whether the variant's recorded predictions are the surrogate's (not the proxy's, and it has some)."""
+    """Whether the variant's searches have a surrogate (and cycles for it to predict in)."""
     sw = VARIANTS[variant]
-    return (sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
-            and sw.get("screening", "surrogate") == "surrogate")
+    return sw.get("use_surrogate", True) and sw.get("mode", "hierarchical") != "random" and sw.get("cycles", 1) > 0
+
+
+def _by_surrogate(rec: dict, variant: str) -> bool:
+    """Whether a logged real evaluation holds the surrogate's prediction (a log written before ``surrogate_acc``
+    existed holds only the screening's, which under proxy screening is not the surrogate's)."""
+    if "surrogate_acc" in rec:
+        return rec["surrogate_acc"] is not None
+    return rec.get("predicted_acc") is not None and VARIANTS[variant].get("screening", "surrogate") == "surrogate"
 
 
 def paired_cells(t: dict) -> list[str]:
