@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import run_bundle
+from hirelc.search.config import SearchConfig
 from hirelc.search.surrogate import spearman
 from hirelc.studies.ablate import (
     ABLATION_JSON,
@@ -359,6 +360,30 @@ def test_an_interrupted_ablation_resumed_with_other_options_is_refused(ablated, 
     lines: list[str] = []
     redo = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",)}), progress=False, echo=lines.append)
     assert [r["variant"] for r in redo["runs"]] == ["full"] and not any("searching" in x for x in lines)
+
+
+def test_a_finished_run_searched_with_another_configuration_is_refused(ablated, tiny, copy_run):
+    """A run folder is reused only when its search ran as this study's variant would run it now: one from a
+    build with other defaults (or edited switches) is not mixed into the study."""
+    rd = copy_run(ablated[0])
+    out = rd / "ablation"
+    (out / ABLATION_JSON).unlink()  # interrupted before its summary
+    path = out / "full-seed0" / "search.json"
+    search = json.loads(path.read_text())
+    path.write_text(json.dumps({**search, "config": {**search["config"], "ensemble": True}}))
+    with pytest.raises(HirelcError, match=r"full-seed0: searched with another configuration .*\(ensemble True there, "
+                                          r"False now\)"):
+        ablate(rd, tiny, progress=False, echo=lambda *_: None)
+    # a record from before the screening switch existed was screened by the surrogate
+    legacy = {k: v for k, v in search["config"].items() if k != "screening"}
+    path.write_text(json.dumps({**search, "config": legacy}))
+    if SearchConfig().screening == "surrogate":
+        lines: list[str] = []
+        ablate(rd, tiny, progress=False, echo=lines.append)
+        assert not any("searching" in x for x in lines)
+    else:
+        with pytest.raises(HirelcError, match="screening 'surrogate' there"):
+            ablate(rd, tiny, progress=False, echo=lambda *_: None)
 
 
 def test_cli_bad_input_is_a_one_line_error(tmp_path):

@@ -41,6 +41,7 @@ from pathlib import Path
 from scipy.stats import wilcoxon
 
 from hirelc import pipeline, runs
+from hirelc.errors import HirelcError
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
 from hirelc.options import EQUAL_TIME, REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
@@ -129,6 +130,23 @@ def equal_time_cycles(reference_run: Path, cfg: AblateConfig) -> int:
     return max(search.cycles, math.ceil((n - search.warmup_real_evals) / per_cycle))
 
 
+# what a search configuration recorded before a field existed did (that field's behaviour before it was added)
+_BEFORE_THE_FIELD = {"screening": "surrogate"}
+
+
+def _check_searched_as_now(sub: Path, variant: str, preset: str, overrides: dict) -> None:
+    """A finished run is reused only when its search ran with the configuration this study gives it; one made
+    by a build with other defaults, or with other switches, would otherwise be mixed in silently."""
+    now = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides))))
+    was = runs.read_json(sub / "search.json", "search summary").get("config", {})
+    changed = [k for k in now if k not in ("seed", "formats")
+               and was.get(k, _BEFORE_THE_FIELD.get(k, now[k])) != now[k]]
+    if changed:
+        diff = "; ".join(f"{k} {was.get(k, _BEFORE_THE_FIELD.get(k))!r} there, {now[k]!r} now" for k in changed)
+        raise HirelcError(f"{sub}: searched with another configuration than this study's {variant} runs use "
+                          f"({diff}); give another --out, or remove that folder to search it again")
+
+
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     runs.link_baseline(rd, sub)
@@ -146,6 +164,8 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
                  f"time (not {before}): searching again")
             (sub / runs.HIRELC_ONNX).unlink(missing_ok=True)  # built from the stale winner
             searched = False
+    if searched:
+        _check_searched_as_now(sub, variant, cfg.preset, overrides)
     if not searched:
         echo(f"  {variant} seed {seed}: searching")
         pipeline.search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
