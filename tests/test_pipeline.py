@@ -391,6 +391,29 @@ def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, 
     assert seen["overrides"] == overrides
 
 
+@pytest.mark.parametrize("screening,overrides", [("proxy", {"screening": "proxy"}), ("surrogate", None)])
+def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, screening, overrides):
+    """compress --screening reaches the search stage (the default adds no override, so a run directory searched
+    before the option existed stays current)."""
+    import hirelc.pipeline
+
+    seen = {}
+
+    def fake_search_stage(run_dir, **kw):
+        seen.update(kw)
+        raise HirelcError("stopped after the options were read")
+
+    rd = copy_run(compressed[0])
+    cfg = CompressConfig(**{**compressed[1].__dict__, "run_dir": str(rd), "policy": None, "resume": True,
+                            "screening": screening})
+    monkeypatch.setattr(hirelc.pipeline, "search_stage", fake_search_stage)
+    with pytest.raises(HirelcError, match="stopped after the options were read"):
+        compress(cfg, progress=False, echo=lambda s: None)
+    assert seen["overrides"] == overrides  # the trained baseline was current: the search came next
+    with pytest.raises(HirelcError, match="unknown screening 'oracle'"):
+        CompressConfig(screening="oracle")
+
+
 def test_search_cli_refuses_an_unknown_screening(tmp_path):
     res = CliRunner().invoke(app, ["search", "-r", str(tmp_path), "--screening", "oracle"])
     assert res.exit_code == 2 and "oracle" in res.output and "Traceback" not in res.output

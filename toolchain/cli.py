@@ -342,6 +342,12 @@ NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-la
                             "artifact to be as fast as ONNX Runtime's own int8 of the model (batch 8).")
 
 
+ScreeningOpt = typer.Option("surrogate", help="What ranks each search cycle's candidates for the real "
+                            "evaluations: the surrogate's prediction, or the cold-start proxy mapped to accuracy by "
+                            "a line fitted to the real results (the surrogate still shapes the agents' rewards; "
+                            "`hirelc ablate` compares the two).")
+
+
 def search_overrides(fill_budget: bool, screening: str) -> dict | None:
     """The SearchConfig fields `hirelc search` changes from the preset's (None: none); defaults are left out, so
     a run searched before an option existed still matches its record."""
@@ -367,10 +373,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="Continue from search_state.pt after an interruption."),
     fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
                                      "give the most sensitive layers back bits / channels while it still fits."),
-    screening: Screening = typer.Option("surrogate", help="What ranks each cycle's candidates for the real "
-                                        "evaluations: the surrogate's prediction, or the cold-start proxy mapped "
-                                        "to accuracy by a line fitted to the real results (the surrogate still "
-                                        "shapes the agents' rewards; `hirelc ablate` compares the two)."),
+    screening: Screening = ScreeningOpt,
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
 ):
@@ -425,6 +428,7 @@ def compress(
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
     pick: Optional[str] = PickOpt,
+    screening: Screening = ScreeningOpt,
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
 
@@ -440,7 +444,8 @@ def compress(
                              target_ratio=target_ratio, search_preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
                              qat_epochs=qat_epochs, distill=distill, verify_runs=runs_, resume=resume, seed=seed,
-                             workers=workers, ray_address=ray_address, pick=pick)
+                             workers=workers, ray_address=ray_address, pick=pick,
+                             screening=Screening(screening).value)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

@@ -234,6 +234,7 @@ class CompressConfig:
     workers: int = 1  # the search's real evaluations on a local Ray instance with this many CPUs (1: in process)
     ray_address: str | None = None  # or on this Ray cluster
     pick: str | None = None  # lower this entry of the search's front instead of the winner (hirelc.search.front)
+    screening: str = "surrogate"  # what ranks the search's candidates (SCREENINGS; SearchConfig.screening)
 
     def __post_init__(self):
         finite("--target-ratio", self.target_ratio, low=1.0)
@@ -241,6 +242,8 @@ class CompressConfig:
         finite("--distill", self.distill, low=0.0, high=1.0)
         at_least("--workers", self.workers, 1)
         check_pick(self.pick)
+        if self.screening not in SCREENINGS:
+            raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
         if self.max_size_mb is not None:
             finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
         if self.max_latency_ms is not None:

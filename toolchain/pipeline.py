@@ -255,6 +255,12 @@ def _lower_policy(rd: Path, cfg: CompressConfig) -> Policy:
     return pick_policy(rd, cfg.pick) if cfg.pick else get_policy(str(rd / runs.POLICY))
 
 
+def compress_overrides(cfg: CompressConfig) -> dict | None:
+    """The SearchConfig fields `hirelc compress` changes from the preset's (None: none; a default is left out, so
+    a run directory searched before the option existed stays current)."""
+    return {"screening": cfg.screening} if cfg.screening != "surrogate" else None
+
+
 def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
     """Why ``stage`` of :func:`compress` must run (again), or None when its outputs are what it would build now:
     each output's provenance record must match its current input files and this call's options."""
@@ -265,7 +271,7 @@ def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
         if cfg.policy:
             return runs.stale(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
         why = runs.stale(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
-            cfg.target_ratio, cfg.search_preset, cfg.max_size_mb, cfg.max_latency_ms, cfg.seed, None,
+            cfg.target_ratio, cfg.search_preset, cfg.max_size_mb, cfg.max_latency_ms, cfg.seed, compress_overrides(cfg),
             cfg.latency_budget))
         if why is None and cfg.pick:  # --pick needs the search's front (a stopped search may not have written it)
             why = runs.stale(rd, runs.FRONT, FRONT_INPUTS, check_options=False)
@@ -331,7 +337,8 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
                 res = search_stage(rd, target_ratio=cfg.target_ratio, preset=cfg.search_preset,
                                    max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
                                    resume=again, progress=progress, latency_budget=cfg.latency_budget,
-                                   echo=echo, workers=cfg.workers, ray_address=cfg.ray_address)
+                                   overrides=compress_overrides(cfg), echo=echo, workers=cfg.workers,
+                                   ray_address=cfg.ray_address)
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
