@@ -296,13 +296,16 @@ def test_latency_table_times_every_format_and_predicts_its_anchors(compressed, t
         expected = (table["int8_model_ms"] - row["w8"] + row["fp32"]
                     + share * (table["rest_ms"] - table["int8_rest_ms"]))
         assert predict({**int8, name: LayerPolicy(bits=None)}) == pytest.approx(expected, rel=1e-9), name
-    # and a policy between the pruning anchors, lowered and timed the real way, runs about as fast as predicted
-    # (loosely: sub-millisecond medians on a shared CPU differ up to 2x between sessions)
+    # and a policy between the pruning anchors, lowered and timed the real way, runs about as fast as predicted,
+    # relative to the int8 anchor timed beside it (a ratio of times taken together holds on a busy CPU, where
+    # sub-millisecond medians taken minutes apart can differ several-fold; loosely, within 3x)
     from hirelc.latency import time_lowered
 
     mid = uniform_policy(specs, 8, (1.0 + ANCHOR_KEEP) / 2)
     measured = time_lowered(model, topo, mid, batch=8, runs_=20, path=tmp_path / "mid.onnx")
-    assert 1 / 3 < predict(mid) / measured < 3, (predict(mid), measured)
+    measured_int8 = time_lowered(model, topo, int8, batch=8, runs_=20, path=tmp_path / "int8.onnx")
+    ratio = (predict(mid) / predict(int8)) / (measured / measured_int8)
+    assert 1 / 3 < ratio < 3, (predict(mid), predict(int8), measured, measured_int8)
 
     # lowering in a run directory with this table records the prediction; verify sets it beside the measurement
     from hirelc.export.verify import _latency_prediction
