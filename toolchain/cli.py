@@ -509,7 +509,7 @@ def ablate(
     """What each part of the search buys, and whether it beats the baselines: the full search against no surrogate,
     uniform (not Fisher-guided) sensitivity, a single agent per level, random search (at equal real evaluations,
     and random-time at the full search's wall time), a flat single-agent search, the proxy ranking each cycle's
-    candidates instead of the surrogate (proxy-screen) and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes) -> ablation.json/.md with
+    candidates instead of the surrogate (proxy-screen; proxy-screen-pool: among random policies too) and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes) -> ablation.json/.md with
     mean ± std and paired Wilcoxon signed-rank tests against the full search, ablation.png, and
     surrogate_scatter.png (predicted vs real accuracy, Spearman, beside the proxy's on the same points).
 

@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "random-time": {"mode": "random"},  # and as many cycles as the full search's wall time holds (ablate)
     "flat": {"mode": "flat"},
     "proxy-screen": {"screening": "proxy"},  # the proxy, calibrated on real results, ranks each cycle's candidates
+    # and ranks them among as many random policies repaired into the budget (the quick preset's 8 per cycle)
+    "proxy-screen-pool": {"screening": "proxy", "random_candidates": 8},
     "uniform": {"warmup_real_evals": 1, "cycles": 0},
 }
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed

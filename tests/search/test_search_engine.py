@@ -332,3 +332,22 @@ def test_proxy_screening_falls_back_to_the_surrogate_when_the_proxy_cannot_rank(
 def test_unknown_screening_is_refused():
     with pytest.raises(HirelcError, match="unknown screening 'oracle'"):
         SearchConfig(screening="oracle")
+
+
+def test_random_candidates_join_each_cycles_screening():
+    """``random_candidates`` adds random policies, repaired into the budget, to the agents' candidates of every
+    cycle: the first cycle screens exactly that many more (the agents propose the same after the same warm-up),
+    and every real evaluation stays distinct and within the budget."""
+    specs = make_specs()
+    base = {**CFG.__dict__, "screening": "proxy"}
+    plain = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), SearchConfig(**base), BUDGET, progress=False)
+    pooled = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), SearchConfig(**{**base, "random_candidates": 3}),
+                        BUDGET, progress=False)
+    assert plain.cycles[1]["cycle"] == pooled.cycles[1]["cycle"] == 1 and "random_candidates" not in plain.cycles[1]
+    assert pooled.cycles[1]["random_candidates"] == 3
+    assert pooled.cycles[1]["feasible"] == plain.cycles[1]["feasible"] + 3
+    assert all(c.get("random_candidates") == 3 for c in pooled.cycles if c["cycle"] > 0)
+    keys = [json.dumps(h["policy"], sort_keys=True) for h in pooled.history]
+    assert len(set(keys)) == len(keys) and all(h["meets_budget"] for h in pooled.history)
+    with pytest.raises(HirelcError, match="random_candidates must be >= 0"):
+        SearchConfig(random_candidates=-1)

@@ -83,6 +83,9 @@ class SearchConfig:
     # (its mean prediction) or "proxy" (the logit-MSE proxy of every candidate, mapped to accuracy by a line fitted
     # to the real results; the surrogate still shapes the agents' rewards and picks the "uncertain" ones).
     screening: str = "surrogate"
+    # Random policies, repaired into the budget, added to each cycle's candidates beside the agents' (0: none), so
+    # the screening also weighs candidates the agents would not propose.
+    random_candidates: int = 0
     # weight formats (hirelc.policy.FORMAT_KEYS) the space offers; None = all. The pipeline sets the ones the
     # run directory's latency table finds no slower than int8, so the default space holds only fast formats.
     formats: tuple[str, ...] | None = None
@@ -104,6 +107,8 @@ class SearchConfig:
             raise HirelcError("fidelity_doublings must be >= 0, fidelity_gap > 0 and fidelity_spread >= 0")
         if min(self.hla_timesteps, self.lla_timesteps, self.lla_episode_len) < 1:
             raise HirelcError("timesteps and episode length must be >= 1")
+        if self.random_candidates < 0:
+            raise HirelcError("random_candidates must be >= 0")
         if self.screening not in SCREENINGS:
             raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
         if self.mode not in SEARCH_MODES:

@@ -557,9 +557,16 @@ class _Search:
                     for i, (b, sb) in enumerate(self.blocks.items())
                 }
             cands, assembled = self.candidates(proposals, phase)
+            n_random = 0
+            if cfg.random_candidates:
+                taken = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+                extra = self.random_candidates(phase, taken | {policy_key(self.specs, c) for c in cands})
+                cands, n_random = cands + extra, len(extra)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
         stats = {"cycle": phase, "screened_by": "surrogate" if sur is not None else "proxy",
                  "candidates": assembled, "feasible": len(cands), "real_evals": 0, "proxy_saturated": None}
+        if cfg.random_candidates:
+            stats["random_candidates"] = n_random  # of the feasible ones: random policies beside the agents'
         self.cycle_stats[phase] = stats
         if not cands:
             return
@@ -641,6 +648,20 @@ class _Search:
             if key not in done and self.meets_budget(lay) and all(policy_key(self.specs, o) != key for o in out):
                 out.append(lay)
         return out, assembled
+
+    def random_candidates(self, phase: int, taken: set) -> list[Layers]:
+        """``config.random_candidates`` random policies repaired into the budget, none in ``taken`` (evaluated
+        before, or already a candidate), for the cycle's screening to weigh beside the agents' proposals."""
+        rng, out = np.random.default_rng([self.config.seed, phase, 4]), []
+        for _ in range(20 * self.config.random_candidates):
+            if len(out) >= self.config.random_candidates:
+                break
+            lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
+            key = policy_key(self.specs, lay)
+            if key not in taken and self.meets_budget(lay):
+                taken.add(key)
+                out.append(lay)
+        return out
 
     def mutate(self, layers: Layers, rng: np.random.Generator, block_c: Mapping[str, Constraints]) -> Layers:
         """Re-draw one random axis of one random layer among its valid levels."""

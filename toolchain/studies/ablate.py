@@ -14,6 +14,8 @@ random-time              random search given the wall time the full search took 
 flat                     one PPO agent over every layer with the global target (no high level): HAQ-like
 proxy-screen             the full search, but each cycle's promising candidates are ranked by the logit-MSE
                          proxy mapped to accuracy by a line fitted to the real results, not by the surrogate
+proxy-screen-pool        proxy-screen, with 8 random policies repaired into the budget added to each cycle's
+                         candidates, so the screening also weighs policies the agents would not propose
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
 
