@@ -484,18 +484,9 @@ class _Search:
 
     def random_cycle(self, phase: int) -> None:
         """Random search: fresh random policies, repaired into the budget, none evaluated twice."""
-        rng = np.random.default_rng([self.config.seed, phase, 3])
         done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
-        plan: list[_Planned] = []
-        for _ in range(50 * self.config.real_evals_per_cycle):
-            if len(plan) >= self.config.real_evals_per_cycle:
-                break
-            lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
-            key = policy_key(self.specs, lay)
-            if key in done or not self.meets_budget(lay):
-                continue
-            done.add(key)
-            plan.append(_Planned(lay, "random"))
+        n = self.config.real_evals_per_cycle
+        plan = [_Planned(lay, "random") for lay in self.random_feasible(n, [self.config.seed, phase, 3], done, 50 * n)]
         self.cycle_stats[phase] = {"cycle": phase, "screened_by": "none (random)", "candidates": len(plan),
                                    "feasible": len(plan), "real_evals": len(plan), "proxy_saturated": None}
         self.real_evals(phase, plan)  # skips what this phase evaluated before an interruption
@@ -652,9 +643,15 @@ class _Search:
     def random_candidates(self, phase: int, taken: set) -> list[Layers]:
         """``config.random_candidates`` random policies repaired into the budget, none in ``taken`` (evaluated
         before, or already a candidate), for the cycle's screening to weigh beside the agents' proposals."""
-        rng, out = np.random.default_rng([self.config.seed, phase, 4]), []
-        for _ in range(20 * self.config.random_candidates):
-            if len(out) >= self.config.random_candidates:
+        n = self.config.random_candidates
+        return self.random_feasible(n, [self.config.seed, phase, 4], taken, 20 * n)
+
+    def random_feasible(self, n: int, seed: list[int], taken: set, tries: int) -> list[Layers]:
+        """Up to ``n`` distinct random policies repaired into the budget and not in ``taken`` (which they join),
+        from ``tries`` draws of the generator seeded with ``seed``."""
+        rng, out = np.random.default_rng(seed), []
+        for _ in range(tries):
+            if len(out) >= n:
                 break
             lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
             key = policy_key(self.specs, lay)
