@@ -482,9 +482,13 @@ class _Search:
     def _base_constraints(self) -> dict[str, Constraints]:
         return {b: self.base for b in self.blocks}
 
+    def evaluated_before(self, phase: int) -> set:
+        """The policy keys of every real evaluation of the phases before ``phase``."""
+        return {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+
     def random_cycle(self, phase: int) -> None:
         """Random search: fresh random policies, repaired into the budget, none evaluated twice."""
-        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+        done = self.evaluated_before(phase)
         n = self.config.real_evals_per_cycle
         plan = [_Planned(lay, "random") for lay in self.random_feasible(n, [self.config.seed, phase, 3], done, 50 * n)]
         self.cycle_stats[phase] = {"cycle": phase, "screened_by": "none (random)", "candidates": len(plan),
@@ -550,8 +554,8 @@ class _Search:
             cands, assembled = self.candidates(proposals, phase)
             n_random = 0
             if cfg.random_candidates:
-                taken = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
-                extra = self.random_candidates(phase, taken | {policy_key(self.specs, c) for c in cands})
+                taken = self.evaluated_before(phase) | {policy_key(self.specs, c) for c in cands}
+                extra = self.random_candidates(phase, taken)
                 cands, n_random = cands + extra, len(extra)
             mean, std = sur.predict(cands) if sur is not None and cands else (None, None)
         stats = {"cycle": phase, "screened_by": "surrogate" if sur is not None else "proxy",
@@ -617,7 +621,7 @@ class _Search:
         and how many were put together to find them."""
         cfg, rng = self.config, np.random.default_rng([self.config.seed, phase, 1])
         block_c = {b: self.base.narrowed(a.min_bits, a.strategy) for b, a in self.allocation.items()}
-        done = {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
+        done = self.evaluated_before(phase)
         out: list[Layers] = []
         seen: set[tuple] = set()
         assembled = 0  # candidates put together (before dropping repeats, evaluated and infeasible ones)
