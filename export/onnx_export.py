@@ -305,14 +305,17 @@ def _fits(t: np.ndarray, container: str) -> bool:
     return bool(t.min() >= lo and t.max() <= hi)
 
 
+INT2_ZERO_POINT_BYTES = 40  # name and header of the UINT2 zero-point initializer an asymmetric 2-bit layer gets
+
+
 def _packed_width(name: str, diff: np.ndarray, zp_size: int, bits: int, int2: bool) -> int:
     """4, or 2 for 2-bit codes when ``int2`` and INT2/UINT2 make the file smaller: asymmetric codes whose
     difference to their zero point leaves [-2, 1] need the longer ``uint2-sub`` chain (and a zero-point tensor),
     where INT4 takes the difference with a single ``Cast``; a small layer does not save those bytes."""
     if not int2 or bits > 2 or _fits(diff, "int2"):
         return 2 if int2 and bits <= 2 else 4
-    # the longer chain, and the zero points as an initializer of their own (its name and header: ~40 bytes)
-    extra = fold_graph_bytes(name, True) - fold_graph_bytes(name, False) + 40 + zp_size / 4
+    # the longer chain, and the zero points as an initializer of their own
+    extra = fold_graph_bytes(name, True) - fold_graph_bytes(name, False) + INT2_ZERO_POINT_BYTES + zp_size / 4
     return 2 if diff.size / 4 > extra else 4
 
 

@@ -117,6 +117,8 @@ CASES = [
     ("search", ["--max-latency-ms", "nan"], "must be a finite number"),
     ("search", ["--max-size-mb", "nan"], "must be a finite number"),
     ("search", ["--preset", "forever"], "'forever' is not one of 'quick', 'standard', 'thorough'"),
+    ("search", ["--opset", "26"], "opset 26 is not supported"),
+    ("compress-new", ["--opset", "16"], "opset 16 is not supported"),
     ("compress-new", ["--preset", "forever"], "is not one of"),
     ("export", ["--opset", "many"], "Invalid value for '--opset'"),
     ("nosuch", [], "No such command"),

@@ -253,9 +253,10 @@ def export(
         help="fold: 2-8-bit codes stored packed and widened to int8 by nodes ONNX Runtime folds at load time, so "
              "every layer runs on an integer kernel. plain: INT4/UINT4 straight into DequantizeLinear (for "
              "runtimes that dequantize natively; ONNX Runtime CPU runs those layers in float)."),
-    opset: int = typer.Option(21, "--opset", help="ONNX opset (17..25; 4-bit weights need 21; from 25, 2-bit "
-                              "weights are stored as INT2, four per byte, which ONNX Runtime runs but OpenVINO "
-                              "2026.4 cannot read)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (17..25; 4-bit weights need 21; from "
+                                        "25, 2-bit weights are stored as INT2, four per byte, which ONNX Runtime "
+                                        "runs but OpenVINO 2026.4 cannot read). Default: the one `hirelc search "
+                                        "--opset` budgeted the file at, else 21."),
 ):
     """Export model.onnx: integer weight initializers -> DequantizeLinear, Q/DQ activations."""
     from hirelc.pipeline import export_stage
@@ -342,6 +343,9 @@ NoLatencyOpt = typer.Option(False, "--no-latency-budget", help="Without --max-la
                             "artifact to be as fast as ONNX Runtime's own int8 of the model (batch 8).")
 
 
+OpsetOpt = typer.Option(21, "--opset", help="ONNX opset model.onnx is exported at (17..25). From 25, 2-bit weights "
+                        "are stored as INT2, four per byte, and the size budget counts them so (ONNX Runtime runs "
+                        "such a file; OpenVINO 2026.4 cannot read it).")
 ScreeningOpt = typer.Option("surrogate", help="What ranks each search cycle's candidates for the real "
                             "evaluations: the surrogate's prediction, or the cold-start proxy mapped to accuracy by "
                             "a line fitted to the real results (the surrogate still shapes the agents' rewards; "
@@ -376,6 +380,7 @@ def search(
     screening: Screening = ScreeningOpt,
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
+    opset: int = OpsetOpt,
 ):
     """Run the HiReLC search (Fisher sensitivity, hierarchical ensemble agents, surrogate active learning).
 
@@ -391,7 +396,7 @@ def search(
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
                          overrides=search_overrides(fill_budget, Screening(screening).value),
                          latency_budget=not no_latency_budget, echo=typer.echo, workers=workers,
-                         ray_address=ray_address)
+                         ray_address=ray_address, opset=opset)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
                        "predicted_latency_ms_b8", "n_real_evals",
                        "wall_s", "surrogate_spearman"])
@@ -429,6 +434,7 @@ def compress(
     ray_address: Optional[str] = RayAddressOpt,
     pick: Optional[str] = PickOpt,
     screening: Screening = ScreeningOpt,
+    opset: int = OpsetOpt,
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
 
@@ -445,7 +451,7 @@ def compress(
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
                              qat_epochs=qat_epochs, distill=distill, verify_runs=runs_, resume=resume, seed=seed,
                              workers=workers, ray_address=ray_address, pick=pick,
-                             screening=Screening(screening).value)
+                             screening=Screening(screening).value, opset=opset)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

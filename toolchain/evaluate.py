@@ -32,7 +32,7 @@ from torch import nn
 from hirelc.cost import group_keeps, kept_shape, scale_count
 from hirelc.errors import HirelcError
 from hirelc.export import ORT_PROBE, export_lowered
-from hirelc.export.onnx_export import fold_graph_bytes
+from hirelc.export.onnx_export import INT2_ZERO_POINT_BYTES, fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
 from hirelc.latency import lowered_on_noise, predict_latency
 from hirelc.lower import LowerConfig, channel_saliency, fold_batchnorm, lower_model, saliency_batches, select_channels
@@ -50,14 +50,15 @@ class Predictors:
     """Size and latency predictions of a policy, available before any training (budget checks use them)."""
 
     def __init__(self, model: nn.Module, topo: Topology, latency_table: dict | None = None,
-                 graph_bytes: int | None = None):
+                 graph_bytes: int | None = None, int2: bool = False):
         self.topo = topo
         self.latency_table = latency_table
         self.graph_bytes = ONNX_OVERHEAD_BYTES if graph_bytes is None else int(graph_bytes)
         self.other_params = sum(p.numel() for p in model.parameters()) - sum(s.params for s in topo.layers)
+        self.int2 = bool(int2)  # the file is exported at an opset with INT2 (2-bit codes four per byte)
 
     def predict_bytes(self, layers: dict[str, LayerPolicy]) -> float:
-        return predict_onnx_bytes(self.topo, layers, self.other_params, self.graph_bytes)
+        return predict_onnx_bytes(self.topo, layers, self.other_params, self.graph_bytes, int2=self.int2)
 
     def predict_latency_ms(self, layers: dict[str, LayerPolicy]) -> float | None:
         """Batch-8 ONNX Runtime latency from the per-layer table, when one was measured."""
@@ -172,9 +173,10 @@ FOLD_NAME_BYTES = 8  # a 4-bit layer's code initializer is renamed ``<layer>.qwe
 
 
 def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_params: int,
-                       graph_bytes: int = ONNX_OVERHEAD_BYTES) -> float:
+                       graph_bytes: int = ONNX_OVERHEAD_BYTES, int2: bool = False) -> float:
     """Predicted size of model.onnx: containers as written by the exporter, scales in fp32, plus ``graph_bytes``
-    for the graph itself (nodes, names, attributes: see :func:`measure_graph_bytes`)."""
+    for the graph itself (nodes, names, attributes: see :func:`measure_graph_bytes`). ``int2``: the export's opset
+    has INT2/UINT2 (:data:`~hirelc.export.onnx_export.INT2_OPSET`), so 2-bit codes are stored four per byte."""
     specs = list(topo.layers)
     keeps = group_keeps(specs, layers)
     total = 4 * other_params + graph_bytes
@@ -187,15 +189,27 @@ def predict_onnx_bytes(topo: Topology, layers: dict[str, LayerPolicy], other_par
             total += 4 * n_w
             continue
         width = container_bits(lp.bits)
-        total += math.ceil(n_w * width / 8)
         g = lp.granularity
         n_scales = scale_count(g, out, inn, math.prod(s.kernel) if s.kernel else 1)
         total += n_scales * (4 + width / 8)  # fp32 scale + zero-point (always written)
-        if width == 4 and not isinstance(g, PerGroup):  # the "fold" export: widened to int8 in the graph
-            # asymmetric 2- and 3-bit codes minus their zero point always fit INT4 (one Cast); 4-bit ones may not
-            asym = lp.scheme is Scheme.ASYMMETRIC and lp.bits == 4
-            total += fold_graph_bytes(s.name, asym) + FOLD_NAME_BYTES  # Cast (or Cast, Cast, Sub, Cast) nodes
         total += 8  # activation scale + zero-point
+        if width != 4 or isinstance(g, PerGroup):  # int8 codes, or 4-bit blocks straight into DequantizeLinear
+            total += math.ceil(n_w * width / 8)
+            continue
+        # the "fold" export: packed codes widened to int8 in the graph. Asymmetric 2- and 3-bit codes minus their
+        # zero point always fit INT4 (one Cast); 4-bit ones may not (Cast, Cast, Sub, Cast)
+        asym = lp.scheme is Scheme.ASYMMETRIC
+        int4 = math.ceil(n_w / 2) + fold_graph_bytes(s.name, asym and lp.bits == 4) + FOLD_NAME_BYTES
+        if not (int2 and lp.bits <= 2):
+            total += int4
+            continue
+        # INT2: symmetric codes take one Cast; asymmetric ones whose difference to the zero point leaves [-2, 1]
+        # take the longer chain and a zero-point tensor of their own (the exporter keeps INT4 where that costs
+        # more, so the smaller of the two bounds the file)
+        int2_bytes = math.ceil(n_w / 4) + fold_graph_bytes(s.name, asym) + FOLD_NAME_BYTES
+        if asym:
+            int2_bytes += INT2_ZERO_POINT_BYTES + math.ceil(n_scales / 4)
+        total += min(int4, int2_bytes)
     return float(total)
 
 

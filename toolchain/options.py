@@ -237,6 +237,7 @@ class CompressConfig:
     ray_address: str | None = None  # or on this Ray cluster
     pick: str | None = None  # lower this entry of the search's front instead of the winner (hirelc.search.front)
     screening: str = "surrogate"  # what ranks the search's candidates (SCREENINGS; SearchConfig.screening)
+    opset: int = 21  # of model.onnx; from 25 2-bit codes are stored as INT2 and the search's size budget counts them so
 
     def __post_init__(self):
         finite("--target-ratio", self.target_ratio, low=1.0)

@@ -32,7 +32,7 @@ from hirelc.export import (
     ort_int8_baseline,
     verify_run,
 )
-from hirelc.export.onnx_export import check_export_options
+from hirelc.export.onnx_export import DEFAULT_OPSET, INT2_OPSET, check_export_options
 from hirelc.lower import LowerConfig, load_lowered, lower_model, save_lowered
 from hirelc.models import model_config
 from hirelc.options import CompressConfig, DataOptions  # noqa: F401 (part of this API)
@@ -148,14 +148,17 @@ def lower_options(policy, lower_cfg) -> dict:
 
 
 def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = False, weight_format: str = "fold",
-                 opset: int = 21) -> dict:
+                 opset: int | None = None) -> dict:
     """Write model.onnx from the lowered model (or fp32.onnx from the baseline with ``fp32=True``).
 
     ``weight_format``: ``fold`` (integer kernels on ONNX Runtime at every bit width) or ``plain`` (INT4/UINT4 into
     DequantizeLinear); an option the installed onnxruntime cannot run is an error before anything is written.
+    ``opset`` None: the one the search budgeted the file at (search.json), else :data:`DEFAULT_OPSET`.
     """
-    check_export_options(opset, weight_format)
     rd = runs.require_run_dir(run_dir)
+    if opset is None:
+        opset = DEFAULT_OPSET if fp32 else searched_opset(rd)
+    check_export_options(opset, weight_format)
     if fp32:
         model, mcfg, _ = load_baseline(rd)
         info = export_fp32(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size), rd / runs.FP32_ONNX,
@@ -170,7 +173,16 @@ def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = Fa
     return info
 
 
-def export_options(weight_only: bool = False, weight_format: str = "fold", opset: int = 21) -> dict:
+def searched_opset(rd: Path) -> int:
+    """The opset the run directory's search budgeted model.onnx at (search.json), else :data:`DEFAULT_OPSET`."""
+    path = rd / "search.json"
+    opset = runs.read_json(path, "search summary").get("opset", DEFAULT_OPSET) if path.is_file() else DEFAULT_OPSET
+    if not isinstance(opset, int) or isinstance(opset, bool):
+        raise HirelcError(f"{path} is corrupt (opset {opset!r} is not an integer)")
+    return opset
+
+
+def export_options(weight_only: bool = False, weight_format: str = "fold", opset: int = DEFAULT_OPSET) -> dict:
     return {"weight_only": weight_only, "weight_format": weight_format, "opset": opset}
 
 
@@ -272,7 +284,7 @@ def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
             return runs.stale(rd, runs.POLICY, (), {"policy": get_policy(cfg.policy).to_dict()})
         why = runs.stale(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
             cfg.target_ratio, cfg.search_preset, cfg.max_size_mb, cfg.max_latency_ms, cfg.seed, compress_overrides(cfg),
-            cfg.latency_budget))
+            cfg.latency_budget, cfg.opset))
         if why is None and cfg.pick:  # --pick needs the search's front (a stopped search may not have written it)
             why = runs.stale(rd, runs.FRONT, FRONT_INPUTS, check_options=False)
         return why
@@ -283,7 +295,7 @@ def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
         return (runs.stale(rd, runs.LOWERED_MODEL, (runs.BASELINE_CKPT,), opts)
                 or runs.stale(rd, runs.LOWER_REPORT, (runs.LOWERED_MODEL, runs.BASELINE_CKPT), opts))
     if stage == "export":
-        return runs.stale(rd, runs.HIRELC_ONNX, (runs.LOWERED_MODEL,), export_options())
+        return runs.stale(rd, runs.HIRELC_ONNX, (runs.LOWERED_MODEL,), export_options(opset=cfg.opset))
     if stage == "fp32":
         return runs.stale(rd, runs.FP32_ONNX, (runs.BASELINE_CKPT,), {"opset": 21})
     if stage == "ort-int8":
@@ -302,6 +314,7 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
     so an earlier result is never overwritten.
     """
     rd = Path(cfg.run_dir)
+    check_export_options(cfg.opset, "fold")  # an opset the installed onnx / onnxruntime cannot take: nothing written
     if rd.exists() and not rd.is_dir():
         raise HirelcError(f"run directory {rd} is a file, not a directory")
     if rd.exists() and not runs.is_empty(rd) and not cfg.resume:
@@ -338,7 +351,7 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
                                    max_size_mb=cfg.max_size_mb, max_latency_ms=cfg.max_latency_ms, seed=cfg.seed,
                                    resume=again, progress=progress, latency_budget=cfg.latency_budget,
                                    overrides=compress_overrides(cfg), echo=echo, workers=cfg.workers,
-                                   ray_address=cfg.ray_address)
+                                   ray_address=cfg.ray_address, opset=cfg.opset)
                 echo(f"      search: {res['n_real_evals']} real evaluations, best val acc {res['best_acc']:.2f} %, "
                      f"effective ratio {res['effective_ratio']:.1f}x, {res['wall_s']:.0f} s")
         elif stage == "lower":
@@ -349,7 +362,7 @@ def _compress(rd: Path, cfg: CompressConfig, progress: bool, echo) -> dict:
             echo(f"      lowered: test accuracy {rep['accuracy']['lowered_test']:.2f} %, effective ratio "
                  f"{rep['effective_ratio']:.1f}x")
         elif stage == "export":
-            export_stage(rd)
+            export_stage(rd, opset=cfg.opset)
         elif stage == "fp32":
             export_stage(rd, fp32=True)
         elif stage == "ort-int8":
@@ -491,19 +504,27 @@ def pick_policy(run_dir: str | Path, choice: str) -> Policy:
     return picked_policy(pick(load_front(run_dir), choice))
 
 
-def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget) -> dict:
-    """What a searched policy.json depends on besides the baseline (its provenance record's options)."""
-    return {"target_ratio": target_ratio, "preset": preset, "max_size_mb": max_size_mb,
+def search_options(target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget,
+                   opset: int = DEFAULT_OPSET) -> dict:
+    """What a searched policy.json depends on besides the baseline (its provenance record's options; the opset
+    only when it is not the default, so a policy searched before the option existed stays current)."""
+    opts = {"target_ratio": target_ratio, "preset": preset, "max_size_mb": max_size_mb,
             "max_latency_ms": max_latency_ms, "seed": seed, "overrides": overrides or {},
             "latency_budget": latency_budget}
+    if opset != DEFAULT_OPSET:
+        opts["opset"] = opset
+    return opts
 
 
 def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, preset: str = "quick",
                  max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
                  resume: bool = False, progress: bool = True, fisher_samples: int = 50,
                  overrides: dict | None = None, latency_budget: bool = True, echo=None, workers: int = 1,
-                 ray_address: str | None = None) -> dict:
+                 ray_address: str | None = None, opset: int = DEFAULT_OPSET) -> dict:
     """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json.
+
+    ``opset``: the one model.onnx will be exported at (``hirelc export`` takes it from search.json); from
+    :data:`INT2_OPSET` 2-bit codes are stored four per byte, and the size budget counts them so.
 
     Latency-aware by default: without ``max_latency_ms`` the winner's predicted batch-8 latency must not exceed
     ONNX Runtime's own int8 of the same model, measured here (:func:`ort_int8_reference`);
@@ -513,6 +534,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     ``ray_address`` on that Ray cluster (:mod:`hirelc.parallel`); the policy is the same for any number.
     """
     needs_ray(workers, ray_address)  # a bad count or a missing Ray fails before anything is measured
+    check_export_options(opset, "fold")
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     if preset not in PRESETS:
         raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
@@ -525,12 +547,13 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         raise HirelcError(f"budget: max size must be a finite number, got {max_size_mb} MB")
     budget = Budget(target_ratio=target_ratio,
                     max_size_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
-                    max_latency_ms=max_latency_ms)
+                    max_latency_ms=max_latency_ms, int2_storage=opset >= INT2_OPSET)
     model, mcfg, meta = load_baseline(rd)
     topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
     specs = list(topo.layers)
     # an impossible budget fails here, before any training; the graph's own bytes are measured once per run dir
-    predictors = Predictors(model, topo, graph_bytes=load_or_measure_graph_bytes(rd, model, topo))
+    predictors = Predictors(model, topo, graph_bytes=load_or_measure_graph_bytes(rd, model, topo),
+                            int2=budget.int2_storage)
     predictors.latency_table = load_or_measure(rd, model, topo, batch=8, progress=progress)
     if "formats" not in (overrides or {}):
         config = dataclasses.replace(config, formats=latency.fast_formats(predictors.latency_table))
@@ -580,7 +603,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     policy = result.policy()
     policy.save(rd / runs.POLICY)
     runs.record(rd, runs.POLICY, (runs.BASELINE_CKPT,), search_options(
-        target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget))
+        target_ratio, preset, max_size_mb, max_latency_ms, seed, overrides, latency_budget, opset))
     plot_policy_heatmap(specs, result.layers, rd / "policy_heatmap.png")
     plot_progress(result.history, rd / "search_progress.png")
     plot_pareto(result.history, rd / "search_pareto.png")
@@ -591,6 +614,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     winner_bytes = evaluator.predict_bytes(result.layers)
     summary = {
         "preset": preset,
+        "opset": opset,
         "config": dataclasses.asdict(config),
         "budget": dataclasses.asdict(budget),
         "baseline_val_subset_acc": evaluator.baseline_accuracy,

@@ -152,6 +152,9 @@ class Budget:
     target_ratio: float | None = None  # effective storage ratio (fp32 bits / compressed bits), at least
     max_size_bytes: int | None = None  # predicted ONNX file size, at most
     max_latency_ms: float | None = None  # predicted ONNX Runtime latency, at most
+    # max_size_bytes counts 2-bit codes four per byte (a file exported at opset >= 25, INT2); out of repr so that
+    # a search state written before the field existed still resumes (the search's identity adds it when set)
+    int2_storage: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         for name in ("target_ratio", "max_size_bytes", "max_latency_ms"):

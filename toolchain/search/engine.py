@@ -237,7 +237,10 @@ class _Search:
     def _identity(self) -> dict:
         # cycles may grow on resume: phases are seeded independently of how many follow
         config = dataclasses.replace(self.config, cycles=0)
-        return {"config": repr(config), "budget": repr(self.budget), "layers": [s.name for s in self.specs]}
+        identity = {"config": repr(config), "budget": repr(self.budget), "layers": [s.name for s in self.specs]}
+        if self.budget.int2_storage:
+            identity["int2_storage"] = True
+        return identity
 
     def start_fresh(self) -> None:
         """Forget any earlier search in ``run_dir`` (its state file and log)."""
