@@ -50,6 +50,9 @@ def test_export_defaults_to_the_opset_the_search_budgeted(tiny_run, copy_run):
     res = CliRunner().invoke(app, ["export", "-r", str(rd)])
     assert res.exit_code == 2 and "opset 'twenty-five' is not an integer" in res.output
     assert "Traceback" not in res.output and (rd / runs.HIRELC_ONNX).read_bytes() == before
+    runs.atomic_write_json(rd / "search.json", [25])
+    res = CliRunner().invoke(app, ["export", "-r", str(rd)])
+    assert res.exit_code == 2 and "search.json is corrupt (not a JSON object)" in res.output
     res = CliRunner().invoke(app, ["export", "-r", str(rd), "--opset", "21"])  # an explicit opset wins
     assert res.exit_code == 0, res.output
     assert onnx.load(str(rd / runs.HIRELC_ONNX)).opset_import[0].version == 21

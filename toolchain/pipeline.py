@@ -176,10 +176,21 @@ def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = Fa
 def searched_opset(rd: Path) -> int:
     """The opset the run directory's search budgeted model.onnx at (search.json), else :data:`DEFAULT_OPSET`."""
     path = rd / "search.json"
-    opset = runs.read_json(path, "search summary").get("opset", DEFAULT_OPSET) if path.is_file() else DEFAULT_OPSET
+    summary = runs.read_json(path, "search summary") if path.is_file() else {}
+    if not isinstance(summary, dict):
+        raise HirelcError(f"{path} is corrupt (not a JSON object)")
+    opset = summary.get("opset", DEFAULT_OPSET)
     if not isinstance(opset, int) or isinstance(opset, bool):
         raise HirelcError(f"{path} is corrupt (opset {opset!r} is not an integer)")
     return opset
+
+
+def check_search_opset(opset: int) -> None:
+    """An opset a searched policy can be exported at: one the installed onnx takes, and one with INT4 (the search
+    offers 2-4-bit weights)."""
+    check_export_options(opset, "fold")
+    if opset < DEFAULT_OPSET:
+        raise HirelcError(f"opset {opset}: the search offers 2-4-bit weights, which need opset {DEFAULT_OPSET} or later")
 
 
 def export_options(weight_only: bool = False, weight_format: str = "fold", opset: int = DEFAULT_OPSET) -> dict:
@@ -314,7 +325,7 @@ def compress(cfg: CompressConfig, progress: bool = True, echo=print) -> dict:
     so an earlier result is never overwritten.
     """
     rd = Path(cfg.run_dir)
-    check_export_options(cfg.opset, "fold")  # an opset the installed onnx / onnxruntime cannot take: nothing written
+    check_search_opset(cfg.opset)  # an opset the policy cannot be exported at: refused before anything is written
     if rd.exists() and not rd.is_dir():
         raise HirelcError(f"run directory {rd} is a file, not a directory")
     if rd.exists() and not runs.is_empty(rd) and not cfg.resume:
@@ -534,7 +545,7 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
     ``ray_address`` on that Ray cluster (:mod:`hirelc.parallel`); the policy is the same for any number.
     """
     needs_ray(workers, ray_address)  # a bad count or a missing Ray fails before anything is measured
-    check_export_options(opset, "fold")
+    check_search_opset(opset)
     rd = runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
     if preset not in PRESETS:
         raise HirelcError(f"unknown search preset {preset!r} (use {', '.join(PRESETS)})")
