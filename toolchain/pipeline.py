@@ -176,10 +176,7 @@ def export_stage(run_dir: str | Path, fp32: bool = False, weight_only: bool = Fa
 def searched_opset(rd: Path) -> int:
     """The opset the run directory's search budgeted model.onnx at (search.json), else :data:`DEFAULT_OPSET`."""
     path = rd / "search.json"
-    summary = runs.read_json(path, "search summary") if path.is_file() else {}
-    if not isinstance(summary, dict):
-        raise HirelcError(f"{path} is corrupt (not a JSON object)")
-    opset = summary.get("opset", DEFAULT_OPSET)
+    opset = runs.read_json_object(path, "search summary").get("opset", DEFAULT_OPSET)
     if not isinstance(opset, int) or isinstance(opset, bool):
         raise HirelcError(f"{path} is corrupt (opset {opset!r} is not an integer)")
     return opset

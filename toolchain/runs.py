@@ -223,14 +223,18 @@ def options_digest(options: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_provenance(rd: Path) -> dict:
-    p = rd / PROVENANCE
-    if not p.is_file():
+def read_json_object(path: Path, what: str) -> dict:
+    """``path``'s JSON object; {} when the file does not exist, an error naming it when it holds anything else."""
+    if not path.is_file():
         return {}
-    prov = read_json(p, "provenance record")
-    if not isinstance(prov, dict):
-        raise HirelcError(f"{p} is corrupt (not a JSON object)")
-    return prov
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise HirelcError(f"{path} is corrupt (not a JSON object)")
+    return obj
+
+
+def read_provenance(rd: Path) -> dict:
+    return read_json_object(rd / PROVENANCE, "provenance record")
 
 
 def record(rd: str | Path, artifact: str, inputs: tuple[str, ...] | list[str] = (), options: Any = None) -> None:
