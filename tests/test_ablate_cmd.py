@@ -413,3 +413,100 @@ def test_winners_are_fine_tuned_before_scoring_by_default():
     assert AblateConfig().qat_epochs == 0.25
     res = CliRunner().invoke(app, ["ablate", "--help"])
     assert res.exit_code == 0 and "0.25" in res.output
+
+
+# ---------------------------------------------------------------- a study continued from its committed report
+
+
+def _earlier(ablated, copy_run, tmp_path):
+    """A copy of the ablated run directory without its run folders (as in another session), and its report."""
+    rd = copy_run(ablated[0])
+    keep = tmp_path / "earlier" / ABLATION_JSON
+    keep.parent.mkdir()
+    shutil.copy(rd / "ablation" / ABLATION_JSON, keep)
+    shutil.rmtree(rd / "ablation")
+    return rd, keep
+
+
+def test_runs_of_an_earlier_report_are_taken_instead_of_run_again(ablated, tiny, copy_run, tmp_path):
+    rd, keep = _earlier(ablated, copy_run, tmp_path)
+    first = json.loads(keep.read_text())
+    lines: list[str] = []
+    cfg = AblateConfig(**{**tiny.__dict__, "variants": ("full", "uniform"), "seeds": (0,)})
+    report = ablate(rd, cfg, progress=False, echo=lines.append, reuse=[keep.parent])  # the folder names it too
+    # the full run is not searched, lowered or scored again; the uniform one is run here
+    assert [line.strip() for line in lines if "searching" in line] == ["uniform seed 0: searching"]
+    assert any(line.strip() == f"full seed 0: reused from {keep}" for line in lines)
+    assert not (rd / "ablation" / "full-seed0").exists()
+    full, uni = report["runs"]
+    assert full == {**first["runs"][0], "reused_from": str(keep)} and "reused_from" not in uni
+    assert report["reused_from"] == [str(keep)]
+    assert report["paired"]["tests"]["uniform"]["diff"] == pytest.approx(full["final_top1"] - uni["final_top1"])
+    assert report["summary"]["full"]["final_top1"]["mean"] == full["final_top1"]
+    # each new row records the search configuration it ran with, so a later reuse can check it
+    assert uni["search_config"]["mode"] == json.loads((rd / "ablation" / "uniform-seed0" / "search.json")
+                                                      .read_text())["config"]["mode"]
+    # a run finished in the output folder is the one reported, not the earlier report's
+    (rd / "ablation" / ABLATION_JSON).unlink()
+    again = ablate(rd, AblateConfig(**{**cfg.__dict__, "variants": ("uniform",)}), progress=False,
+                   echo=lambda *_: None, reuse=[keep])
+    assert again["runs"] == [uni] and again["reused_from"] == []
+
+
+def _refused(rd, cfg, keep, match):
+    with pytest.raises(HirelcError, match=match):
+        ablate(rd, cfg, progress=False, echo=lambda *_: None, reuse=[keep])
+    assert not (rd / "ablation").exists()  # refused before anything is written
+
+
+def test_a_report_of_another_study_baseline_or_machine_is_refused(ablated, tiny, copy_run, tmp_path):
+    rd, keep = _earlier(ablated, copy_run, tmp_path)
+    good = json.loads(keep.read_text())
+    cfg = AblateConfig(**{**tiny.__dict__, "variants": ("full",), "seeds": (0,)})
+    for change, match in (
+            ({"config": {**good["config"], "target_ratio": 7.0}}, r"other study options \(target_ratio 7.0 there, 6.0"),
+            ({"config": {**good["config"], "qat_epochs": 1.0}}, r"other study options \(qat_epochs 1.0 there"),
+            ({"machine": {**good["machine"], "isa": ["sse2"]}}, r"another kind of machine \(isa \['sse2'\] there"),
+            ({"machine": {**good["machine"], "onnxruntime": "0.1"}}, r"another kind of machine \(onnxruntime"),
+            ({"baseline_test_acc": good["baseline_test_acc"] + 1}, "made on another baseline"),
+            ({"runs": [{**good["runs"][0], "final_top1": "86"}]}, "full seed 0 has no finite final_top1"),
+            ({"runs": [{**good["runs"][0], "search_config": {**good["runs"][0]["search_config"], "ensemble": True}}]},
+             r"full seed 0 was searched with another configuration \(ensemble\)"),
+            ({"runs": "x"}, "is not an ablation report")):
+        keep.write_text(json.dumps({**good, **change}))
+        _refused(rd, cfg, keep, match)
+    keep.write_text("{not json")
+    _refused(rd, cfg, keep, "ablation report")
+    _refused(rd, cfg, tmp_path / "nowhere.json", "no ablation report at")
+    # two reports that disagree about one run are not one study
+    keep.write_text(json.dumps(good))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**good, "runs": [{**good["runs"][0], "final_top1": good["runs"][0]["final_top1"] + 1}]}))
+    with pytest.raises(HirelcError, match="not the same study"):
+        ablate(rd, cfg, progress=False, echo=lambda *_: None, reuse=[keep, other])
+    # on the command line: exit 2, one line, nothing written
+    res = CliRunner().invoke(app, ["ablate", "-r", str(rd), "--seed", "0", "--variant", "full", "--reuse",
+                                   str(tmp_path / "nowhere.json")])
+    assert res.exit_code == 2 and "Traceback" not in res.output and "no ablation report at" in res.output
+    assert not (rd / "ablation").exists()
+
+
+def test_an_equal_time_run_needs_its_reference_searched_here(ablated, tiny, copy_run, tmp_path):
+    rd, keep = _earlier(ablated, copy_run, tmp_path)
+    cfg = AblateConfig(**{**tiny.__dict__, "variants": ("full", "random-time"), "seeds": (0,)})
+    with pytest.raises(HirelcError, match="random-time seed 0 spends the wall time of the full run, which is reused"):
+        ablate(rd, cfg, progress=False, echo=lambda *_: None, reuse=[keep])
+    assert not any((rd / "ablation").glob("*-seed0"))  # nothing searched
+
+
+def test_a_report_from_before_runs_kept_their_search_configuration_is_reused_on_its_options(
+        ablated, tiny, copy_run, tmp_path):
+    rd, keep = _earlier(ablated, copy_run, tmp_path)
+    good = json.loads(keep.read_text())
+    keep.write_text(json.dumps({**good, "runs": [{k: v for k, v in r.items() if k != "search_config"}
+                                                 for r in good["runs"]]}))
+    lines: list[str] = []
+    report = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",), "seeds": (0,)}), progress=False,
+                    echo=lines.append, reuse=[keep])
+    assert report["runs"][0]["final_top1"] == good["runs"][0]["final_top1"]
+    assert any("1 run(s) made before reports kept their search configuration" in line for line in lines)

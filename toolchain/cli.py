@@ -511,6 +511,11 @@ def ablate(
     no_latency_budget: bool = NoLatencyOpt,
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN_DIR/ablation); must not hold a "
                                        "finished ablation. An interrupted one resumes."),
+    reuse: Optional[list[Path]] = typer.Option(None, "--reuse", help="An earlier ablation.json (or its folder) of "
+                                               "this study, made on this baseline with these options on a "
+                                               "machine of this kind: its runs are taken as they are instead of "
+                                               "run again (a study split over sessions or machines); repeat for "
+                                               "several."),
 ):
     """What each part of the search buys, and whether it beats the baselines: the full search against no surrogate,
     uniform (not Fisher-guided) sensitivity, a single agent per level, random search (at equal real evaluations,
@@ -529,7 +534,7 @@ def ablate(
                            fill_budget=fill_budget, latency_budget=not no_latency_budget,
                            seeds=tuple(seeds) if seeds else ABLATE.seeds,
                            variants=tuple(Variant(v).value for v in variants) if variants else ABLATE.variants)
-        report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo)
+        report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo, reuse=reuse or ())
         typer.echo(format_ablation(report))
 
 

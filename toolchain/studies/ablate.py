@@ -46,6 +46,7 @@ from hirelc import pipeline, runs
 from hirelc.errors import HirelcError
 from hirelc.export.runtime import make_session, ort_accuracy
 from hirelc.lower import LowerConfig
+from hirelc.machine import record
 from hirelc.options import EQUAL_TIME, REFERENCE_VARIANT, VARIANTS, AblateConfig  # noqa: F401 (part of this API)
 from hirelc.report import fmt, md_table
 from hirelc.search import PRESETS
@@ -59,6 +60,8 @@ from hirelc.train import load_baseline, set_threads
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 METRICS = ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s")
+# what a run's figures depend on besides the study's options: a run reused from another report must share them
+SAME_MACHINE = ("cpu", "isa", "cores", "threads", "onnxruntime", "torch")
 
 
 
@@ -139,21 +142,105 @@ _BEFORE_THE_FIELD = {"screening": "surrogate"}
 def _check_searched_as_now(sub: Path, variant: str, preset: str, overrides: dict) -> None:
     """A finished run is reused only when its search ran with the configuration this study gives it; one made
     by a build with other defaults, or with other switches, would otherwise be mixed in silently."""
-    now = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides))))
+    now = _search_config(preset, overrides)
     was = runs.read_json(sub / "search.json", "search summary").get("config", {})
-    changed = [k for k in now if k not in ("seed", "formats")
-               and was.get(k, _BEFORE_THE_FIELD.get(k, now[k])) != now[k]]
+    changed = _search_changes(was, now)
     if changed:
         diff = "; ".join(f"{k} {was.get(k, _BEFORE_THE_FIELD.get(k))!r} there, {now[k]!r} now" for k in changed)
         raise HirelcError(f"{sub}: searched with another configuration than this study's {variant} runs use "
                           f"({diff}); give another --out, or remove that folder to search it again")
 
 
+def _finished(sub: Path) -> bool:
+    return all((sub / name).exists() for name in ("search.json", runs.POLICY, runs.HIRELC_ONNX))
+
+
+def _search_config(preset: str, overrides: dict) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides))))
+
+
+def _search_changes(was: dict, now: dict) -> list[str]:
+    """The search settings (not the seed, nor the formats the machine offered) in which ``was`` differs from
+    ``now``; a field ``was`` predates counts as what the search did before the field existed."""
+    return [k for k in now if k not in ("seed", "formats") and was.get(k, _BEFORE_THE_FIELD.get(k, now[k])) != now[k]]
+
+
+def _run_overrides(cfg: AblateConfig, variant: str) -> dict:
+    return {"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]}
+
+
+def reusable_runs(rd: Path, cfg: AblateConfig, sources, echo=print) -> dict[tuple[str, int], dict]:
+    """The finished runs of earlier ablation reports (``ablation.json`` files or the folders holding them) that
+    this study asks for, by ``(variant, seed)``: a study split over sessions or machines of one kind continues
+    from its committed reports instead of its run folders.
+
+    A report is taken only when it was made on this baseline (model and test top-1), with this study's options
+    (everything but seeds and variants), on a machine like this one (:data:`SAME_MACHINE`: the latency budget is
+    measured where the study runs, so another CPU or runtime finds other winners), and each of its runs with the
+    search configuration this study gives that variant; anything else is a one-line error naming what differs.
+    Two reports disagreeing about one run are refused. A report's runs carry ``reused_from`` in the new report.
+    """
+    if not sources:
+        return {}
+    meta = runs.read_json(rd / runs.BASELINE_META, "baseline metadata")
+    here, now = record(), json.loads(json.dumps(study_options(cfg)))
+    found: dict[tuple[str, int], dict] = {}
+    for src in sources:
+        path = Path(src) / ABLATION_JSON if Path(src).is_dir() else Path(src)
+        if not path.is_file():
+            raise HirelcError(f"--reuse: no ablation report at {path}")
+        rep = runs.read_json(path, "ablation report")
+        if not isinstance(rep.get("runs"), list) or not isinstance(rep.get("config"), dict):
+            raise HirelcError(f"--reuse: {path} is not an ablation report (no runs or config)")
+        if rep.get("model") != meta.get("model") or rep.get("baseline_test_acc") != meta.get("test_acc"):
+            raise HirelcError(f"--reuse: {path} was made on another baseline (test top-1 "
+                              f"{rep.get('baseline_test_acc')} there, {meta.get('test_acc')} here)")
+        was = {k: v for k, v in rep["config"].items() if k not in ("seeds", "variants")}
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        if changed:
+            diff = "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in changed)
+            raise HirelcError(f"--reuse: {path} was made with other study options ({diff})")
+        machine = rep.get("machine") if isinstance(rep.get("machine"), dict) else {}
+        other = [k for k in SAME_MACHINE if machine.get(k) != here.get(k)]
+        if other:
+            diff = "; ".join(f"{k} {machine.get(k)!r} there, {here.get(k)!r} here" for k in other)
+            raise HirelcError(f"--reuse: {path} was measured on another kind of machine ({diff}); its runs are "
+                              f"not comparable with runs made here")
+        untold = 0
+        for row in rep["runs"]:
+            if not isinstance(row, dict):
+                raise HirelcError(f"--reuse: {path} holds a run that is not an object")
+            key = (row.get("variant"), row.get("seed"))
+            if key[0] not in cfg.variants or key[1] not in cfg.seeds:
+                continue
+            top1 = row.get("final_top1")
+            if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
+                raise HirelcError(f"--reuse: {path}: {key[0]} seed {key[1]} has no finite final_top1")
+            searched = row.get("search_config")
+            if searched is None:
+                untold += 1
+            elif not isinstance(searched, dict):
+                raise HirelcError(f"--reuse: {path}: {key[0]} seed {key[1]} has a search_config that is not an object")
+            else:
+                diff = _search_changes(searched, _search_config(cfg.preset, _run_overrides(cfg, key[0])))
+                if diff:
+                    raise HirelcError(f"--reuse: {path}: {key[0]} seed {key[1]} was searched with another "
+                                      f"configuration ({', '.join(diff)})")
+            if key in found and found[key]["final_top1"] != top1:
+                raise HirelcError(f"--reuse: {key[0]} seed {key[1]} scored {found[key]['final_top1']} in "
+                                  f"{found[key]['reused_from']} and {top1} in {path}: not the same study")
+            found[key] = {**row, "reused_from": str(path)}
+        if untold:
+            echo(f"  {path}: {untold} run(s) made before reports kept their search configuration, reused on the "
+                 f"study's options alone")
+    return found
+
+
 def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bundle, progress: bool,
              echo) -> dict:
     runs.link_baseline(rd, sub)
     pipeline.share_latency(rd, sub)
-    overrides = {"fill_budget": cfg.fill_budget, **cfg.search_overrides, **VARIANTS[variant]}
+    overrides = _run_overrides(cfg, variant)
     searched = (sub / "search.json").exists() and (sub / runs.POLICY).exists()
     reference = sub.parent / f"{REFERENCE_VARIANT}-seed{seed}"
     if variant == EQUAL_TIME and (not searched or (reference / "search.json").is_file()):
@@ -185,7 +272,7 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     return {
         "variant": variant, "seed": seed, "final_top1": top1, "best_val": summary["best_acc"],
         "effective_ratio": report["effective_ratio"], "real_evals": summary["n_real_evals"],
-        "evals_to_best": found, "search_wall_s": summary["wall_s"],
+        "evals_to_best": found, "search_wall_s": summary["wall_s"], "search_config": summary.get("config"),
         # whether the search itself found the winner, or it was one of the warm-up's (shared) policies
         "winner_after_warmup": None if found is None else history[found - 1].get("cycle", 0) > 0,
         "surrogate_spearman": summary.get("surrogate_spearman"),
@@ -198,19 +285,39 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
 
 
 def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | Path | None = None,
-           progress: bool = True, echo=print) -> dict:
-    """Run every (variant, seed), then write ablation.json, ablation.md and the plots into ``out_dir``."""
+           progress: bool = True, echo=print, reuse=()) -> dict:
+    """Run every (variant, seed), then write ablation.json, ablation.md and the plots into ``out_dir``.
+
+    ``reuse``: earlier ablation reports whose runs of this study are taken as they are (see
+    :func:`reusable_runs`) wherever ``out_dir`` holds no finished run of that variant and seed."""
     cfg = cfg or AblateConfig()
+    if reuse:  # checked before the output folder is made
+        runs.require_run_dir(run_dir, runs.BASELINE_META, runs.BASELINE_CKPT, runs.CONFIG)
+    reused = reusable_runs(Path(run_dir), cfg, reuse, echo)
     rd, out = runs.open_study_dir(run_dir, out_dir, "ablation", ABLATION_JSON, "ablation",
                                   options=study_options(cfg))
+    for s in cfg.seeds:  # an equal-time run needs its reference's search folder
+        ref, eq = out / f"{REFERENCE_VARIANT}-seed{s}", out / f"{EQUAL_TIME}-seed{s}"
+        if (EQUAL_TIME in cfg.variants and (REFERENCE_VARIANT, s) in reused and (EQUAL_TIME, s) not in reused
+                and not _finished(eq) and not (ref / "search.json").is_file()):
+            raise HirelcError(f"{EQUAL_TIME} seed {s} spends the wall time of the {REFERENCE_VARIANT} run, which "
+                              f"is reused from a report and has no search folder here: reuse {EQUAL_TIME} seed "
+                              f"{s} too, or run {REFERENCE_VARIANT} here")
     set_threads()
     t0 = time.time()
     bundle = pipeline.run_bundle(rd)
     _share_graph_bytes(rd, reference=cfg.latency_budget)
     # seed by seed, so that a study stopped part-way already holds complete pairs; reported variant by variant
     order = sorted(cfg.variants, key=lambda v: v == EQUAL_TIME)  # it needs the reference's time of the same seed
-    done = {(v, s): _one_run(rd, out / f"{v}-seed{s}", v, s, cfg, bundle, progress, echo)
-            for s in cfg.seeds for v in order}
+    done = {}
+    for s in cfg.seeds:
+        for v in order:
+            sub = out / f"{v}-seed{s}"
+            if (v, s) in reused and not _finished(sub):
+                echo(f"  {v} seed {s}: reused from {reused[v, s]['reused_from']}")
+                done[v, s] = reused[v, s]
+            else:
+                done[v, s] = _one_run(rd, sub, v, s, cfg, bundle, progress, echo)
     rows = [done[v, s] for v in cfg.variants for s in cfg.seeds]
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
                for v in cfg.variants}
@@ -226,6 +333,8 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
         **report_header(rd),
         "config": {**dataclasses.asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
         "wall_s": round(time.time() - t0, 1),
+        # the earlier reports some runs were taken from (each such run names its own in reused_from)
+        "reused_from": sorted({r["reused_from"] for r in rows if r.get("reused_from")}),
         "runs": rows,
         "summary": summary,
         "paired": {"reference": REFERENCE_VARIANT if paired else None, "metric": "final_top1", "tests": paired},
