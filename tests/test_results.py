@@ -108,6 +108,9 @@ def test_bench_command_restates_the_options_used(bench_report, ablation_report):
     assert "--fill-budget" not in ablation_command(abl)
     abl["config"]["fill_budget"] = True
     assert ablation_command(abl).endswith("--qat-epochs 0.1 --fill-budget")
+    # runs taken from earlier reports: the command names them, as it was given them
+    abl["reused_from"] = ["docs/results/a/ablation.json", "b/ablation.json"]
+    assert ablation_command(abl).endswith(" --fill-budget --reuse docs/results/a/ablation.json --reuse b/ablation.json")
 
 
 def test_write_into_replaces_only_between_the_markers(tmp_path):

@@ -63,7 +63,8 @@ def ablation_command(report: dict) -> str:
     c = report["config"]
     return (f"hirelc ablate -r {report['run_dir']} {' '.join(f'--seed {s}' for s in c['seeds'])} "
             f"{' '.join(f'--variant {v}' for v in c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
-            f"--qat-epochs {c['qat_epochs']:g}" + (" --fill-budget" if c.get("fill_budget") else ""))
+            f"--qat-epochs {c['qat_epochs']:g}" + (" --fill-budget" if c.get("fill_budget") else "")
+            + "".join(f" --reuse {p}" for p in report.get("reused_from") or []))
 
 
 def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
