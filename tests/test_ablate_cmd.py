@@ -15,6 +15,7 @@ from hirelc.search.config import SearchConfig
 from hirelc.search.surrogate import spearman
 from hirelc.studies.ablate import (
     ABLATION_JSON,
+    EVAL_CACHE,
     VARIANTS,
     AblateConfig,
     _by_surrogate,
@@ -199,6 +200,11 @@ def test_every_variant_runs_once_per_seed_with_the_same_evaluations(ablated, n_e
     _check_runs(rd, report, n_evals, onnx_top1)
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"] and "isa" in report["machine"]
     assert sum("searching" in line for line in lines) == 2
+    # the second variant of the seed takes the warm-up evaluations the first made (the study's shared cache)
+    full, other = (json.loads((rd / "ablation" / f"{v}-seed0" / "search.json").read_text())
+                   for v in ("full", "no-surrogate"))
+    assert full["cached_real_evals"] == 0 and other["cached_real_evals"] >= 1
+    assert any((rd / "ablation" / EVAL_CACHE).glob("*.json"))
 
 
 def test_summary_is_mean_and_std_over_seeds(ablated):

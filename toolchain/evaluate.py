@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hirelc import __version__, runs
 from hirelc.cost import group_keeps, kept_shape, scale_count
 from hirelc.errors import HirelcError
 from hirelc.export import ORT_PROBE, export_lowered
@@ -44,6 +47,34 @@ from hirelc.train import evaluate, predict_logits
 ONNX_OVERHEAD_BYTES = 4096  # graph structure, names and attributes of a small model (when not measured)
 
 PROXY_CAP = 50.0  # points: the logit-MSE proxy's largest drop (20 x MSE beyond it says only 'ruined')
+
+
+class EvalCache:
+    """Real evaluations kept in a folder for the searches that share it (the runs of one ablation seed), by a
+    digest of everything that decides one: ``identity`` (baseline, data, evaluator settings, build), the
+    policy and the fine-tune length. An entry holds the accuracy and what the evaluation cost when it ran; one
+    that cannot be read is evaluated again and rewritten."""
+
+    def __init__(self, folder: str | Path, identity: dict):
+        self.folder = Path(folder)
+        self._id = json.dumps({**identity, "hirelc": __version__}, sort_keys=True, default=str)
+
+    def key(self, layers: dict[str, LayerPolicy], fidelity: int) -> str:
+        what = {"id": self._id, "fidelity": fidelity, "policy": {n: lp.to_dict() for n, lp in sorted(layers.items())}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[float, float] | None:
+        path = self.folder / f"{key}.json"
+        try:
+            entry = json.loads(path.read_text())
+            acc, seconds = float(entry["real_acc"]), float(entry["eval_s"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return (acc, seconds) if math.isfinite(acc) and math.isfinite(seconds) and seconds >= 0 else None
+
+    def put(self, key: str, acc: float, seconds: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write_json(self.folder / f"{key}.json", {"real_acc": acc, "eval_s": seconds})
 
 
 class Predictors:
@@ -112,6 +143,36 @@ class RealEvaluator:
         self.eval_seconds: list[float] = []
         self._saliency: dict[str, torch.Tensor] | None = None
         self._fast: FastProxy | None = None
+        self.cache: EvalCache | None = None  # see use_cache
+        self.cache_hits, self.saved_seconds = 0, 0.0
+
+    def identity(self) -> dict:
+        """What decides a real evaluation besides the baseline, the data and the policy."""
+        return {"seed": self.seed, "threads": self.threads, "lower": dataclasses.asdict(self.cfg),
+                "samples": [len(self._sub.train.x), len(self._sub.val.x)], "calib": len(self.calib_x)}
+
+    def use_cache(self, folder: str | Path, identity: dict) -> None:
+        """Take real evaluations from ``folder`` where one of the same policy was made with the same ``identity``
+        (plus :meth:`identity`), and keep each new one there. A hit reports the seconds the evaluation took when
+        it ran, and adds them to ``saved_seconds``, so that a search's clock counts the work as if done."""
+        self.cache = EvalCache(folder, {**identity, **self.identity()})
+
+    def real_accuracies(self, batch, fidelity: int = 0) -> Iterator[tuple[float, float]]:
+        """``(accuracy, seconds)`` of each policy in order, lazily (a search commits each before the next runs)."""
+        for layers in batch:
+            key = self.cache.key(layers, fidelity) if self.cache is not None else None
+            hit = self.cache.get(key) if key is not None else None
+            if hit is not None:
+                self.cache_hits += 1
+                self.saved_seconds += hit[1]
+                yield hit
+                continue
+            t = time.perf_counter()
+            acc = self.real_accuracy(layers, fidelity)
+            seconds = time.perf_counter() - t
+            if key is not None:
+                self.cache.put(key, acc, seconds)
+            yield acc, seconds
 
     def saliency(self, layers: dict[str, LayerPolicy] | None = None) -> dict[str, torch.Tensor] | None:
         """The baseline's channel saliency, measured once (every candidate prunes the same model); None when

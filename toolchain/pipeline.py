@@ -528,8 +528,12 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
                  max_size_mb: float | None = None, max_latency_ms: float | None = None, seed: int = 0,
                  resume: bool = False, progress: bool = True, fisher_samples: int = 50,
                  overrides: dict | None = None, latency_budget: bool = True, echo=None, workers: int = 1,
-                 ray_address: str | None = None, opset: int = DEFAULT_OPSET) -> dict:
+                 ray_address: str | None = None, opset: int = DEFAULT_OPSET, eval_cache: Path | None = None) -> dict:
     """The HiReLC search on a run directory's baseline -> policy.json, search.jsonl, plots, search.json.
+
+    ``eval_cache``: a folder of real evaluations shared with other searches of the same baseline, data and seed
+    (an ablation's variants share their warm-up); a policy evaluated there before is not evaluated again, and
+    still counts the time it took (:class:`hirelc.evaluate.EvalCache`). Local evaluations only (not ``workers``).
 
     ``opset``: the one model.onnx will be exported at (``hirelc export`` takes it from search.json); from
     :data:`INT2_OPSET` 2-bit codes are stored four per byte, and the size budget counts them so.
@@ -596,6 +600,9 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
 
     bundle = run_bundle(rd)
     evaluator = RealEvaluator(model, topo, bundle, predictors, seed=seed)
+    if eval_cache is not None:
+        evaluator.use_cache(eval_cache, {"baseline": runs.file_digest(rd / runs.BASELINE_CKPT),
+                                         "run": runs.read_json(rd / runs.CONFIG, "run config")})
     sens_path = rd / runs.SENSITIVITY
     if sens_path.exists():
         sens = runs.read_json(sens_path, "sensitivity")
@@ -640,6 +647,8 @@ def search_stage(run_dir: str | Path, *, target_ratio: float | None = 8.0, prese
         "n_final_fidelity_evals": len(competing(result.history)),  # without warm-ups superseded by a longer fine-tune
         "wall_s": result.wall_s,
         "mean_eval_s": (sum(eval_seconds) / len(eval_seconds)) if eval_seconds else None,
+        # real evaluations taken from eval_cache, and the seconds they took when they ran (counted in wall_s)
+        "cached_real_evals": evaluator.cache_hits, "cached_eval_s": evaluator.saved_seconds,
         "workers": workers,
         "surrogate_spearman": result.surrogate_spearman,
         "allocation": result.allocation,

@@ -281,7 +281,9 @@ class _Search:
         atomic_torch_save(state, self.run_dir / SEARCH_STATE)
 
     def wall(self) -> float:
-        return self.wall_offset + time.perf_counter() - self._t0
+        """Seconds the search has taken, resumed parts included; evaluations an evaluator took from a cache count
+        what they cost when they ran (its ``saved_seconds``), so searches that share one stay comparable in time."""
+        return self.wall_offset + time.perf_counter() - self._t0 + getattr(self.ev, "saved_seconds", 0.0)
 
     # ---- budget and predictions ----------------------------------------------------------------------------
     def proxy_drop(self, layers: Layers) -> float:

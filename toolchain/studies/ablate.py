@@ -60,6 +60,7 @@ from hirelc.train import load_baseline, set_threads
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 METRICS = ("final_top1", "best_val", "effective_ratio", "evals_to_best", "search_wall_s")
+EVAL_CACHE = "eval-cache"  # real evaluations the runs share (the same warm-up policies of a seed, above all)
 # what a run's figures depend on besides the study's options: a run reused from another report must share them
 SAME_MACHINE = ("cpu", "isa", "cores", "threads", "onnxruntime", "torch")
 
@@ -258,7 +259,8 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
     if not searched:
         echo(f"  {variant} seed {seed}: searching")
         pipeline.search_stage(sub, target_ratio=cfg.target_ratio, preset=cfg.preset, seed=seed, progress=progress,
-                              latency_budget=cfg.latency_budget, overrides=overrides)
+                              latency_budget=cfg.latency_budget, overrides=overrides,
+                              eval_cache=sub.parent / EVAL_CACHE)
     summary = runs.read_json(sub / "search.json", "search summary")
     if not (sub / runs.HIRELC_ONNX).exists():
         echo(f"  {variant} seed {seed}: lowering the winner")
