@@ -204,6 +204,7 @@ def test_every_variant_runs_once_per_seed_with_the_same_evaluations(ablated, n_e
     full, other = (json.loads((rd / "ablation" / f"{v}-seed0" / "search.json").read_text())
                    for v in ("full", "no-surrogate"))
     assert full["cached_real_evals"] == 0 and other["cached_real_evals"] >= 1
+    assert [r["cached_real_evals"] for r in report["runs"]] == [0, other["cached_real_evals"]]
     assert any((rd / "ablation" / EVAL_CACHE).glob("*.json"))
 
 

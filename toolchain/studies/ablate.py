@@ -275,6 +275,8 @@ def _one_run(rd: Path, sub: Path, variant: str, seed: int, cfg: AblateConfig, bu
         "variant": variant, "seed": seed, "final_top1": top1, "best_val": summary["best_acc"],
         "effective_ratio": report["effective_ratio"], "real_evals": summary["n_real_evals"],
         "evals_to_best": found, "search_wall_s": summary["wall_s"], "search_config": summary.get("config"),
+        # of real_evals, those another run of the study had made (the shared cache); their time is in search_wall_s
+        "cached_real_evals": summary.get("cached_real_evals", 0),
         # whether the search itself found the winner, or it was one of the warm-up's (shared) policies
         "winner_after_warmup": None if found is None else history[found - 1].get("cycle", 0) > 0,
         "surrogate_spearman": summary.get("surrogate_spearman"),
