@@ -477,6 +477,8 @@ def test_a_report_of_another_study_baseline_or_machine_is_refused(ablated, tiny,
             ({"machine": {**good["machine"], "onnxruntime": "0.1"}}, r"another kind of machine \(onnxruntime"),
             ({"baseline_test_acc": good["baseline_test_acc"] + 1}, "made on another baseline"),
             ({"runs": [{**good["runs"][0], "final_top1": "86"}]}, "full seed 0 has no finite final_top1"),
+            ({"runs": [{k: v for k, v in good["runs"][0].items() if k != "best_val"}]}, "full seed 0 lacks best_val"),
+            ({"runs": [{**good["runs"][0], "surrogate_points": 3}]}, "lacks a list of surrogate_points"),
             ({"runs": [{**good["runs"][0], "search_config": {**good["runs"][0]["search_config"], "ensemble": True}}]},
              r"full seed 0 was searched with another configuration \(ensemble\)"),
             ({"runs": "x"}, "is not an ablation report")):

@@ -217,6 +217,10 @@ def reusable_runs(rd: Path, cfg: AblateConfig, sources, echo=print) -> dict[tupl
             top1 = row.get("final_top1")
             if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
                 raise HirelcError(f"--reuse: {path}: {key[0]} seed {key[1]} has no finite final_top1")
+            missing = [k for k in (*METRICS, "real_evals", "surrogate_points") if k not in row]
+            if missing or not isinstance(row["surrogate_points"], list):
+                raise HirelcError(f"--reuse: {path}: {key[0]} seed {key[1]} lacks "
+                                  f"{', '.join(missing) or 'a list of surrogate_points'}")
             searched = row.get("search_config")
             if searched is None:
                 untold += 1
