@@ -176,6 +176,13 @@ def link_baseline(run_dir: Path, sub: Path) -> None:
 STUDY_OPTIONS = "study_options.json"  # in a study's output folder: the options its finished runs were made with
 
 
+def differences(was: Mapping[str, Any], now: Mapping[str, Any], keys=None, now_word: str = "now") -> str:
+    """``"k A there, B now; ..."`` for each of ``keys`` (default: every key of either, sorted) whose value differs
+    between ``was`` and ``now``; empty when none does."""
+    keys = sorted(set(was) | set(now)) if keys is None else keys
+    return "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} {now_word}" for k in keys if was.get(k) != now.get(k))
+
+
 def open_study_dir(run_dir: str | Path, out_dir: str | Path | None, default: str, finished: str,
                    what: str, options: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """(run dir, output folder) of a study over a trained baseline (``hirelc bench``, ``hirelc ablate``).
@@ -193,10 +200,8 @@ def open_study_dir(run_dir: str | Path, out_dir: str | Path | None, default: str
     now = None if options is None else json.loads(json.dumps(strict(_plain(dict(options))), default=_json_default))
     kept = out / STUDY_OPTIONS
     if now is not None and kept.is_file():
-        before = read_json(kept, f"{what} options")
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
-            diff = "; ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+        diff = differences(read_json(kept, f"{what} options"), now)
+        if diff:
             raise HirelcError(f"{out} holds an unfinished {what} made with other options ({diff}): resume it with "
                               f"the same options, or give another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -197,14 +197,12 @@ def reusable_runs(rd: Path, cfg: AblateConfig, sources, echo=print) -> dict[tupl
             raise HirelcError(f"--reuse: {path} was made on another baseline (test top-1 "
                               f"{rep.get('baseline_test_acc')} there, {meta.get('test_acc')} here)")
         was = {k: v for k, v in rep["config"].items() if k not in ("seeds", "variants")}
-        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-        if changed:
-            diff = "; ".join(f"{k} {was.get(k)!r} there, {now.get(k)!r} here" for k in changed)
+        diff = runs.differences(was, now, now_word="here")
+        if diff:
             raise HirelcError(f"--reuse: {path} was made with other study options ({diff})")
         machine = rep.get("machine") if isinstance(rep.get("machine"), dict) else {}
-        other = [k for k in SAME_MACHINE if machine.get(k) != here.get(k)]
-        if other:
-            diff = "; ".join(f"{k} {machine.get(k)!r} there, {here.get(k)!r} here" for k in other)
+        diff = runs.differences(machine, here, SAME_MACHINE, now_word="here")
+        if diff:
             raise HirelcError(f"--reuse: {path} was measured on another kind of machine ({diff}); its runs are "
                               f"not comparable with runs made here")
         untold = 0
