@@ -16,6 +16,7 @@ from hirelc.lower import (
     channel_saliency,
     fold_batchnorm,
     load_lowered,
+    recalibrate_batchnorm,
     lower_model,
     prune,
     save_lowered,
@@ -203,6 +204,54 @@ def test_fold_batchnorm_keeps_outputs(built, model):
     assert sum(isinstance(x, (nn.ReLU, nn.ReLU6)) for x in m.modules()) == acts_before  # BN+act keeps its act
     assert all(m.get_submodule(c).bias is not None for c in folded)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_batches_it_saw(built):
+    m = copy.deepcopy(built("test_resnet").model).eval()
+    bn = m.get_submodule("conv1.1")  # the deep stem's first BatchNorm, right after the input conv
+    with torch.no_grad():  # stale statistics, as after pruning the layer before
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    conv1 = m.get_submodule("conv1.0")
+    xs = [_x(8), _x(8) * 2 + 1]
+    assert recalibrate_batchnorm(m, iter(xs)) == 2
+    with torch.no_grad():
+        pre = torch.cat([conv1(x) for x in xs])  # what bn1 normalises, (16, C, H, W)
+    torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    n = pre.numel() / pre.shape[1]  # per-batch unbiased variances averaged (momentum None)
+    var = torch.stack([p.var((0, 2, 3), unbiased=True) for p in pre.split(8)]).mean(0)
+    torch.testing.assert_close(bn.running_var, var, atol=1e-3, rtol=1e-3)
+    assert n > 0 and bn.momentum == built("test_resnet").model.get_submodule("conv1.1").momentum
+    assert not m.training and not bn.training
+
+
+def test_recalibration_without_batches_leaves_the_statistics(built):
+    m = copy.deepcopy(built("test_resnet").model).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert recalibrate_batchnorm(m, iter([])) == 0
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pruned_lowering_recalibrates_batchnorm_and_it_matters(built, bundle):
+    """A pruned policy re-estimates BatchNorm statistics before folding: the folded biases differ from lowering
+    with the stale ones (bn_batches=0), and an unpruned policy does not recalibrate at all."""
+    b = built("test_resnet")
+    layers = PRESETS["w8-prune30"].resolve(list(b.topo.layers))
+    cfg = LowerConfig(epochs=0, batch_size=32, calib_batches=2, bn_batches=2)
+    m1, info1 = lower_model(b.model, b.topo, layers, bundle, cfg, progress=False)
+    m0, info0 = lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, batch_size=32, calib_batches=2,
+                                                                         bn_batches=0), progress=False)
+    assert info1["batchnorm_batches"] == 2 and info0["batchnorm_batches"] == 0
+    b1, b0 = m1.get_submodule("layer1.0.conv1").bias, m0.get_submodule("layer1.0.conv1").bias  # its input was pruned
+    assert b1.shape == b0.shape and not torch.allclose(b1, b0)
+    _, info = lower_model(b.model, b.topo, PRESETS["int8"].resolve(list(b.topo.layers)), bundle, cfg, progress=False)
+    assert info["batchnorm_batches"] == 0
+
+
+def test_lower_config_rejects_negative_batchnorm_batches():
+    with pytest.raises(HirelcError, match="BatchNorm batches"):
+        LowerConfig(bn_batches=-1)
 
 
 # ---------------------------------------------------------------- integer weights

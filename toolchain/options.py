@@ -100,9 +100,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LowerConfig:
     epochs: float = 1.0  # QAT epochs over the training split (fractions allowed)
-    lr: float = 5e-4
+    lr: float = 2e-5
     batch_size: int = 128
     calib_batches: int = 8  # training batches used to calibrate activation ranges
+    # training batches that re-estimate BatchNorm statistics after pruning, before folding (0: keep the old ones)
+    bn_batches: int = 8
     act_quant: bool = True  # Q/DQ on the inputs of quantized layers (False: weight-only)
     act_signed: bool = False  # uint8 activations by default: the fast int8 path on CPUs without VNNI
     percentile: float | None = None  # None = min-max calibration, else e.g. 99.99
@@ -125,6 +127,7 @@ class LowerConfig:
         at_least("--max-steps", self.max_steps, 0)
         at_least("batch size", self.batch_size, 1)
         at_least("calibration batches", self.calib_batches, 1)
+        at_least("BatchNorm batches", self.bn_batches, 0)
         at_least("--seed", self.seed, 0)
         if self.percentile is not None:
             finite("--percentile", self.percentile, low=50.0, high=100.0, strict_low=True)

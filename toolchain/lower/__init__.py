@@ -8,7 +8,8 @@ Steps, each a function of its own so the search can reuse them on candidates (on
    ratio (channels ranked by :func:`channel_saliency`, the loss's first-order Taylor sensitivity to each
    channel on a few training batches, or by weight norms; heads by their qkv weights; coupled layers follow
    through torch-pruning's dependency graph; ViT attention ``num_heads``/``attn_dim`` updated);
-2. :func:`fold_batchnorm` folds each BatchNorm that directly follows a conv into the conv, so the exported
+2. after pruning, :func:`recalibrate_batchnorm` re-estimates BatchNorm statistics on a few training batches
+   (the removed channels no longer feed the layers after them); :func:`fold_batchnorm` folds each BatchNorm that directly follows a conv into the conv, so the exported
    graph has ``DequantizeLinear -> Conv`` with nothing in between and ONNX Runtime can fuse integer convs;
 3. :func:`swap_quantized` replaces each quantized layer with a :class:`~hirelc.qmodules.QConv2d` /
    :class:`~hirelc.qmodules.QLinear`;
@@ -17,7 +18,7 @@ Steps, each a function of its own so the search can reuse them on candidates (on
 5. quantization-aware fine-tuning (straight-through estimator), then :meth:`freeze` keeps integers only.
 """
 
-from hirelc.lower.fold import fold_batchnorm
+from hirelc.lower.fold import fold_batchnorm, recalibrate_batchnorm
 from hirelc.lower.model import lower_model
 from hirelc.lower.prune import channel_saliency, prune, saliency_batches, select_channels, validate_layers
 from hirelc.lower.qat import fine_tune
@@ -56,6 +57,7 @@ __all__ = [
     "place_quantizers",
     "placement_key",
     "prune",
+    "recalibrate_batchnorm",
     "rebuild_lowered",
     "saliency_batches",
     "save_lowered",

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from hirelc.lower.fold import fold_batchnorm
+from hirelc.lower.fold import fold_batchnorm, recalibrate_batchnorm
 from hirelc.lower.prune import channel_saliency, prune, saliency_batches, validate_layers
 from hirelc.lower.qat import fine_tune
 from hirelc.lower.quantize import (
@@ -50,6 +50,10 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
     if pruning and saliency is None and fisher is None and cfg.importance == "taylor":
         saliency = channel_saliency(m, topo, saliency_batches(bundle, cfg))
     removed = prune(m, topo, layers, fisher, saliency=saliency if cfg.importance == "taylor" else None)
+    bn_batches = 0
+    if any(removed.values()) and cfg.bn_batches > 0:
+        loader = bundle.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        bn_batches = recalibrate_batchnorm(m, (x for i, (x, _) in enumerate(loader) if i < cfg.bn_batches))
     folded = fold_batchnorm(m, topo.input_shape)
     swapped = swap_quantized(m, layers, cfg.act_signed, cfg.percentile, cfg.reduce_range)
     calib = 0
@@ -79,6 +83,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         "removed_channels": removed,
         "unprunable_grouped": topo.unprunable_grouped,  # kept whole: grouped convs tie their channels (topology)
         "folded_batchnorm": len(folded),
+        "batchnorm_batches": bn_batches,  # batches that re-estimated BatchNorm statistics after pruning
         "quantized_layers": len(swapped),
         "float_layers": len(topo.layers) - len(swapped),
         "calibration_batches": calib,
