@@ -473,6 +473,12 @@ def test_a_report_of_another_study_baseline_or_machine_is_refused(ablated, tiny,
     for change, match in (
             ({"config": {**good["config"], "target_ratio": 7.0}}, r"other study options \(target_ratio 7.0 there, 6.0"),
             ({"config": {**good["config"], "qat_epochs": 1.0}}, r"other study options \(qat_epochs 1.0 there"),
+            # a build lowering winners or evaluations otherwise (its defaults, not the study's options)
+            ({"config": {**good["config"], "lower.lr": 5e-4}}, r"other study options \(lower.lr 0.0005 there, 2e-05"),
+            ({"config": {**good["config"], "evaluation.bn_batches": 0}},
+             r"other study options \(evaluation.bn_batches 0 there, 8 here"),
+            ({"config": {k: v for k, v in good["config"].items() if "." not in k}},
+             "a build that did not record its lowering settings"),
             ({"machine": {**good["machine"], "isa": ["sse2"]}}, r"another kind of machine \(isa \['sse2'\] there"),
             ({"machine": {**good["machine"], "onnxruntime": "0.1"}}, r"another kind of machine \(onnxruntime"),
             ({"baseline_test_acc": good["baseline_test_acc"] + 1}, "made on another baseline"),

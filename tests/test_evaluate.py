@@ -58,12 +58,13 @@ def test_real_accuracy_is_the_lowered_candidates_top1_on_the_validation_subset(e
 @pytest.mark.parametrize("preset", ["w4-prune50", "w8-prune30", "int8"])
 def test_fast_proxy_computes_what_the_weight_only_lowered_model_computes(built, bundle, model, preset):
     """Masking + fake-quantizing the baseline must give the logits of the physically pruned, integer model
-    (weight-only, no fine-tuning): same channels removed, same scales, LayerNorm over the kept stream only."""
+    (weight-only, no fine-tuning, BatchNorm statistics not re-estimated: the proxy keeps the baseline's): same
+    channels removed, same scales, LayerNorm over the kept stream only."""
     b = built(model)
     layers = PRESETS[preset].resolve(list(b.topo.layers))
     x = next(iter(bundle.loader("train", 16, shuffle=True, seed=3)))[0]
     sal = L.channel_saliency(copy.deepcopy(b.model), b.topo, [next(iter(bundle.loader("train", 16, seed=1)))])
-    cfg = L.LowerConfig(max_steps=0, act_quant=False, fuse_outputs=False, fuse_adds=False)
+    cfg = L.LowerConfig(max_steps=0, act_quant=False, fuse_outputs=False, fuse_adds=False, bn_batches=0)
     lowered, _ = L.lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, saliency=sal)
     ref = predict_logits(lowered, x)
     fast = FastProxy(b.model, b.topo).logits(layers, x, saliency=sal)

@@ -114,6 +114,12 @@ def torch_threads(n: int) -> Iterator[None]:
 MAX_FIDELITY = 3
 
 
+def evaluation_lower_config(qat_steps: int = 40, batch_size: int = 64, lr: float = 5e-4, seed: int = 0) -> LowerConfig:
+    """How a real evaluation lowers a candidate: ``qat_steps`` of fine-tuning, scored as it is (no keep-best)."""
+    return LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
+                       keep_best=False, seed=seed)
+
+
 class RealEvaluator:
     """Scores policies by lowering the real model; sizes of the subsets trade fidelity for search time.
 
@@ -132,8 +138,7 @@ class RealEvaluator:
         # real_accuracy(fidelity=f) fine-tunes 2**f times qat_steps (the search's adaptive fidelity); none without QAT
         self.max_fidelity = MAX_FIDELITY if qat_steps > 0 else 0
         self.predictors = predictors
-        self.cfg = LowerConfig(epochs=0, max_steps=qat_steps, lr=lr, batch_size=batch_size, calib_batches=4,
-                               keep_best=False, seed=seed)  # the search scores the fine-tuned candidate as is
+        self.cfg = evaluation_lower_config(qat_steps, batch_size, lr, seed)
         self._sub = _SubsetBundle(bundle, train_samples, val_samples, seed)
         self._placement: dict = {}  # where lowering put quantizers, per set of layer formats (lower.placement_key)
         self.calib_x = bundle.subset("train", calib_samples, seed=seed + 1).x

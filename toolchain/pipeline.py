@@ -22,7 +22,7 @@ from torch import nn
 from hirelc import latency, runs
 from hirelc.data import load_data
 from hirelc.errors import HirelcError
-from hirelc.evaluate import Predictors, RealEvaluator, measure_graph_bytes
+from hirelc.evaluate import Predictors, RealEvaluator, evaluation_lower_config, measure_graph_bytes
 from hirelc.export import (
     ORT_PROBE,
     VerifyConfig,
@@ -45,6 +45,18 @@ from hirelc.search.plots import plot_front, plot_pareto, plot_policy_heatmap, pl
 from hirelc.search.space import uniform_grid
 from hirelc.topology import Topology, build_topology
 from hirelc.train import TrainConfig, evaluate, load_baseline, predict_logits, set_threads, train_baseline
+
+
+def lowering_record() -> dict:
+    """The lowering settings a study's figures rest on besides its own options, as flat keys: the winners' final
+    fine-tune (``lower.*``; its length is the study's ``qat_epochs``) and the search's real evaluations
+    (``evaluation.*``), seeds left out. They are build defaults, not options, so a study folder or report made by a
+    build with other ones is not continued by this one.
+    """
+    final = asdict(LowerConfig())
+    scored = asdict(evaluation_lower_config())
+    return {**{f"lower.{k}": v for k, v in final.items() if k not in ("seed", "epochs", "max_steps")},
+            **{f"evaluation.{k}": v for k, v in scored.items() if k != "seed"}}
 
 
 def load_bundle(opts: DataOptions, in_chans: int | None = None):

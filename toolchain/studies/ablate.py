@@ -197,6 +197,10 @@ def reusable_runs(rd: Path, cfg: AblateConfig, sources, echo=print) -> dict[tupl
             raise HirelcError(f"--reuse: {path} was made on another baseline (test top-1 "
                               f"{rep.get('baseline_test_acc')} there, {meta.get('test_acc')} here)")
         was = {k: v for k, v in rep["config"].items() if k not in ("seeds", "variants")}
+        if not any(k.startswith("lower.") for k in was):
+            raise HirelcError(f"--reuse: {path} was made by a build that did not record its lowering settings "
+                              f"(before BatchNorm re-estimation and the 2e-5 fine-tune): its winners were lowered "
+                              f"otherwise, so its runs are not comparable with runs made here")
         diff = runs.differences(was, now, now_word="here")
         if diff:
             raise HirelcError(f"--reuse: {path} was made with other study options ({diff})")
@@ -337,7 +341,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     proxy = [p for r in rows if _uses_surrogate(r["variant"]) for p in r.get("proxy_points", [])]
     report = {
         **report_header(rd),
-        "config": {**dataclasses.asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
+        "config": {**study_options(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants)},
         "wall_s": round(time.time() - t0, 1),
         # the earlier reports some runs were taken from (each such run names its own in reused_from)
         "reused_from": sorted({r["reused_from"] for r in rows if r.get("reused_from")}),
@@ -357,8 +361,10 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
 
 
 def study_options(cfg: AblateConfig) -> dict:
-    """What every run of a study depends on; seeds and variants may be added when it is resumed."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "variants")}
+    """What every run of a study depends on: its options (seeds and variants may be added when it is resumed)
+    and this build's lowering settings (:func:`hirelc.pipeline.lowering_record`)."""
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "variants")},
+            **pipeline.lowering_record()}
 
 
 def _uses_surrogate(variant: str) -> bool:

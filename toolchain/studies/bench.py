@@ -37,6 +37,7 @@ from hirelc.pipeline import (
     export_stage,
     load_or_measure_graph_bytes,
     lower_stage,
+    lowering_record,
     prepare_latency,
     run_bundle,
     search_stage,
@@ -146,7 +147,8 @@ def bench(run_dir: str | Path, cfg: BenchConfig | None = None, out_dir: str | Pa
     """Build and measure every method; write bench.json, bench.md and the plots into ``out_dir``."""
     cfg = cfg or BenchConfig()
     # what the built artifacts depend on; methods, targets and timing may change when it is resumed
-    built = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "targets", "runs", "batch_sizes")}
+    built = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "targets", "runs", "batch_sizes")},
+             **lowering_record()}  # and this build's lowering
     rd, out = runs.open_study_dir(run_dir, out_dir, "bench", BENCH_JSON, "comparison", options=built)
     set_threads()
     for t in cfg.targets:  # a target this machine cannot run: exit 2 now, not after the searches
