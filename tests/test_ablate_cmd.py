@@ -8,6 +8,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from hirelc import runs
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import run_bundle
@@ -363,6 +364,13 @@ def test_an_interrupted_ablation_resumed_with_other_options_is_refused(ablated, 
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "unfinished ablation made with other options (" in res.output and "qat_epochs" in res.output
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or redone
+    # a folder a build with other lowering defaults started is not continued either
+    kept = out / runs.STUDY_OPTIONS
+    saved = kept.read_bytes()
+    kept.write_text(json.dumps({**json.loads(saved), "lower.lr": 5e-4}))
+    with pytest.raises(HirelcError, match=r"other options \(lower.lr 0.0005 there, 2e-05 now"):
+        ablate(rd, AblateConfig(**tiny.__dict__), progress=False, echo=lambda *_: None)
+    kept.write_bytes(saved)
     # other seeds or variants are not other options: the study resumes (here: with the runs it holds)
     lines: list[str] = []
     redo = ablate(rd, AblateConfig(**{**tiny.__dict__, "variants": ("full",)}), progress=False, echo=lines.append)
