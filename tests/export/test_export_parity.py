@@ -29,7 +29,9 @@ def test_ort_matches_pytorch(tmp_path, lower, bundle, name, preset):
     (PyTorch's top-2 margin within twice the largest diff). Larger gaps mean a real mismatch (an int16
     overflow in U8S8 kernels gave 2.3 % mean before 8-bit weights used 7-bit codes).
     """
-    low = lower(name, preset)
+    # BatchNorm statistics kept: re-estimated ones put this untrained toy's activations where one-step code flips
+    # between ORT and PyTorch carry on (weight-only graphs stay exact either way); the bounds below are for that
+    low = lower(name, preset, bn_batches=0)
     path = tmp_path / "model.onnx"
     export_lowered(low.model, SHAPE, path)
     x = bundle.test.x[:256]
