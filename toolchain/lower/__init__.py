@@ -9,8 +9,9 @@ Steps, each a function of its own so the search can reuse them on candidates (on
    channel on a few training batches, or by weight norms; heads by their qkv weights; coupled layers follow
    through torch-pruning's dependency graph; ViT attention ``num_heads``/``attn_dim`` updated);
 2. after pruning, :func:`recalibrate_batchnorm` re-estimates BatchNorm statistics on a few training batches
-   (the removed channels no longer feed the layers after them); :func:`fold_batchnorm` folds each BatchNorm that directly follows a conv into the conv, so the exported
-   graph has ``DequantizeLinear -> Conv`` with nothing in between and ONNX Runtime can fuse integer convs;
+   (the removed channels no longer feed the layers after them); :func:`fold_batchnorm` folds each BatchNorm that
+   directly follows a conv into the conv, so the exported graph has ``DequantizeLinear -> Conv`` with nothing in
+   between and ONNX Runtime can fuse integer convs;
 3. :func:`swap_quantized` replaces each quantized layer with a :class:`~hirelc.qmodules.QConv2d` /
    :class:`~hirelc.qmodules.QLinear`;
 4. :func:`calibrate` fixes the input-activation ranges on training batches (min-max or percentile); a
