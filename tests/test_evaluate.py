@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 
 import pytest
@@ -56,20 +57,46 @@ def test_real_accuracy_is_the_lowered_candidates_top1_on_the_validation_subset(e
 
 @pytest.mark.parametrize("model", ["test_resnet", "test_vit"])
 @pytest.mark.parametrize("preset", ["w4-prune50", "w8-prune30", "int8"])
-def test_fast_proxy_computes_what_the_weight_only_lowered_model_computes(built, bundle, model, preset):
+@pytest.mark.parametrize("bn_batches", [0, 3])
+def test_fast_proxy_computes_what_the_weight_only_lowered_model_computes(built, bundle, model, preset, bn_batches):
     """Masking + fake-quantizing the baseline must give the logits of the physically pruned, integer model
-    (weight-only, no fine-tuning, BatchNorm statistics not re-estimated: the proxy keeps the baseline's): same
-    channels removed, same scales, LayerNorm over the kept stream only."""
+    (weight-only, no fine-tuning): same channels removed, same scales, LayerNorm over the kept stream only, and
+    BatchNorm statistics re-estimated on the batches lowering takes (or the baseline's with none)."""
     b = built(model)
     layers = PRESETS[preset].resolve(list(b.topo.layers))
     x = next(iter(bundle.loader("train", 16, shuffle=True, seed=3)))[0]
     sal = L.channel_saliency(copy.deepcopy(b.model), b.topo, [next(iter(bundle.loader("train", 16, seed=1)))])
-    cfg = L.LowerConfig(max_steps=0, act_quant=False, fuse_outputs=False, fuse_adds=False, bn_batches=0)
-    lowered, _ = L.lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, saliency=sal)
+    cfg = L.LowerConfig(max_steps=0, act_quant=False, fuse_outputs=False, fuse_adds=False, bn_batches=bn_batches,
+                        batch_size=16, seed=5)
+    lowered, info = L.lower_model(b.model, b.topo, layers, bundle, cfg, progress=False, saliency=sal)
     ref = predict_logits(lowered, x)
-    fast = FastProxy(b.model, b.topo).logits(layers, x, saliency=sal)
+    batches = [xb for xb, _ in itertools.islice(bundle.loader("train", 16, shuffle=True, seed=5), bn_batches)]
+    fast = FastProxy(b.model, b.topo, bn_batches=batches).logits(layers, x, saliency=sal)
     assert (ref - predict_logits(b.model, x)).abs().max() > 1e-3  # the policy does change the model
     torch.testing.assert_close(fast, ref, atol=2e-4, rtol=1e-3)
+    if bn_batches and model == "test_resnet" and preset != "int8":  # the statistics did move, and it shows
+        assert info["batchnorm_batches"] == bn_batches
+        stale = FastProxy(b.model, b.topo).logits(layers, x, saliency=sal)
+        assert (stale - ref).abs().max() > 1e-2
+
+
+def test_evaluators_proxy_re_estimates_on_the_batches_its_lowering_takes(evaluator, monkeypatch):
+    b, ev = evaluator
+    seen = []
+    real = L.recalibrate_batchnorm
+    monkeypatch.setattr(L.model, "recalibrate_batchnorm",
+                        lambda m, xs: seen.append([x.clone() for x in xs]) or real(m, iter(seen[-1])))
+    pruned = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    ev.real_accuracy(pruned)
+    (taken,) = seen
+    mine = ev.bn_batches()
+    assert len(taken) == len(mine) == min(ev.cfg.bn_batches, -(-64 // 16))
+    assert all(torch.equal(a, c) for a, c in zip(taken, mine, strict=True))
+    ev.proxy_drop(pruned)
+    assert ev._fast is not None and ev._fast.stats is None  # by default the proxy keeps the baseline's statistics
+    ev.proxy_bn, ev._fast = True, None
+    ev.proxy_drop(pruned)
+    assert ev._fast.stats is not None and all(torch.equal(a, c) for a, c in zip(ev._fast.bn_x, mine, strict=True))
 
 
 def test_fast_proxy_leaves_the_baseline_alone_and_repeats_itself(built, bundle):
