@@ -22,6 +22,8 @@ DEFAULT_MIN_PARITY = 98.0  # a model.onnx that is not the lowered model agrees o
 SEARCH_PRESETS = ("quick", "standard", "thorough")  # search effort (hirelc.search.PRESETS holds their settings)
 # what ranks a cycle's candidates for real evaluation (hirelc.search.SearchConfig.screening)
 SCREENINGS = ("surrogate", "proxy")
+# what the surrogate learns as a correction to (hirelc.search.SearchConfig.surrogate_prior)
+SURROGATE_PRIORS = ("none", "proxy")
 # what `hirelc bench` builds and measures on one budget
 # where `hirelc verify` / `hirelc bench` run the artifacts (hirelc.export.targets opens them)
 TARGETS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "openvino")
@@ -40,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "proxy-screen": {"screening": "proxy"},  # the proxy, calibrated on real results, ranks each cycle's candidates
     # and ranks them among as many random policies repaired into the budget (the quick preset's 8 per cycle)
     "proxy-screen-pool": {"screening": "proxy", "random_candidates": 8},
+    # the surrogate corrects the proxy mapped to accuracy instead of learning accuracy from scratch
+    "proxy-prior": {"surrogate_prior": "proxy"},
     "uniform": {"warmup_real_evals": 1, "cycles": 0},
 }
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed

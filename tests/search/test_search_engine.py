@@ -3,6 +3,7 @@ import math
 import shutil
 
 import pytest
+import torch
 from scipy.stats import spearmanr
 from search_synth import BLOCK_SENS, SENS, SyntheticEvaluator, make_specs
 
@@ -351,3 +352,21 @@ def test_random_candidates_join_each_cycles_screening():
     assert len(set(keys)) == len(keys) and all(h["meets_budget"] for h in pooled.history)
     with pytest.raises(HirelcError, match="random_candidates must be >= 0"):
         SearchConfig(random_candidates=-1)
+
+
+def test_a_surrogate_on_the_proxy_line_predicts_and_resumes(full_run, tmp_path):
+    """surrogate_prior="proxy": every prediction the search logs comes from the surrogate corrected from the
+    proxy line (here the synthetic proxy tracks accuracy, so its predictions rank the real results), and an
+    interrupted search resumes to the same policies."""
+    specs = make_specs()
+    cfg = SearchConfig(**{**CFG.__dict__, "surrogate_prior": "proxy"})
+    whole = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, None, progress=False)
+    pairs = [(h["surrogate_acc"], h["real_acc"]) for h in whole.history if h["surrogate_acc"] is not None]
+    assert len(pairs) >= 2 and spearmanr(*zip(*pairs, strict=True)).statistic > 0.5
+    with pytest.raises(KeyboardInterrupt):
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs, fail_at=8), cfg, BUDGET, tmp_path, progress=False)
+    resumed = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, tmp_path, resume=True,
+                         progress=False)
+    assert [h["policy"] for h in resumed.history] == [h["policy"] for h in whole.history]
+    assert resumed.layers == whole.layers
+    assert torch.load(tmp_path / SEARCH_STATE, weights_only=True)["surrogate"]["weights"]["with_prior"] is True

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from hirelc.errors import HirelcError
-from hirelc.options import SCREENINGS
+from hirelc.options import SCREENINGS, SURROGATE_PRIORS
 from hirelc.policy import ALLOWED_BITS, FORMAT_KEYS
 
 
@@ -83,6 +83,10 @@ class SearchConfig:
     # (its mean prediction) or "proxy" (the logit-MSE proxy of every candidate, mapped to accuracy by a line fitted
     # to the real results; the surrogate still shapes the agents' rewards and picks the "uncertain" ones).
     screening: str = "surrogate"
+    # What the surrogate learns from its few real results: "none" (accuracy from the policy's features alone) or
+    # "proxy" (a correction to the cold-start proxy mapped to accuracy by a line through those results: the
+    # surrogate then predicts what the proxy says until the results show otherwise; hirelc.search.surrogate).
+    surrogate_prior: str = "none"
     # Random policies, repaired into the budget, added to each cycle's candidates beside the agents' (0: none), so
     # the screening also weighs candidates the agents would not propose.
     random_candidates: int = 0
@@ -111,6 +115,8 @@ class SearchConfig:
             raise HirelcError("random_candidates must be >= 0")
         if self.screening not in SCREENINGS:
             raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
+        if self.surrogate_prior not in SURROGATE_PRIORS:
+            raise HirelcError(f"unknown surrogate prior {self.surrogate_prior!r} (use {', '.join(SURROGATE_PRIORS)})")
         if self.mode not in SEARCH_MODES:
             raise HirelcError(f"unknown search mode {self.mode!r} (use {', '.join(SEARCH_MODES)})")
         if self.formats is not None:

@@ -78,7 +78,7 @@ from hirelc.search.space import (
     uniform_grid,
     valid_mask,
 )
-from hirelc.search.surrogate import Surrogate, spearman
+from hirelc.search.surrogate import ProxyLine, Surrogate, spearman
 from hirelc.topology import LayerSpec
 
 STATE_VERSION = 1
@@ -139,6 +139,17 @@ class BatchEvaluator(Evaluator, Protocol):
 
     def proxy_drops(self, batch: Sequence[dict[str, LayerPolicy]]) -> list[float]:
         """:meth:`Evaluator.proxy_drop` of each policy, in ``batch``'s order."""
+
+
+class _OnProxyLine:
+    """A surrogate fitted as a correction to the proxy line (``SearchConfig.surrogate_prior="proxy"``): it
+    predicts the same way, from each policy's proxy drop (memoised by the search) mapped by the line."""
+
+    def __init__(self, sur: Surrogate, line: ProxyLine, drops: Callable[[Sequence[Layers]], list[float]]):
+        self.sur, self.line, self.drops = sur, line, drops
+
+    def predict(self, policies: Sequence[Layers]) -> tuple[np.ndarray, np.ndarray]:
+        return self.sur.predict(policies, prior=self.line(self.drops(policies)))
 
 
 @dataclass(frozen=True)
@@ -513,13 +524,18 @@ class _Search:
         if not self.config.use_surrogate or len(prev) < self.config.min_surrogate_points:
             return None
         sur = Surrogate(self.specs, self.layer_sens, self.config.surrogate_members, seed=self.config.seed)
+        acc = [self.records[i]["real_acc"] for i in prev]
+        line = None
+        if self.config.surrogate_prior == "proxy":  # the proxy's drops of the same results: a function of them
+            line = ProxyLine([self.records[i]["proxy_drop"] for i in prev], acc)
         if self.surrogate_state and self.surrogate_state["phase"] == phase:
             sur.load_state_dict(self.surrogate_state["weights"])
         else:
-            sur.fit([self.layers[i] for i in prev], [self.records[i]["real_acc"] for i in prev])
+            prior = line([self.records[i]["proxy_drop"] for i in prev]) if line is not None else None
+            sur.fit([self.layers[i] for i in prev], acc, prior=prior)
             self.surrogate_state = {"phase": phase, "weights": sur.state_dict()}
             self.save()
-        return sur
+        return sur if line is None else _OnProxyLine(sur, line, self.proxy_drops)
 
     def drop_predictor(self, sur: Surrogate | None) -> Callable[[Layers], float]:
         if sur is None:

@@ -4,6 +4,12 @@ Architecture as the reference: hidden [64, 32], ReLU, dropout 0.3, output ``sigm
 Uncertainty comes from a small **bootstrap ensemble** (each member trained on a resample of the real results,
 early-stopped on its out-of-bag points); ``std`` is the spread of the members' predictions. Unlike MC dropout
 this is deterministic at prediction time, so a resumed search makes exactly the same choices.
+
+With a **prior** (``fit(..., prior=...)``, one accuracy per policy from something cheaper than a real
+evaluation: the search passes its cold-start proxy mapped to accuracy, :class:`ProxyLine`), each member learns a
+correction to it: its output is ``sigmoid(net(x) + logit(prior / 100))`` and starts at zero correction. Five real
+results cannot teach an MLP over a hundred features much; this way it predicts what the prior says until the
+results show otherwise.
 """
 
 from __future__ import annotations
@@ -82,22 +88,26 @@ class Surrogate:
         self.mu = np.zeros(self.n_features, np.float32)
         self.sd = np.ones(self.n_features, np.float32)
         self.n_train = 0
+        self.with_prior = False
 
     def features(self, policies: Sequence[Layers]) -> torch.Tensor:
         x = np.stack([policy_features(self.specs, p, self.sensitivity) for p in policies])  # (N, F)
         return torch.from_numpy((x - self.mu) / self.sd)
 
-    def fit(self, policies: Sequence[Layers], accuracy: Sequence[float]) -> None:
+    def fit(self, policies: Sequence[Layers], accuracy: Sequence[float], prior: Sequence[float] | None = None) -> None:
         """Train every member from scratch on a bootstrap resample; early stop on its out-of-bag MSE.
 
-        Seeded by ``(seed, number of points)`` inside a forked RNG, so refitting on the same data gives the same
-        weights and the caller's global RNG state is untouched.
+        ``prior``: an accuracy (%) per policy that the members correct rather than replace (module docstring);
+        :meth:`predict` then needs one per policy too. Seeded by ``(seed, number of points)`` inside a forked RNG,
+        so refitting on the same data gives the same weights and the caller's global RNG state is untouched.
         """
         raw = np.stack([policy_features(self.specs, p, self.sensitivity) for p in policies])  # (N, F)
         self.mu, self.sd = raw.mean(0), np.maximum(raw.std(0), 0.1).astype(np.float32)
         x = torch.from_numpy((raw - self.mu) / self.sd)  # (N, F)
         y = torch.tensor(np.asarray(accuracy, np.float32) / 100).clamp(1e-3, 1 - 1e-3)  # (N,)
         n = len(y)
+        self.with_prior = prior is not None
+        offset = self._offset(prior, n)
         rng = np.random.default_rng([self.seed, n])
         self.nets = []
         with torch.random.fork_rng(devices=[]), single_thread():
@@ -106,24 +116,37 @@ class Surrogate:
                 idx = rng.integers(0, n, n)
                 oob = np.setdiff1d(np.arange(n), idx)
                 val = oob if oob.size else idx  # tiny samples can have no out-of-bag point
-                self.nets.append(self._train_one(x, y, torch.from_numpy(idx), torch.from_numpy(val)))
+                self.nets.append(self._train_one(x, y, offset, torch.from_numpy(idx), torch.from_numpy(val)))
         self.n_train = n
 
-    def _train_one(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> nn.Sequential:
+    def _offset(self, prior: Sequence[float] | None, n: int) -> torch.Tensor:
+        """The prior in logit space (zeros without one), checked against what the surrogate was fitted with."""
+        if (prior is not None) != self.with_prior:
+            raise ValueError("this surrogate was fitted " + ("with" if self.with_prior else "without") +
+                             " a prior accuracy per policy; predict the same way")
+        if prior is None:
+            return torch.zeros(n)
+        p = np.asarray(prior, np.float32)
+        if p.shape != (n,) or not np.isfinite(p).all():
+            raise ValueError(f"the prior needs one finite accuracy per policy ({n}), got shape {p.shape}")
+        return torch.logit(torch.from_numpy(p / 100).clamp(1e-3, 1 - 1e-3))
+
+    def _train_one(self, x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, idx: torch.Tensor,
+                   val: torch.Tensor) -> nn.Sequential:
         net = _mlp(self.n_features, self.hidden, self.dropout)
-        with torch.no_grad():  # start at the mean accuracy so early epochs fit the differences, not the offset
-            net[-1].bias.fill_(float(torch.logit(y[idx].mean())))
+        with torch.no_grad():  # start at the mean accuracy (or the prior) so early epochs fit the differences
+            net[-1].bias.fill_(0.0 if self.with_prior else float(torch.logit(y[idx].mean())))
         opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
         best, best_state, bad = float("inf"), None, 0
         for _ in range(self.max_epochs):  # full batch: at most a few hundred points
             net.train()
-            loss = (torch.sigmoid(net(x[idx]).squeeze(-1)) - y[idx]).pow(2).mean()
+            loss = (torch.sigmoid(net(x[idx]).squeeze(-1) + offset[idx]) - y[idx]).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             net.eval()
             with torch.no_grad():
-                v = float((torch.sigmoid(net(x[val]).squeeze(-1)) - y[val]).pow(2).mean())
+                v = float((torch.sigmoid(net(x[val]).squeeze(-1) + offset[val]) - y[val]).pow(2).mean())
             if v < best - 1e-9:
                 best, best_state, bad = v, {k: t.clone() for k, t in net.state_dict().items()}, 0
             else:
@@ -135,16 +158,17 @@ class Surrogate:
         return net.eval()
 
     @torch.no_grad()
-    def predict(self, policies: Sequence[Layers]) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std (across members) of predicted accuracy in %, one per policy."""
+    def predict(self, policies: Sequence[Layers], prior: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (across members) of predicted accuracy in %, one per policy (``prior``: as in :meth:`fit`)."""
         x = self.features(policies)  # (N, F)
+        offset = self._offset(prior, len(policies))
         with single_thread():
-            preds = torch.stack([torch.sigmoid(net(x).squeeze(-1)) * 100 for net in self.nets])  # (M, N)
+            preds = torch.stack([torch.sigmoid(net(x).squeeze(-1) + offset) * 100 for net in self.nets])  # (M, N)
         return preds.mean(0).numpy().astype(float), preds.std(0, unbiased=False).numpy().astype(float)
 
     def state_dict(self) -> dict:
         return {"nets": [n.state_dict() for n in self.nets], "mu": torch.from_numpy(np.asarray(self.mu)),
-                "sd": torch.from_numpy(np.asarray(self.sd)), "n_train": self.n_train}
+                "sd": torch.from_numpy(np.asarray(self.sd)), "n_train": self.n_train, "with_prior": self.with_prior}
 
     def load_state_dict(self, state: dict) -> None:
         self.nets = []
@@ -153,3 +177,20 @@ class Surrogate:
             net.load_state_dict(sd)
             self.nets.append(net.eval())
         self.mu, self.sd, self.n_train = state["mu"].numpy(), state["sd"].numpy(), state["n_train"]
+        self.with_prior = bool(state.get("with_prior", False))
+
+
+class ProxyLine:
+    """The cold-start proxy's drop mapped to accuracy (%) by a least-squares line through real results, falling
+    with the drop; flat at their mean when they do not fall with it (then it says nothing either way)."""
+
+    def __init__(self, drops: Sequence[float], accuracy: Sequence[float]):
+        x, y = np.asarray(drops, dtype=float), np.asarray(accuracy, dtype=float)
+        if x.size == 0 or x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
+            raise ValueError("a proxy line needs as many finite drops as accuracies, at least one")
+        self.x0, self.y0 = float(x.mean()), float(y.mean())
+        slope = float(np.cov(x, y, bias=True)[0, 1] / np.var(x)) if np.ptp(x) > 1e-9 else 0.0
+        self.slope = min(slope, 0.0)
+
+    def __call__(self, drops: Sequence[float]) -> np.ndarray:
+        return self.y0 + self.slope * (np.asarray(drops, dtype=float) - self.x0)

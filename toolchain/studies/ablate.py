@@ -16,6 +16,8 @@ proxy-screen             the full search, but each cycle's promising candidates 
                          proxy mapped to accuracy by a line fitted to the real results, not by the surrogate
 proxy-screen-pool        proxy-screen, with 8 random policies repaired into the budget added to each cycle's
                          candidates, so the screening also weighs policies the agents would not propose
+proxy-prior              the full search, but the surrogate learns a correction to the logit-MSE proxy mapped
+                         to accuracy by a line through the real results, instead of accuracy from scratch
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
 
@@ -137,7 +139,7 @@ def equal_time_cycles(reference_run: Path, cfg: AblateConfig) -> int:
 
 
 # what a search configuration recorded before a field existed did (that field's behaviour before it was added)
-_BEFORE_THE_FIELD = {"screening": "surrogate"}
+_BEFORE_THE_FIELD = {"screening": "surrogate", "surrogate_prior": "none"}
 
 
 def _check_searched_as_now(sub: Path, variant: str, preset: str, overrides: dict) -> None:
