@@ -389,8 +389,8 @@ def test_a_finished_run_searched_with_another_configuration_is_refused(ablated, 
     with pytest.raises(HirelcError, match=r"full-seed0: searched with another configuration .*\(ensemble True there, "
                                           r"False now\)"):
         ablate(rd, tiny, progress=False, echo=lambda *_: None)
-    # a record from before the screening switch existed was screened by the surrogate
-    legacy = {k: v for k, v in search["config"].items() if k != "screening"}
+    # a record from before the screening and prior switches existed was screened by a surrogate without a prior
+    legacy = {k: v for k, v in search["config"].items() if k not in ("screening", "surrogate_prior")}
     path.write_text(json.dumps({**search, "config": legacy}))
     if SearchConfig().screening == "surrogate":
         lines: list[str] = []

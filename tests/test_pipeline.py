@@ -382,6 +382,9 @@ def test_a_pruned_layer_is_predicted_from_its_keep_curves():
     (["--screening", "proxy"], {"screening": "proxy"}),
     (["--screening", "proxy", "--fill-budget"], {"fill_budget": True, "screening": "proxy"}),
     (["--screening", "surrogate"], None),  # the default adds nothing, so earlier runs still match their record
+    (["--surrogate-prior", "proxy"], {"surrogate_prior": "proxy"}),
+    (["--surrogate-prior", "proxy", "--screening", "proxy"], {"screening": "proxy", "surrogate_prior": "proxy"}),
+    (["--surrogate-prior", "none"], None),
 ])
 def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, overrides):
     import hirelc.pipeline
@@ -398,8 +401,11 @@ def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, 
     assert seen["overrides"] == overrides
 
 
-@pytest.mark.parametrize("screening,overrides", [("proxy", {"screening": "proxy"}), ("surrogate", None)])
-def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, screening, overrides):
+@pytest.mark.parametrize("screening,prior,overrides", [
+    ("proxy", "none", {"screening": "proxy"}), ("surrogate", "none", None),
+    ("surrogate", "proxy", {"surrogate_prior": "proxy"}),
+])
+def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, screening, prior, overrides):
     """compress --screening reaches the search stage (the default adds no override, so a run directory searched
     before the option existed stays current)."""
     import hirelc.pipeline
@@ -412,13 +418,15 @@ def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypat
 
     rd = copy_run(compressed[0])
     cfg = CompressConfig(**{**compressed[1].__dict__, "run_dir": str(rd), "policy": None, "resume": True,
-                            "screening": screening})
+                            "screening": screening, "surrogate_prior": prior})
     monkeypatch.setattr(hirelc.pipeline, "search_stage", fake_search_stage)
     with pytest.raises(HirelcError, match="stopped after the options were read"):
         compress(cfg, progress=False, echo=lambda s: None)
     assert seen["overrides"] == overrides  # the trained baseline was current: the search came next
     with pytest.raises(HirelcError, match="unknown screening 'oracle'"):
         CompressConfig(screening="oracle")
+    with pytest.raises(HirelcError, match="unknown surrogate prior 'oracle'"):
+        CompressConfig(surrogate_prior="oracle")
 
 
 def test_search_cli_refuses_an_unknown_screening(tmp_path):

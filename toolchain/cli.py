@@ -28,6 +28,7 @@ from hirelc.options import (
     METHODS,
     SCREENINGS,
     SEARCH_PRESETS,
+    SURROGATE_PRIORS,
     TARGETS,
     VARIANTS,
     AblateConfig,
@@ -95,6 +96,7 @@ BENCH, ABLATE = BenchConfig(), AblateConfig()
 ABLATE_SEEDS = ", ".join(str(s) for s in ABLATE.seeds)
 SearchPreset = Enum("SearchPreset", {p: p for p in SEARCH_PRESETS}, type=str)
 Screening = Enum("Screening", {p: p for p in SCREENINGS}, type=str)
+SurrogatePrior = Enum("SurrogatePrior", {p: p for p in SURROGATE_PRIORS}, type=str)
 Importance = Enum("Importance", {p: p for p in IMPORTANCES}, type=str)
 Method = Enum("Method", {m: m for m in METHODS}, type=str)
 Variant = Enum("Variant", {v: v for v in VARIANTS}, type=str)
@@ -352,12 +354,20 @@ ScreeningOpt = typer.Option("surrogate", help="What ranks each search cycle's ca
                             "`hirelc ablate` compares the two).")
 
 
-def search_overrides(fill_budget: bool, screening: str) -> dict | None:
+SurrogatePriorOpt = typer.Option("none", help="What the search's surrogate learns from its few real results: "
+                                 "accuracy from the policy alone (none), or a correction to the cold-start proxy "
+                                 "mapped to accuracy by a line through those results (proxy; `hirelc ablate "
+                                 "--variant proxy-prior` compares the two).")
+
+
+def search_overrides(fill_budget: bool, screening: str, surrogate_prior: str = "none") -> dict | None:
     """The SearchConfig fields `hirelc search` changes from the preset's (None: none); defaults are left out, so
     a run searched before an option existed still matches its record."""
     out = {"fill_budget": True} if fill_budget else {}
     if screening != "surrogate":
         out["screening"] = screening
+    if surrogate_prior != "none":
+        out["surrogate_prior"] = surrogate_prior
     return out or None
 
 
@@ -378,6 +388,7 @@ def search(
     fill_budget: bool = typer.Option(False, "--fill-budget", help="After repairing a candidate into the budget, "
                                      "give the most sensitive layers back bits / channels while it still fits."),
     screening: Screening = ScreeningOpt,
+    surrogate_prior: SurrogatePrior = SurrogatePriorOpt,
     workers: int = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
     opset: int = OpsetOpt,
@@ -394,7 +405,8 @@ def search(
     with _user_errors(run_dir, "search", interrupted=RESUME_HINT):
         s = search_stage(run_dir, target_ratio=target_ratio, preset=SearchPreset(preset).value, max_size_mb=max_size_mb,
                          max_latency_ms=max_latency_ms, seed=seed, resume=resume,
-                         overrides=search_overrides(fill_budget, Screening(screening).value),
+                         overrides=search_overrides(fill_budget, Screening(screening).value,
+                                                    SurrogatePrior(surrogate_prior).value),
                          latency_budget=not no_latency_budget, echo=typer.echo, workers=workers,
                          ray_address=ray_address, opset=opset)
         _echo_json(s, ["best_acc", "effective_ratio", "predicted_bytes", "predicted_file_ratio",
@@ -434,6 +446,7 @@ def compress(
     ray_address: Optional[str] = RayAddressOpt,
     pick: Optional[str] = PickOpt,
     screening: Screening = ScreeningOpt,
+    surrogate_prior: SurrogatePrior = SurrogatePriorOpt,
     opset: int = OpsetOpt,
 ):
     """The main job: train -> search (or --policy) -> lower + QAT -> export -> ort-int8 -> verify.
@@ -451,7 +464,8 @@ def compress(
                              max_latency_ms=max_latency_ms, latency_budget=not no_latency_budget,
                              qat_epochs=qat_epochs, distill=distill, verify_runs=runs_, resume=resume, seed=seed,
                              workers=workers, ray_address=ray_address, pick=pick,
-                             screening=Screening(screening).value, opset=opset)
+                             screening=Screening(screening).value,
+                             surrogate_prior=SurrogatePrior(surrogate_prior).value, opset=opset)
         report = run_compress(cfg, echo=typer.echo)
         typer.echo(format_table(report))
         typer.echo(f"artifacts and report in {run_dir}/ (report.md, report.json, model.onnx)")

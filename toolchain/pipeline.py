@@ -290,7 +290,10 @@ def _lower_policy(rd: Path, cfg: CompressConfig) -> Policy:
 def compress_overrides(cfg: CompressConfig) -> dict | None:
     """The SearchConfig fields `hirelc compress` changes from the preset's (None: none; a default is left out, so
     a run directory searched before the option existed stays current)."""
-    return {"screening": cfg.screening} if cfg.screening != "surrogate" else None
+    out = {"screening": cfg.screening} if cfg.screening != "surrogate" else {}
+    if cfg.surrogate_prior != "none":
+        out["surrogate_prior"] = cfg.surrogate_prior
+    return out or None
 
 
 def stage_stale(rd: Path, stage: str, cfg: CompressConfig) -> str | None:
