@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -211,3 +212,23 @@ def test_lower_with_an_unknown_importance_is_one_line_and_keeps_earlier_results(
 def test_lower_records_the_importance_it_ranked_channels_by(cli_run):
     rd, _, _ = cli_run
     assert json.loads((rd / runs.LOWER_REPORT).read_text())["lower_config"]["importance"] == "taylor"
+
+
+def test_lower_learning_rate_options_reach_the_fine_tune(cli_run, tmp_path):
+    rd, _, _ = cli_run
+    copy = tmp_path / "run"
+    shutil.copytree(rd, copy)
+    res = invoke("lower", "--run-dir", copy, "--policy", "int8", "--max-steps", "1", "--single-lr")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((copy / runs.LOWER_REPORT).read_text())
+    assert rep["lower_config"]["lr_also"] == [] and rep["qat_lr_tried"] is None
+    res = invoke("lower", "--run-dir", copy, "--policy", "int8", "--max-steps", "1", "--lr-also", "1e-4")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((copy / runs.LOWER_REPORT).read_text())
+    assert [t["lr"] for t in rep["qat_lr_tried"]] == [rep["lower_config"]["lr"], 1e-4]
+    before = (copy / runs.LOWER_REPORT).read_bytes()
+    res = invoke("lower", "--run-dir", copy, "--policy", "int8", "--lr-also", "1e-4", "--single-lr")
+    _assert_user_error(res, "give --lr-also or --single-lr, not both")
+    res = invoke("lower", "--run-dir", copy, "--policy", "int8", "--lr-also", "-1")
+    _assert_user_error(res, "--lr-also must be > 0")
+    assert (copy / runs.LOWER_REPORT).read_bytes() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -546,7 +547,7 @@ def test_fine_tuning_that_lowers_val_accuracy_is_undone(built, bundle, monkeypat
     scores = iter([val_before, val_after])
     monkeypatch.setattr(qat, "fit", harmful_fit)
     monkeypatch.setattr(qat, "evaluate", lambda model, loader: next(scores))
-    low, info = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=3, calib_batches=2),
+    low, info = lower_model(b.model, b.topo, layers, bundle, LowerConfig(max_steps=3, calib_batches=2, lr_also=()),
                             progress=False, probe=ORT_PROBE)
     assert info["qat_val_before"] == val_before and info["qat_val_after"] == val_after
     same = all(torch.equal(low.get_submodule(n).qweight, ref.get_submodule(n).qweight) for n in quant_layers(ref))
@@ -605,3 +606,33 @@ def test_quantizer_placement_is_remembered_per_format_and_matches_the_probe(buil
     assert lowered_structure(first) == lowered_structure(second) == probed["c"]
     w4 = Policy(default=LayerPolicy(bits=4)).resolve(list(b.topo.layers))
     assert placement_key(w4) != placement_key(a)
+
+
+def test_the_fine_tune_keeps_the_learning_rate_that_validates_best(built, bundle):
+    """With other rates to try, every run starts from the same calibrated model and seed, and the one kept is the
+    run at the rate whose validation accuracy was highest: bit for bit what a lowering at that rate alone gives."""
+    b = built("test_resnet")
+    layers = PRESETS["w4-prune50"].resolve(list(b.topo.layers))
+    both = LowerConfig(max_steps=6, calib_batches=2, batch_size=16, lr=2e-5, lr_also=(5e-3,), bn_batches=2)
+    low, info = lower_model(b.model, b.topo, layers, bundle, both, progress=False, probe=ORT_PROBE)
+    tried = info["qat_lr_tried"]
+    assert [t["lr"] for t in tried] == [2e-5, 5e-3]
+    best = max(tried, key=lambda t: t["val_after"])  # the first of equals
+    assert info["qat_lr"] == best["lr"] and info["qat_val_after"] == best["val_after"]
+    alone, one = lower_model(b.model, b.topo, layers, bundle, dataclasses.replace(both, lr=best["lr"], lr_also=()),
+                             progress=False, probe=ORT_PROBE)
+    assert one["qat_lr_tried"] is None and one["qat_val_after"] == best["val_after"]
+    for n in quant_layers(alone):
+        assert torch.equal(low.get_submodule(n).qweight, alone.get_submodule(n).qweight), n
+    # no validation check: only the configured rate runs
+    _, unchecked = lower_model(b.model, b.topo, layers, bundle, dataclasses.replace(both, keep_best=False),
+                               progress=False, probe=ORT_PROBE)
+    assert unchecked["qat_lr"] == 2e-5 and unchecked["qat_lr_tried"] is None
+
+
+def test_other_learning_rates_must_be_positive_numbers():
+    assert LowerConfig(lr_also=[1e-4, 5e-4]).lr_also == (1e-4, 5e-4)  # as read back from JSON
+    assert LowerConfig(lr_also=1e-4).lr_also == (1e-4,)
+    for bad in ((0.0,), (float("nan"),), ("fast",)):
+        with pytest.raises(HirelcError, match="--lr-also"):
+            LowerConfig(lr_also=bad)

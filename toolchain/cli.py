@@ -92,6 +92,9 @@ app.add_typer(baseline_app, name="baseline")
 
 # Defaults come from the option dataclasses (hirelc.options), so the CLI and the library agree on them.
 TRAIN, LOWER, VERIFY, DATA, COMPRESS = TrainConfig(), LowerConfig(), VerifyConfig(), DataOptions(), CompressConfig()
+LR_ALSO_HELP = ("Another learning rate the fine-tune also tries from the same calibrated model (repeat for several); "
+                "the one ending at the best validation accuracy is kept. Default: "
+                + ", ".join(f"{v:g}" for v in LOWER.lr_also) + ".")
 BENCH, ABLATE = BenchConfig(), AblateConfig()
 ABLATE_SEEDS = ", ".join(str(s) for s in ABLATE.seeds)
 SearchPreset = Enum("SearchPreset", {p: p for p in SEARCH_PRESETS}, type=str)
@@ -204,6 +207,8 @@ def lower(
                                "JSON; a relative name is looked up in the run directory first."),
     epochs: float = typer.Option(LOWER.epochs, help="Quantization-aware fine-tuning epochs (fractions allowed)."),
     lr: float = typer.Option(LOWER.lr, help="Fine-tuning learning rate."),
+    lr_also: Optional[list[float]] = typer.Option(None, "--lr-also", help=LR_ALSO_HELP),
+    single_lr: bool = typer.Option(False, "--single-lr", help="Fine-tune at --lr alone (no other rate tried)."),
     weight_only: bool = typer.Option(False, "--weight-only", help="No activation quantization."),
     act_int8: bool = typer.Option(False, "--act-int8", help="Signed int8 activations instead of uint8."),
     percentile: Optional[float] = typer.Option(None, help="Activation calibration percentile (default min-max)."),
@@ -231,7 +236,10 @@ def lower(
             typer.echo(f"picked from the search's front ({pick}): {spec.name}")
         elif spec not in PRESETS and not Path(spec).is_absolute() and (run_dir / spec).exists():
             spec = str(run_dir / spec)
-        cfg = LowerConfig(epochs=epochs, lr=lr, act_quant=not weight_only, act_signed=act_int8,
+        if single_lr and lr_also:
+            raise HirelcError("give --lr-also or --single-lr, not both")
+        also = () if single_lr else (tuple(lr_also) if lr_also else LOWER.lr_also)
+        cfg = LowerConfig(epochs=epochs, lr=lr, lr_also=also, act_quant=not weight_only, act_signed=act_int8,
                           percentile=percentile, max_steps=max_steps, importance=Importance(importance).value,
                           distill=distill)
         rep = lower_stage(run_dir, spec, cfg)

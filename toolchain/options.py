@@ -105,6 +105,10 @@ class TrainConfig:
 class LowerConfig:
     epochs: float = 1.0  # QAT epochs over the training split (fractions allowed)
     lr: float = 2e-5
+    # further peak learning rates the fine-tune tries from the same calibrated model when keep_best is on; the one
+    # ending at the best validation accuracy is kept (ties: the earlier, ``lr`` first). A mildly damaged CNN
+    # recovers best at 2e-5 (5e-4 undoes its calibration); a heavily compressed ViT needs 5e-4 (docs/results.md)
+    lr_also: tuple[float, ...] = (5e-4,)
     batch_size: int = 128
     calib_batches: int = 8  # training batches used to calibrate activation ranges
     # training batches that re-estimate BatchNorm statistics after pruning, before folding (0: keep the old ones)
@@ -128,6 +132,9 @@ class LowerConfig:
         finite("--epochs", self.epochs, low=0.0)
         finite("--distill", self.distill, low=0.0, high=1.0)
         finite("--lr", self.lr, low=0.0, strict_low=True)
+        also = (self.lr_also,) if isinstance(self.lr_also, (int, float, str)) else self.lr_also
+        # a tuple of floats, also when read back from JSON (a list there)
+        object.__setattr__(self, "lr_also", tuple(finite("--lr-also", v, low=0.0, strict_low=True) for v in also))
         at_least("--max-steps", self.max_steps, 0)
         at_least("batch size", self.batch_size, 1)
         at_least("calibration batches", self.calib_batches, 1)

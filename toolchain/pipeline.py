@@ -55,8 +55,9 @@ def lowering_record() -> dict:
     """
     final = asdict(LowerConfig())
     scored = asdict(evaluation_lower_config())
-    return {**{f"lower.{k}": v for k, v in final.items() if k not in ("seed", "epochs", "max_steps")},
+    flat = {**{f"lower.{k}": v for k, v in final.items() if k not in ("seed", "epochs", "max_steps")},
             **{f"evaluation.{k}": v for k, v in scored.items() if k != "seed"}}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}  # as a report reads back
 
 
 def load_bundle(opts: DataOptions, in_chans: int | None = None):

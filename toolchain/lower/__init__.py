@@ -22,7 +22,7 @@ Steps, each a function of its own so the search can reuse them on candidates (on
 from hirelc.lower.fold import fold_batchnorm, recalibrate_batchnorm
 from hirelc.lower.model import lower_model
 from hirelc.lower.prune import channel_saliency, prune, saliency_batches, select_channels, validate_layers
-from hirelc.lower.qat import fine_tune
+from hirelc.lower.qat import fine_tune, fine_tune_best
 from hirelc.lower.quantize import (
     RuntimeProbe,
     add_block_quantizers,
@@ -50,6 +50,7 @@ __all__ = [
     "calibrate",
     "channel_saliency",
     "fine_tune",
+    "fine_tune_best",
     "fold_batchnorm",
     "freeze",
     "load_lowered",

@@ -10,7 +10,7 @@ from torch import nn
 
 from hirelc.lower.fold import fold_batchnorm, recalibrate_batchnorm
 from hirelc.lower.prune import channel_saliency, prune, saliency_batches, validate_layers
-from hirelc.lower.qat import fine_tune
+from hirelc.lower.qat import fine_tune_best
 from hirelc.lower.quantize import (
     RuntimeProbe,
     add_block_quantizers,
@@ -74,7 +74,7 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
                 placement[key] = (list(outs), list(blocks))
         if outs:
             calibrate(m, (x for i, (x, _) in enumerate(loader) if i < cfg.calib_batches))
-    qat, qat_kept = fine_tune(m, bundle, cfg, progress, teacher=model if cfg.distill > 0 else None)
+    qat, qat_kept = fine_tune_best(m, bundle, cfg, progress, teacher=model if cfg.distill > 0 else None)
     freeze(m)
     m.eval()
     info = {
@@ -94,6 +94,8 @@ def lower_model(model: nn.Module, topo: Topology, layers: dict[str, LayerPolicy]
         "qat_val_before": qat.get("val_before"),
         "qat_val_after": qat.get("val_after"),
         "qat_kept": qat_kept,  # None: no fine-tuning or no check; False: fine-tuning lowered val accuracy, undone
+        "qat_lr": qat.get("lr"),  # the peak learning rate of the fine-tune kept
+        "qat_lr_tried": qat.get("lr_tried"),  # [{"lr", "val_after"}] of every rate tried (None: only one)
         "lower_wall_s": round(time.time() - t0, 2),
         **storage_report(m, topo, layers),
     }

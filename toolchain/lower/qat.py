@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from torch import nn
 
@@ -39,3 +40,31 @@ def fine_tune(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True,
     if not kept:  # a short fine-tune can hurt a well-converged model; the calibrated one stays
         model.load_state_dict(before)
     return record, kept
+
+
+def fine_tune_best(model: nn.Module, bundle, cfg: LowerConfig, progress: bool = True,
+                   teacher: nn.Module | None = None) -> tuple[dict, bool | None]:
+    """:func:`fine_tune` at ``cfg.lr`` and at each of ``cfg.lr_also``, every run from the same calibrated weights
+    and the same seed; ``model`` ends as the run with the best validation accuracy (ties: the earlier). Without
+    ``keep_best`` (no validation check), other rates or any fine-tuning, it is :func:`fine_tune` itself.
+
+    The record is the chosen run's, plus ``lr`` (its rate) and ``lr_tried`` (``[{"lr", "val_after"}]``, in order).
+    """
+    rates = (cfg.lr, *(lr for lr in cfg.lr_also if lr != cfg.lr))
+    if not cfg.keep_best or len(rates) == 1 or not (cfg.epochs > 0 or (cfg.max_steps or 0) > 0):
+        record, kept = fine_tune(model, bundle, cfg, progress, teacher)
+        return {**record, "lr": cfg.lr}, kept
+    start = copy.deepcopy(model.state_dict())
+    best: tuple[dict, bool | None, dict] | None = None
+    tried = []
+    for i, lr in enumerate(rates):
+        if i:
+            model.load_state_dict(start)
+        record, kept = fine_tune(model, bundle, dataclasses.replace(cfg, lr=lr), progress, teacher)
+        tried.append({"lr": lr, "val_after": record["val_after"]})
+        if best is None or record["val_after"] > best[0]["val_after"]:
+            best = ({**record, "lr": lr}, kept, copy.deepcopy(model.state_dict()) if i < len(rates) - 1 else None)
+    record, kept, state = best
+    if state is not None:
+        model.load_state_dict(state)
+    return {**record, "lr_tried": tried}, kept
