@@ -79,10 +79,13 @@ def test_lowering_distills_from_the_model_it_was_given(built, bundle, monkeypatc
     layers = PRESETS["int8"].resolve(list(b.topo.layers))
     before = copy.deepcopy(b.model.state_dict())
     L.lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, max_steps=1, distill=0.5), progress=False)
+    distilled, seen[:] = list(seen), []
     L.lower_model(b.model, b.topo, layers, bundle, LowerConfig(epochs=0, max_steps=1), progress=False)
-    assert seen[0][0] is b.model and seen[0][1] == 0.5
+    # one fine-tune per learning rate tried (LowerConfig.lr_also), each from the same teacher
+    assert len(distilled) == len(seen) == 1 + len(LowerConfig().lr_also)
+    assert all(t is b.model and w == 0.5 for t, w in distilled)
     assert all(torch.equal(v, before[k]) for k, v in b.model.state_dict().items())  # the teacher is left alone
-    assert seen[1] == (None, 0.0)
+    assert seen == [(None, 0.0)] * len(seen)
 
 
 def test_an_out_of_range_distillation_weight_is_a_config_error():
