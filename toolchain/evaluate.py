@@ -1,8 +1,9 @@
 """How the search scores a candidate policy on the real model (the search itself never sees the model).
 
 * :meth:`RealEvaluator.proxy_drop` — cold start: the candidate's logits on a calibration batch, computed by
-  :class:`FastProxy` on the baseline itself (pruning masked, BatchNorm statistics re-estimated as lowering does,
-  weights fake-quantized) rather than by lowering it, compared with the baseline's; ``20 * MSE`` capped at 50 points stands in for the accuracy drop.
+  :class:`FastProxy` on the baseline itself (pruning masked, weights fake-quantized; with ``proxy_bn`` BatchNorm
+  statistics re-estimated as lowering does) rather than by lowering it, compared with the baseline's;
+  ``20 * MSE`` capped at 50 points stands in for the accuracy drop.
 * :meth:`RealEvaluator.real_accuracy` — lower the candidate, run a short QAT fine-tune on a training subset,
   and measure validation accuracy. This is what decides the winner.
 * Both run torch on ``RealEvaluator.threads`` threads (1 by default), whatever the caller's count: a float sum
@@ -39,7 +40,15 @@ from hirelc.export import ORT_PROBE, export_lowered
 from hirelc.export.onnx_export import INT2_ZERO_POINT_BYTES, fold_graph_bytes
 from hirelc.kernels import choose_qparams, container_bits, fake_quantize
 from hirelc.latency import lowered_on_noise, predict_latency
-from hirelc.lower import LowerConfig, channel_saliency, fold_batchnorm, lower_model, saliency_batches, select_channels
+from hirelc.lower import (
+    LowerConfig,
+    bn_fold_factors,
+    channel_saliency,
+    fold_batchnorm,
+    lower_model,
+    saliency_batches,
+    select_channels,
+)
 from hirelc.policy import LayerPolicy, PerChannel, PerGroup, Scheme, get_policy
 from hirelc.qmodules import weight_code_bits
 from hirelc.topology import Topology, conv_bn_pairs, dependency_graph, out_pruning_fn
@@ -340,7 +349,6 @@ class FastProxy:
                  bn_batches: Sequence[torch.Tensor] = ()):
         self.model, self.topo, self.reduce_range = model, topo, reduce_range
         self.folded = copy.deepcopy(model).eval()
-        self.pairs = dict(conv_bn_pairs(model, topo.input_shape))  # conv -> the BatchNorm folded into it
         fold_batchnorm(self.folded, topo.input_shape)
         self.mods = {s.name: self.folded.get_submodule(s.name) for s in topo.layers}
         self._masks: dict[str, torch.Tensor] = {}
@@ -354,6 +362,7 @@ class FastProxy:
         self.bn_x = list(bn_batches)
         self.stats: nn.Module | None = None
         self._bns: dict[str, nn.modules.batchnorm._BatchNorm] = {}
+        self.pairs: dict[str, str] = {}  # conv -> the BatchNorm folded into it (only needed to re-estimate)
         if self.bn_x:
             self.stats = copy.deepcopy(model).eval()
             self._bns = {n: m for n, m in self.stats.named_modules()
@@ -361,6 +370,7 @@ class FastProxy:
             if not self._bns:
                 self.stats = None
         if self.stats is not None:
+            self.pairs = dict(conv_bn_pairs(model, topo.input_shape))
             for name in self.mods:  # a removed channel is zero after its BatchNorm, as if it were not there
                 self.stats.get_submodule(self.pairs.get(name, name)).register_forward_hook(
                     lambda _m, _i, out, n=name: self._mask(n, out))
@@ -508,10 +518,7 @@ class FastProxy:
             base, bn = self.model.get_submodule(conv), self._bns.get(bn_name)
             if bn is None:
                 continue
-            scale = (bn.running_var + bn.eps).rsqrt()
-            if bn.affine:
-                scale = bn.weight * scale
-            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            scale, shift = bn_fold_factors(bn)
             out[conv] = base.weight.detach() * scale.reshape(-1, 1, 1, 1)
             bias = base.bias.detach() if base.bias is not None else torch.zeros_like(scale)
             params[f"{conv}.bias"] = (bias * scale + shift).detach()

@@ -19,7 +19,7 @@ Steps, each a function of its own so the search can reuse them on candidates (on
 5. quantization-aware fine-tuning (straight-through estimator), then :meth:`freeze` keeps integers only.
 """
 
-from hirelc.lower.fold import fold_batchnorm, recalibrate_batchnorm
+from hirelc.lower.fold import bn_fold_factors, fold_batchnorm, recalibrate_batchnorm
 from hirelc.lower.model import lower_model
 from hirelc.lower.prune import channel_saliency, prune, saliency_batches, select_channels, validate_layers
 from hirelc.lower.qat import fine_tune, fine_tune_best
@@ -47,6 +47,7 @@ __all__ = [
     "SALIENCY_BATCH",
     "add_block_quantizers",
     "add_output_quantizers",
+    "bn_fold_factors",
     "calibrate",
     "channel_saliency",
     "fine_tune",

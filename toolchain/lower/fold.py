@@ -11,10 +11,12 @@ from torch import nn
 from hirelc.topology import conv_bn_pairs, set_module
 
 
-def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
-    """The per-channel factor a BatchNorm applies in inference, ``gamma / sqrt(var + eps)``."""
+def bn_fold_factors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the factor and shift a BatchNorm applies in inference: ``y = scale * x + shift`` with
+    ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``."""
     inv = (bn.running_var + bn.eps).rsqrt()
-    return bn.weight * inv if bn.affine else inv
+    scale = bn.weight * inv if bn.affine else inv
+    return scale, (bn.bias if bn.affine else 0) - bn.running_mean * scale
 
 
 @torch.no_grad()
@@ -27,8 +29,7 @@ def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     folded = []
     for conv_name, bn_name in conv_bn_pairs(model, input_shape):
         conv, bn = named[conv_name], named[bn_name]
-        scale = _bn_scale(bn)
-        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        scale, shift = bn_fold_factors(bn)
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.bias = nn.Parameter(bias * scale + shift)

@@ -525,13 +525,14 @@ class _Search:
             return None
         sur = Surrogate(self.specs, self.layer_sens, self.config.surrogate_members, seed=self.config.seed)
         acc = [self.records[i]["real_acc"] for i in prev]
-        line = None
+        line = prior = None
         if self.config.surrogate_prior == "proxy":  # the proxy's drops of the same results: a function of them
-            line = ProxyLine([self.records[i]["proxy_drop"] for i in prev], acc)
+            drops = [self.records[i]["proxy_drop"] for i in prev]
+            line = ProxyLine(drops, acc)
+            prior = line(drops)
         if self.surrogate_state and self.surrogate_state["phase"] == phase:
             sur.load_state_dict(self.surrogate_state["weights"])
         else:
-            prior = line([self.records[i]["proxy_drop"] for i in prev]) if line is not None else None
             sur.fit([self.layers[i] for i in prev], acc, prior=prior)
             self.surrogate_state = {"phase": phase, "weights": sur.state_dict()}
             self.save()
@@ -629,13 +630,10 @@ class _Search:
                 if self.current(i) and r.get("proxy_drop") is not None]
         if stats["proxy_saturated"] or len(seen) < 2:
             return None
-        x, y = (np.array(v, dtype=float) for v in zip(*seen, strict=True))
-        if np.ptp(x) <= 1e-9:
+        line = ProxyLine(*zip(*seen, strict=True))
+        if line.slope >= 0:  # a proxy that does not track real accuracy here says nothing: the surrogate ranks
             return None
-        slope = float(np.cov(x, y, bias=True)[0, 1] / np.var(x))
-        if slope >= 0:  # a proxy that does not track real accuracy here says nothing: the surrogate ranks
-            return None
-        return y.mean() + slope * (drops - x.mean())
+        return line(drops)
 
     def candidates(self, proposals: Mapping[str, BlockProposal], phase: int) -> tuple[list[Layers], int]:
         """Distinct, budget-meeting, not yet evaluated candidates (votes first, then combinations and mutations),
