@@ -73,7 +73,8 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
     with pytest.raises(HirelcError, match="distinct"):
         AblateConfig(seeds=(1, 1))
     assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "random-time",
-                             "flat", "proxy-screen", "proxy-screen-pool", "proxy-prior", "uniform"}
+                             "flat", "proxy-screen", "proxy-screen-pool", "proxy-prior", "screened-warmup",
+                             "random-screened", "uniform"}
     with pytest.raises(HirelcError, match="run them together"):
         AblateConfig(variants=("random-time",))
     assert len(AblateConfig().seeds) >= 5  # a one-sided paired test over fewer seeds cannot reach p < 0.05

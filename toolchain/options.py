@@ -44,6 +44,11 @@ VARIANTS: dict[str, dict] = {
     "proxy-screen-pool": {"screening": "proxy", "random_candidates": 8},
     # the surrogate corrects the proxy mapped to accuracy instead of learning accuracy from scratch
     "proxy-prior": {"surrogate_prior": "proxy"},
+    # the warm-up's random policies are the proxy's best of 64 random feasible ones
+    "screened-warmup": {"warmup_pool": 64},
+    # random search where every real evaluation is the proxy's best of a pool of 64 random feasible policies:
+    # what the cheap proxy alone buys, with no agents and no surrogate
+    "random-screened": {"mode": "random", "warmup_pool": 64, "random_candidates": 64},
     "uniform": {"warmup_real_evals": 1, "cycles": 0},
 }
 REFERENCE_VARIANT = "full"  # the variant every other one is compared with, paired by seed

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import shutil
@@ -370,3 +371,50 @@ def test_a_surrogate_on_the_proxy_line_predicts_and_resumes(full_run, tmp_path):
     assert [h["policy"] for h in resumed.history] == [h["policy"] for h in whole.history]
     assert resumed.layers == whole.layers
     assert torch.load(tmp_path / SEARCH_STATE, weights_only=True)["surrogate"]["weights"]["with_prior"] is True
+
+
+def test_a_screened_warmup_evaluates_the_proxys_best_of_its_pool(tmp_path):
+    """warmup_pool: the warm-up's random evaluations are the pool's lowest proxy drops (the synthetic proxy is a
+    multiple of the true damage, so they beat the plain warm-up's random draws), every one distinct and within the
+    budget; the warm-up's screening figures are reported, and an interrupted search resumes to the same policies."""
+    specs = make_specs()
+    cfg = SearchConfig(**{**CFG.__dict__, "warmup_pool": 20, "cycles": 1})
+    plain = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), dataclasses.replace(cfg, warmup_pool=0), BUDGET,
+                       progress=False)
+    ev = SyntheticEvaluator(specs)
+    result = run_search(specs, SENSITIVITY, ev, cfg, BUDGET, run_dir=tmp_path / "a", progress=False)
+    warm = [h for h in result.history if h["cycle"] == 0]
+    assert [h["kind"] for h in warm] == ["warmup-uniform"] + ["warmup-screened"] * 4
+    assert all(h["meets_budget"] for h in warm) and len({json.dumps(h["policy"]) for h in warm}) == 5
+    c0 = result.cycles[0]
+    assert c0["screened_by"].startswith("warm-up (random pool") and c0["candidates"] == 21
+    assert c0["proxy_saturated"] is False and c0["proxy_drop"][0] <= min(h["proxy_drop"] for h in warm[1:])
+    # the four picked have the pool's four lowest drops: none of them is worse than any policy left out
+    assert max(h["proxy_drop"] for h in warm[1:]) <= c0["proxy_drop"][1]
+    plain_warm = [h["real_acc"] for h in plain.history if h["cycle"] == 0][1:]
+    assert min(h["real_acc"] for h in warm[1:]) > sorted(plain_warm)[len(plain_warm) // 2]
+    with pytest.raises(KeyboardInterrupt):
+        run_search(specs, SENSITIVITY, SyntheticEvaluator(specs, fail_at=3), cfg, BUDGET, tmp_path / "b",
+                   progress=False)
+    resumed = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, tmp_path / "b", resume=True,
+                         progress=False)
+    assert [h["policy"] for h in resumed.history] == [h["policy"] for h in result.history]
+    with pytest.raises(HirelcError, match="warmup_pool must be >= 0"):
+        SearchConfig(warmup_pool=-1)
+
+
+def test_random_search_screened_by_the_proxy_evaluates_each_pools_best():
+    """mode="random" with random_candidates: each cycle really evaluates the proxy's best of a pool of random
+    feasible policies (kind random-screened), never one evaluated before, as many as the plain random search."""
+    specs = make_specs()
+    base = {**CFG.__dict__, "mode": "random"}
+    plain = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), SearchConfig(**base), BUDGET, progress=False)
+    cfg = SearchConfig(**{**base, "warmup_pool": 16, "random_candidates": 16})
+    result = run_search(specs, SENSITIVITY, SyntheticEvaluator(specs), cfg, BUDGET, progress=False)
+    assert result.n_real_evals == plain.n_real_evals
+    assert [h["kind"] for h in result.history if h["cycle"] > 0] == ["random-screened"] * 4
+    assert [c["screened_by"] for c in result.cycles[1:]] == ["proxy (random pool)"] * 2
+    assert all(c["candidates"] == 16 and c["real_evals"] == 2 for c in result.cycles[1:])
+    keys = [json.dumps(h["policy"], sort_keys=True) for h in result.history]
+    assert len(set(keys)) == len(keys) and all(h["meets_budget"] for h in result.history)
+    assert result.accuracy > plain.accuracy  # the proxy tracks the synthetic accuracy here

@@ -90,6 +90,11 @@ class SearchConfig:
     # Random policies, repaired into the budget, added to each cycle's candidates beside the agents' (0: none), so
     # the screening also weighs candidates the agents would not propose.
     random_candidates: int = 0
+    # Proxy-screened warm-up: draw this many random policies repaired into the budget, score each with the
+    # logit-MSE proxy (~0.1 s each, against seconds for a real evaluation) and really evaluate the ones it ranks
+    # best beside the uniform anchor; 0: the warm-up evaluates random policies as drawn. In ``mode="random"``
+    # ``random_candidates`` does the same for each cycle (random search screened by the proxy).
+    warmup_pool: int = 0
     # weight formats (hirelc.policy.FORMAT_KEYS) the space offers; None = all. The pipeline sets the ones the
     # run directory's latency table finds no slower than int8, so the default space holds only fast formats.
     formats: tuple[str, ...] | None = None
@@ -113,6 +118,8 @@ class SearchConfig:
             raise HirelcError("timesteps and episode length must be >= 1")
         if self.random_candidates < 0:
             raise HirelcError("random_candidates must be >= 0")
+        if self.warmup_pool < 0:
+            raise HirelcError("warmup_pool must be >= 0")
         if self.screening not in SCREENINGS:
             raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
         if self.surrogate_prior not in SURROGATE_PRIORS:

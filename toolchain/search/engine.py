@@ -1,7 +1,7 @@
 """The active-learning search loop: HLAs allocate, LLAs propose, real evaluations decide.
 
 Phase 0 (warm-up) really evaluates random valid policies plus the mildest uniform policy that meets the
-budget. Each cycle ``c = 1..cycles`` then: trains the surrogate on every earlier real result (or, while it has
+budget (with ``SearchConfig.warmup_pool``, the random ones the logit-MSE proxy ranks best in a larger pool). Each cycle ``c = 1..cycles`` then: trains the surrogate on every earlier real result (or, while it has
 fewer than ``min_surrogate_points`` or ``use_surrogate=False``, uses the logit-MSE proxy), trains the HLA
 ensemble (allocation), trains one LLA ensemble per block (with the incumbent elsewhere), assembles distinct
 candidates from the votes, the agents' own actions and samples of their stochastic policies (plus one-layer
@@ -23,7 +23,8 @@ front), and the earlier ones stay in the log, marked by their ``fidelity``, and 
 
 Baselines on the same loop (``SearchConfig.mode``): ``flat`` drops the high level and the ensembles (one PPO
 agent proposes for every layer at once with the global target as its level, as HAQ does); ``random`` drops
-every agent and the surrogate (random valid policies, repaired into the budget). Both spend the same number
+every agent and the surrogate (random valid policies, repaired into the budget; with ``random_candidates`` the
+proxy's best of a pool that large). Both spend the same number
 of real evaluations as the hierarchical search.
 
 **Reproducibility.** Everything random in phase ``p`` is seeded from ``(seed, p, ...)`` and depends only on the
@@ -82,8 +83,8 @@ from hirelc.search.surrogate import ProxyLine, Surrogate, spearman
 from hirelc.topology import LayerSpec
 
 STATE_VERSION = 1
-# One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random | random |
-# promising | uncertain; predicted_acc / _std: what screened the candidate (the surrogate, or with
+# One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random |
+# warmup-screened | random | random-screened | promising | uncertain; predicted_acc / _std: what screened the candidate (the surrogate, or with
 # screening="proxy" the calibrated proxy; null without either), surrogate_acc: the surrogate's own prediction
 # (null without one), predicted_bytes / _latency_ms: the evaluator's;
 # storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation;
@@ -452,12 +453,21 @@ class _Search:
 
     def warmup(self) -> None:
         rng = np.random.default_rng([self.config.seed, 0])
-        plan = [_Planned(self.uniform_meeting_budget(), "warmup-uniform")]
-        for _ in range(self.config.warmup_real_evals - 1):
-            # repaired into the budget in every mode: a warm-up outside it teaches the surrogate about policies
-            # the search may not return, and spends a real evaluation on one (the same warm-up for every mode)
-            lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
-            plan.append(_Planned(lay, "warmup-random"))
+        anchor = self.uniform_meeting_budget()
+        plan = [_Planned(anchor, "warmup-uniform")]
+        n_random, pool = self.config.warmup_real_evals - 1, self.config.warmup_pool
+        screen: dict = {}
+        if pool > 0 and n_random > 0:
+            # the proxy ranks a pool of random feasible policies; the best-ranked go to a real evaluation
+            drawn = self.random_feasible(pool, [self.config.seed, 0, 5], {policy_key(self.specs, anchor)}, 20 * pool)
+            picks, screen = self.proxy_best(drawn, n_random)
+            plan += [_Planned(lay, "warmup-screened") for lay in picks]
+        else:
+            for _ in range(n_random):
+                # repaired into the budget in every mode: a warm-up outside it teaches the surrogate about policies
+                # the search may not return, and spends a real evaluation on one (the same warm-up for every mode)
+                lay = self.repair(random_policy(self.specs, rng, self.base), self._base_constraints())
+                plan.append(_Planned(lay, "warmup-random"))
         # Each level's decision depends only on that level's results, so a resumed warm-up re-derives it.
         # A single warm-up evaluation (nothing to rank, as with no cycles to follow) is not scored again.
         levels = self.max_fidelity if len(plan) > 1 else 0
@@ -483,6 +493,28 @@ class _Search:
                                "fidelity": self.fidelity, "fidelity_doubled_because": doubled,
                                # None: the fine-tune could not be lengthened, so separation was not asked
                                "separated": (why is None) if levels > 0 else None}
+        if screen:  # a screened warm-up: how many the proxy weighed (the anchor besides), and what it said
+            self.cycle_stats[0].update(screened_by="warm-up (random pool screened by the proxy)",
+                                       candidates=1 + screen.pop("pool"), **screen)
+
+    def proxy_best(self, pool: Sequence[Layers], n: int) -> tuple[list[Layers], dict]:
+        """The ``n`` policies of ``pool`` with the smallest proxy drop (ties: milder compression first), and the
+        screening's figures: the pool's size, the range of its drops and whether the proxy saturated on it (then
+        the order is by mildness alone)."""
+        if not pool:
+            return [], {"pool": 0, "proxy_drop": None, "proxy_saturated": None}
+        drops = np.array(self.proxy_drops(pool))  # one batch, maybe spread over workers
+        mild = np.array([storage_fraction(self.specs, c) for c in pool])
+        order = np.lexsort((-mild, drops))
+        return [pool[int(i)] for i in order[:n]], {"pool": len(pool), "proxy_drop": [float(drops.min()),
+                                                                                      float(drops.max())],
+                                                   "proxy_saturated": self.saturated(drops)}
+
+    def saturated(self, drops: np.ndarray) -> bool:
+        """Whether the proxy cannot rank these drops: every one at its cap, or all alike."""
+        cap = getattr(self.ev, "proxy_cap", None)
+        return bool(len(drops) > 1 and ((cap is not None and drops.min() >= cap - 1e-9)
+                                        or drops.max() - drops.min() <= 1e-9))
 
     def unseparated(self, accs: Sequence[float]) -> str | None:
         """Why these real scores cannot tell candidates apart (the fine-tune is too short), or None if they can."""
@@ -503,12 +535,22 @@ class _Search:
         return {policy_key(self.specs, self.layers[i]) for i, r in enumerate(self.records) if r["cycle"] < phase}
 
     def random_cycle(self, phase: int) -> None:
-        """Random search: fresh random policies, repaired into the budget, none evaluated twice."""
+        """Random search: fresh random policies, repaired into the budget, none evaluated twice; with
+        ``random_candidates`` a pool that many strong, of which the proxy's best are evaluated."""
         done = self.evaluated_before(phase)
-        n = self.config.real_evals_per_cycle
-        plan = [_Planned(lay, "random") for lay in self.random_feasible(n, [self.config.seed, phase, 3], done, 50 * n)]
-        self.cycle_stats[phase] = {"cycle": phase, "screened_by": "none (random)", "candidates": len(plan),
-                                   "feasible": len(plan), "real_evals": len(plan), "proxy_saturated": None}
+        n, pool = self.config.real_evals_per_cycle, self.config.random_candidates
+        if pool > 0:
+            drawn = self.random_feasible(pool, [self.config.seed, phase, 3], done, 20 * pool)
+            picks, screen = self.proxy_best(drawn, n)
+            plan = [_Planned(lay, "random-screened") for lay in picks]
+            self.cycle_stats[phase] = {"cycle": phase, "screened_by": "proxy (random pool)",
+                                       "candidates": screen.pop("pool"), "feasible": len(drawn),
+                                       "real_evals": len(plan), **screen}
+        else:
+            drawn = self.random_feasible(n, [self.config.seed, phase, 3], done, 50 * n)
+            plan = [_Planned(lay, "random") for lay in drawn]
+            self.cycle_stats[phase] = {"cycle": phase, "screened_by": "none (random)", "candidates": len(plan),
+                                       "feasible": len(plan), "real_evals": len(plan), "proxy_saturated": None}
         self.real_evals(phase, plan)  # skips what this phase evaluated before an interruption
 
     def flat_allocation(self) -> Allocation:
@@ -603,9 +645,7 @@ class _Search:
             # A saturated proxy (every candidate at its cap, or all alike) cannot rank: it is reported, and the
             # milder candidates (more storage: more left to fine-tune) go first instead of an arbitrary order.
             stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
-            cap = getattr(self.ev, "proxy_cap", None)
-            stats["proxy_saturated"] = bool(len(drops) > 1 and ((cap is not None and drops.min() >= cap - 1e-9)
-                                                                or drops.max() - drops.min() <= 1e-9))
+            stats["proxy_saturated"] = self.saturated(drops)
             mild = np.array([storage_fraction(self.specs, c) for c in cands])
             order = np.lexsort((-mild, drops))  # by predicted drop, ties by milder compression
             prom = [int(i) for i in order[:n_prom]]
@@ -622,10 +662,8 @@ class _Search:
         the fine-tune length in use (accuracy falling with the drop); None when the proxy cannot rank these
         candidates (saturated or alike) or the real results show no such fall."""
         drops = np.array(self.proxy_drops(cands))
-        cap = getattr(self.ev, "proxy_cap", None)
         stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
-        stats["proxy_saturated"] = bool(len(drops) > 1 and ((cap is not None and drops.min() >= cap - 1e-9)
-                                                            or drops.max() - drops.min() <= 1e-9))
+        stats["proxy_saturated"] = self.saturated(drops)
         seen = [(r["proxy_drop"], r["real_acc"]) for i, r in enumerate(self.records)
                 if self.current(i) and r.get("proxy_drop") is not None]
         if stats["proxy_saturated"] or len(seen) < 2:

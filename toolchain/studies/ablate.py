@@ -18,6 +18,10 @@ proxy-screen-pool        proxy-screen, with 8 random policies repaired into the 
                          candidates, so the screening also weighs policies the agents would not propose
 proxy-prior              the full search, but the surrogate learns a correction to the logit-MSE proxy mapped
                          to accuracy by a line through the real results, instead of accuracy from scratch
+screened-warmup          the full search, but the warm-up's random policies are the ones the logit-MSE proxy
+                         ranks best among 64 random policies repaired into the budget
+random-screened          random search where each real evaluation is the proxy's best of 64 random policies
+                         repaired into the budget (warm-up and cycles): the proxy without agents or surrogate
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
 =======================  =============================================================================
 
@@ -139,7 +143,7 @@ def equal_time_cycles(reference_run: Path, cfg: AblateConfig) -> int:
 
 
 # what a search configuration recorded before a field existed did (that field's behaviour before it was added)
-_BEFORE_THE_FIELD = {"screening": "surrogate", "surrogate_prior": "none"}
+_BEFORE_THE_FIELD = {"screening": "surrogate", "surrogate_prior": "none", "warmup_pool": 0}
 
 
 def _check_searched_as_now(sub: Path, variant: str, preset: str, overrides: dict) -> None:
