@@ -391,7 +391,7 @@ def test_a_finished_run_searched_with_another_configuration_is_refused(ablated, 
                                           r"False now\)"):
         ablate(rd, tiny, progress=False, echo=lambda *_: None)
     # a record from before the screening and prior switches existed was screened by a surrogate without a prior
-    legacy = {k: v for k, v in search["config"].items() if k not in ("screening", "surrogate_prior")}
+    legacy = {k: v for k, v in search["config"].items() if k not in ("screening", "surrogate_prior", "warmup_pool")}
     path.write_text(json.dumps({**search, "config": legacy}))
     if SearchConfig().screening == "surrogate":
         lines: list[str] = []

@@ -385,6 +385,8 @@ def test_a_pruned_layer_is_predicted_from_its_keep_curves():
     (["--surrogate-prior", "proxy"], {"surrogate_prior": "proxy"}),
     (["--surrogate-prior", "proxy", "--screening", "proxy"], {"screening": "proxy", "surrogate_prior": "proxy"}),
     (["--surrogate-prior", "none"], None),
+    (["--warmup-pool", "64"], {"warmup_pool": 64}),
+    (["--warmup-pool", "0", "--screening", "proxy"], {"screening": "proxy", "warmup_pool": 0}),
 ])
 def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, overrides):
     import hirelc.pipeline
@@ -401,12 +403,12 @@ def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, 
     assert seen["overrides"] == overrides
 
 
-@pytest.mark.parametrize("screening,prior,overrides", [
-    ("proxy", "none", {"screening": "proxy"}), ("surrogate", "none", None),
-    ("surrogate", "proxy", {"surrogate_prior": "proxy"}),
+@pytest.mark.parametrize("options,overrides", [
+    ({"screening": "proxy"}, {"screening": "proxy"}), ({"screening": "surrogate"}, None),
+    ({"surrogate_prior": "proxy"}, {"surrogate_prior": "proxy"}), ({"warmup_pool": 32}, {"warmup_pool": 32}),
 ])
-def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, screening, prior, overrides):
-    """compress --screening reaches the search stage (the default adds no override, so a run directory searched
+def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, options, overrides):
+    """compress --screening / --surrogate-prior / --warmup-pool reach the search stage (the default adds no override, so a run directory searched
     before the option existed stays current)."""
     import hirelc.pipeline
 
@@ -418,7 +420,7 @@ def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypat
 
     rd = copy_run(compressed[0])
     cfg = CompressConfig(**{**compressed[1].__dict__, "run_dir": str(rd), "policy": None, "resume": True,
-                            "screening": screening, "surrogate_prior": prior})
+                            **options})
     monkeypatch.setattr(hirelc.pipeline, "search_stage", fake_search_stage)
     with pytest.raises(HirelcError, match="stopped after the options were read"):
         compress(cfg, progress=False, echo=lambda s: None)
@@ -427,6 +429,8 @@ def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypat
         CompressConfig(screening="oracle")
     with pytest.raises(HirelcError, match="unknown surrogate prior 'oracle'"):
         CompressConfig(surrogate_prior="oracle")
+    with pytest.raises(HirelcError, match="--warmup-pool must be >= 0, got -1"):
+        CompressConfig(warmup_pool=-1)
 
 
 def test_search_cli_refuses_an_unknown_screening(tmp_path):

@@ -257,6 +257,7 @@ class CompressConfig:
     pick: str | None = None  # lower this entry of the search's front instead of the winner (hirelc.search.front)
     screening: str = "surrogate"  # what ranks the search's candidates (SCREENINGS; SearchConfig.screening)
     surrogate_prior: str = "none"  # what the surrogate corrects (SURROGATE_PRIORS; SearchConfig.surrogate_prior)
+    warmup_pool: int | None = None  # random policies the proxy screens for the warm-up (None: the preset's)
     opset: int = 21  # of model.onnx; from 25 2-bit codes are stored as INT2 and the search's size budget counts them so
 
     def __post_init__(self):
@@ -269,6 +270,7 @@ class CompressConfig:
             raise HirelcError(f"unknown screening {self.screening!r} (use {', '.join(SCREENINGS)})")
         if self.surrogate_prior not in SURROGATE_PRIORS:
             raise HirelcError(f"unknown surrogate prior {self.surrogate_prior!r} (use {', '.join(SURROGATE_PRIORS)})")
+        at_least("--warmup-pool", self.warmup_pool, 0)
         if self.max_size_mb is not None:
             finite("--max-size-mb", self.max_size_mb, low=0.0, strict_low=True)
         if self.max_latency_ms is not None:

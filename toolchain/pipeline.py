@@ -294,6 +294,8 @@ def compress_overrides(cfg: CompressConfig) -> dict | None:
     out = {"screening": cfg.screening} if cfg.screening != "surrogate" else {}
     if cfg.surrogate_prior != "none":
         out["surrogate_prior"] = cfg.surrogate_prior
+    if cfg.warmup_pool is not None:
+        out["warmup_pool"] = cfg.warmup_pool
     return out or None
 
 
@@ -686,6 +688,10 @@ def format_cycle(c: dict) -> str:
             line += f"; fine-tune doubled ({why})"
         if c.get("separated") is False:
             line += "; still not separated at the longest fine-tune"
+        if c.get("proxy_drop"):
+            lo, hi = c["proxy_drop"]
+            line += (f"; the random ones are the proxy's best of {c['candidates'] - 1} (drop {lo:.1f}-{hi:.1f} points"
+                     + (", saturated: ranked by mildness)" if c.get("proxy_saturated") else ")"))
         return line
     line = (f"cycle {c['cycle']}: {c['candidates']} candidates put together, {c['feasible']} distinct new within the "
             f"budget, screened by {c['screened_by']}, {c['real_evals']} really evaluated")

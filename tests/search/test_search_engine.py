@@ -9,6 +9,7 @@ from scipy.stats import spearmanr
 from search_synth import BLOCK_SENS, SENS, SyntheticEvaluator, make_specs
 
 from hirelc.errors import HirelcError
+from hirelc.pipeline import format_cycle
 from hirelc.policy import LayerPolicy, check_layer
 from hirelc.runs import SEARCH_LOG, SEARCH_STATE
 from hirelc.search import Budget, SearchConfig, run_search
@@ -391,6 +392,7 @@ def test_a_screened_warmup_evaluates_the_proxys_best_of_its_pool(tmp_path):
     assert c0["proxy_saturated"] is False and c0["proxy_drop"][0] <= min(h["proxy_drop"] for h in warm[1:])
     # the four picked have the pool's four lowest drops: none of them is worse than any policy left out
     assert max(h["proxy_drop"] for h in warm[1:]) <= c0["proxy_drop"][1]
+    assert "the random ones are the proxy's best of 20 (drop" in format_cycle(c0)
     plain_warm = [h["real_acc"] for h in plain.history if h["cycle"] == 0][1:]
     assert min(h["real_acc"] for h in warm[1:]) > sorted(plain_warm)[len(plain_warm) // 2]
     with pytest.raises(KeyboardInterrupt):
