@@ -16,6 +16,7 @@ from hirelc.search.config import SearchConfig
 from hirelc.search.surrogate import spearman
 from hirelc.studies.ablate import (
     ABLATION_JSON,
+    ABLATION_MD,
     EVAL_CACHE,
     VARIANTS,
     AblateConfig,
@@ -467,6 +468,25 @@ def test_runs_of_an_earlier_report_are_taken_instead_of_run_again(ablated, tiny,
     again = ablate(rd, AblateConfig(**{**cfg.__dict__, "variants": ("uniform",)}), progress=False,
                    echo=lambda *_: None, reuse=[keep])
     assert again["runs"] == [uni] and again["reused_from"] == []
+
+
+def test_a_finished_study_is_reported_against_another_reference_without_running_anything(ablated, tiny, copy_run,
+                                                                                          tmp_path):
+    """--reference: the paired tests are against the variant named; its runs are the earlier report's, taken as
+    they are, since the runs do not depend on the reference."""
+    rd, keep = _earlier(ablated, copy_run, tmp_path)
+    first = json.loads(keep.read_text())
+    lines: list[str] = []
+    report = ablate(rd, AblateConfig(**{**tiny.__dict__, "reference": "no-surrogate"}), progress=False,
+                    echo=lines.append, reuse=[keep])
+    assert not any("searching" in line for line in lines) and report["runs"] == [
+        {**r, "reused_from": str(keep)} for r in first["runs"]]
+    top1 = {r["variant"]: r["final_top1"] for r in report["runs"]}
+    assert report["paired"]["reference"] == "no-surrogate" and set(report["paired"]["tests"]) == {"full"}
+    assert report["paired"]["tests"]["full"]["diff"] == pytest.approx(top1["no-surrogate"] - top1["full"])
+    assert "| no-surrogate − this (paired) |" in (rd / "ablation" / ABLATION_MD).read_text()
+    with pytest.raises(HirelcError, match="unknown reference variant 'best'"):
+        AblateConfig(reference="best")
 
 
 def _refused(rd, cfg, keep, match):

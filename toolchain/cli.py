@@ -550,12 +550,19 @@ def ablate(
                                                "machine of this kind: its runs are taken as they are instead of "
                                                "run again (a study split over sessions or machines); repeat for "
                                                "several."),
+    reference: Variant = typer.Option(ABLATE.reference, help="The variant every other one is paired with "
+                                      "(mean difference, Wilcoxon p). The runs do not depend on it: report a "
+                                      "finished study against another variant with --reuse ITS_ABLATION.json "
+                                      "--out NEW_FOLDER --reference VARIANT."),
 ):
     """What each part of the search buys, and whether it beats the baselines: the full search against no surrogate,
     uniform (not Fisher-guided) sensitivity, a single agent per level, random search (at equal real evaluations,
     and random-time at the full search's wall time), a flat single-agent search, the proxy ranking each cycle's
-    candidates instead of the surrogate (proxy-screen; proxy-screen-pool: among random policies too) and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes) -> ablation.json/.md with
-    mean ± std and paired Wilcoxon signed-rank tests against the full search, ablation.png, and
+    candidates instead of the surrogate (proxy-screen; proxy-screen-pool: among random policies too), a warm-up of
+    the proxy's best of 64 random policies (screened-warmup), random search screened the same way (random-screened)
+    and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes)
+    -> ablation.json/.md with mean ± std and paired Wilcoxon signed-rank tests against the full search (or
+    --reference), ablation.png, and
     surrogate_scatter.png (predicted vs real accuracy, Spearman, beside the proxy's on the same points).
 
     Needs a trained baseline in RUN_DIR (`hirelc train`). Each winner is lowered, exported and scored on ORT.
@@ -567,7 +574,8 @@ def ablate(
         cfg = AblateConfig(target_ratio=target_ratio, preset=SearchPreset(preset).value, qat_epochs=qat_epochs,
                            fill_budget=fill_budget, latency_budget=not no_latency_budget,
                            seeds=tuple(seeds) if seeds else ABLATE.seeds,
-                           variants=tuple(Variant(v).value for v in variants) if variants else ABLATE.variants)
+                           variants=tuple(Variant(v).value for v in variants) if variants else ABLATE.variants,
+                           reference=Variant(reference).value)
         report = run_ablate(run_dir, cfg, out_dir=out, echo=typer.echo, reuse=reuse or ())
         typer.echo(format_ablation(report))
 

@@ -326,8 +326,13 @@ class AblateConfig:
     latency_budget: bool = True  # every run's winner no slower than ORT int8 of the model (as `hirelc search`)
     search_overrides: dict = field(default_factory=dict)  # SearchConfig fields (tests shrink the search)
     lower_max_steps: int | None = None
+    # the variant every other one is paired with in the report (none when it is not among the variants); the
+    # runs do not depend on it, so a finished study can be reported against another one (--reuse)
+    reference: str = REFERENCE_VARIANT
 
     def __post_init__(self):
+        if self.reference not in VARIANTS:
+            raise HirelcError(f"unknown reference variant {self.reference!r} (use {', '.join(VARIANTS)})")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise HirelcError(f"unknown ablation variant(s) {', '.join(unknown)} (use {', '.join(VARIANTS)})")

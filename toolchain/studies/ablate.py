@@ -29,7 +29,7 @@ For each (variant, seed) the winner is lowered (``qat_epochs`` of fine-tuning), 
 full test split with ONNX Runtime. Reported per run: final ORT top-1, the best real validation accuracy of
 the search, effective storage ratio, real evaluations spent and the evaluation at which the winner was
 found, search wall time, surrogate rank correlation. Per variant: mean and sample standard deviation over
-seeds, and, against ``full`` on the seeds both ran, the mean paired difference of final top-1 with a
+seeds, and, against ``full`` (or the ``reference`` variant named) on the seeds both ran, the mean paired difference of final top-1 with a
 Wilcoxon signed-rank test (exact for small samples): the one-sided p that ``full`` is better, and the
 two-sided p. With 5 seeds the smallest one-sided p is 1/32 and the smallest two-sided p 1/16. Also a scatter
 of surrogate-predicted against real accuracy pooled over every run whose screening the surrogate does, with
@@ -338,10 +338,10 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
     summary = {v: {m: mean_std([r[m] for r in rows if r["variant"] == v]) for m in (*METRICS, "real_evals")}
                for v in cfg.variants}
     paired = {}
-    if REFERENCE_VARIANT in cfg.variants:
-        ref = {r["seed"]: r["final_top1"] for r in rows if r["variant"] == REFERENCE_VARIANT}
+    if cfg.reference in cfg.variants:
+        ref = {r["seed"]: r["final_top1"] for r in rows if r["variant"] == cfg.reference}
         paired = {v: paired_test(ref, {r["seed"]: r["final_top1"] for r in rows if r["variant"] == v})
-                  for v in cfg.variants if v != REFERENCE_VARIANT}
+                  for v in cfg.variants if v != cfg.reference}
     pooled = [p for r in rows if _uses_surrogate(r["variant"]) for p in r["surrogate_points"]]
     pred, real = [p for p, _ in pooled], [r for _, r in pooled]
     proxy = [p for r in rows if _uses_surrogate(r["variant"]) for p in r.get("proxy_points", [])]
@@ -353,7 +353,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
         "reused_from": sorted({r["reused_from"] for r in rows if r.get("reused_from")}),
         "runs": rows,
         "summary": summary,
-        "paired": {"reference": REFERENCE_VARIANT if paired else None, "metric": "final_top1", "tests": paired},
+        "paired": {"reference": cfg.reference if paired else None, "metric": "final_top1", "tests": paired},
         "surrogate": {"points": len(pooled), "spearman": spearman(pred, real) if len(pooled) >= 2 else None,
                       "proxy_points": len(proxy),
                       "proxy_spearman": spearman(*zip(*proxy, strict=True)) if len(proxy) >= 2 else None},
@@ -369,7 +369,7 @@ def ablate(run_dir: str | Path, cfg: AblateConfig | None = None, out_dir: str | 
 def study_options(cfg: AblateConfig) -> dict:
     """What every run of a study depends on: its options (seeds and variants may be added when it is resumed)
     and this build's lowering settings (:func:`hirelc.pipeline.lowering_record`)."""
-    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "variants")},
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "variants", "reference")},
             **pipeline.lowering_record()}
 
 
