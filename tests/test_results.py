@@ -111,6 +111,8 @@ def test_bench_command_restates_the_options_used(bench_report, ablation_report):
     # runs taken from earlier reports: the command names them, as it was given them
     abl["reused_from"] = ["docs/results/a/ablation.json", "b/ablation.json"]
     assert ablation_command(abl).endswith(" --fill-budget --reuse docs/results/a/ablation.json --reuse b/ablation.json")
+    abl["paired"] = {**(abl.get("paired") or {}), "reference": "random"}  # paired with another variant: named
+    assert ablation_command(abl).endswith(" --reuse b/ablation.json --reference random")
 
 
 def test_write_into_replaces_only_between_the_markers(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from hirelc import runs
 from hirelc.errors import HirelcError
 from hirelc.machine import record
-from hirelc.options import METHODS
+from hirelc.options import METHODS, REFERENCE_VARIANT
 from hirelc.report import dominates, fmt
 from hirelc.studies.ablate import ABLATION_JSON, format_ablation, format_mean_std, paired_cells
 from hirelc.studies.bench import BENCH_JSON, format_bench
@@ -60,11 +60,12 @@ def bench_command(report: dict) -> str:
 
 
 def ablation_command(report: dict) -> str:
-    c = report["config"]
+    c, ref = report["config"], (report.get("paired") or {}).get("reference")
     return (f"hirelc ablate -r {report['run_dir']} {' '.join(f'--seed {s}' for s in c['seeds'])} "
             f"{' '.join(f'--variant {v}' for v in c['variants'])} --target-ratio {c['target_ratio']:g} --preset {c['preset']} "
             f"--qat-epochs {c['qat_epochs']:g}" + (" --fill-budget" if c.get("fill_budget") else "")
-            + "".join(f" --reuse {p}" for p in report.get("reused_from") or []))
+            + "".join(f" --reuse {p}" for p in report.get("reused_from") or [])
+            + (f" --reference {ref}" if ref not in (None, REFERENCE_VARIANT) else ""))
 
 
 def bench_goals(report: dict) -> list[tuple[str, bool | None, str]]:
