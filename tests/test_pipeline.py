@@ -408,8 +408,8 @@ def test_search_cli_passes_screening_to_the_search(monkeypatch, tmp_path, argv, 
     ({"surrogate_prior": "proxy"}, {"surrogate_prior": "proxy"}), ({"warmup_pool": 32}, {"warmup_pool": 32}),
 ])
 def test_compress_passes_screening_to_its_search(compressed, copy_run, monkeypatch, options, overrides):
-    """compress --screening / --surrogate-prior / --warmup-pool reach the search stage (the default adds no override, so a run directory searched
-    before the option existed stays current)."""
+    """compress --screening / --surrogate-prior / --warmup-pool reach the search stage (the default adds no
+    override, so a run directory searched before the option existed stays current)."""
     import hirelc.pipeline
 
     seen = {}

@@ -1,7 +1,8 @@
 """The active-learning search loop: HLAs allocate, LLAs propose, real evaluations decide.
 
 Phase 0 (warm-up) really evaluates random valid policies plus the mildest uniform policy that meets the
-budget (with ``SearchConfig.warmup_pool``, the random ones the logit-MSE proxy ranks best in a larger pool). Each cycle ``c = 1..cycles`` then: trains the surrogate on every earlier real result (or, while it has
+budget (with ``SearchConfig.warmup_pool``, the random ones the logit-MSE proxy ranks best in a larger pool).
+Each cycle ``c = 1..cycles`` then: trains the surrogate on every earlier real result (or, while it has
 fewer than ``min_surrogate_points`` or ``use_surrogate=False``, uses the logit-MSE proxy), trains the HLA
 ensemble (allocation), trains one LLA ensemble per block (with the incumbent elsewhere), assembles distinct
 candidates from the votes, the agents' own actions and samples of their stochastic policies (plus one-layer
@@ -24,8 +25,7 @@ front), and the earlier ones stay in the log, marked by their ``fidelity``, and 
 Baselines on the same loop (``SearchConfig.mode``): ``flat`` drops the high level and the ensembles (one PPO
 agent proposes for every layer at once with the global target as its level, as HAQ does); ``random`` drops
 every agent and the surrogate (random valid policies, repaired into the budget; with ``random_candidates`` the
-proxy's best of a pool that large). Both spend the same number
-of real evaluations as the hierarchical search.
+proxy's best of a pool that large). Both spend the same number of real evaluations as the hierarchical search.
 
 **Reproducibility.** Everything random in phase ``p`` is seeded from ``(seed, p, ...)`` and depends only on the
 real results of earlier phases, so no RNG state or agent needs saving: the state file holds the real results,
@@ -84,9 +84,9 @@ from hirelc.topology import LayerSpec
 
 STATE_VERSION = 1
 # One search.jsonl line per real evaluation. cycle 0 is the warm-up; kind: warmup-uniform | warmup-random |
-# warmup-screened | random | random-screened | promising | uncertain; predicted_acc / _std: what screened the candidate (the surrogate, or with
-# screening="proxy" the calibrated proxy; null without either), surrogate_acc: the surrogate's own prediction
-# (null without one), predicted_bytes / _latency_ms: the evaluator's;
+# warmup-screened | random | random-screened | promising | uncertain; predicted_acc / _std: what screened the
+# candidate (the surrogate, or with screening="proxy" the calibrated proxy; null without either), surrogate_acc:
+# the surrogate's own prediction (null without one), predicted_bytes / _latency_ms: the evaluator's;
 # storage_bytes = weights + qparams + biases; wall_s since the search started, eval_s of this evaluation;
 # fidelity: how many times the evaluation's fine-tune was doubled (see SearchConfig.fidelity_doublings).
 LOG_KEYS = (
@@ -497,18 +497,23 @@ class _Search:
             self.cycle_stats[0].update(screened_by="warm-up (random pool screened by the proxy)",
                                        candidates=1 + screen.pop("pool"), **screen)
 
-    def proxy_best(self, pool: Sequence[Layers], n: int) -> tuple[list[Layers], dict]:
-        """The ``n`` policies of ``pool`` with the smallest proxy drop (ties: milder compression first), and the
-        screening's figures: the pool's size, the range of its drops and whether the proxy saturated on it (then
-        the order is by mildness alone)."""
-        if not pool:
-            return [], {"pool": 0, "proxy_drop": None, "proxy_saturated": None}
+    def proxy_rank(self, pool: Sequence[Layers]) -> tuple[list[int], dict]:
+        """Indices of ``pool`` by proxy drop, smallest first, and the screening's figures: the range of the drops
+        and whether the proxy saturated on them. A saturated proxy (every drop at its cap, or all alike) cannot
+        rank: it is reported, and the milder policies (more storage: more left to fine-tune) go first instead of
+        an arbitrary order, as they do between equal drops."""
         drops = np.array(self.proxy_drops(pool))  # one batch, maybe spread over workers
         mild = np.array([storage_fraction(self.specs, c) for c in pool])
-        order = np.lexsort((-mild, drops))
-        return [pool[int(i)] for i in order[:n]], {"pool": len(pool), "proxy_drop": [float(drops.min()),
-                                                                                      float(drops.max())],
-                                                   "proxy_saturated": self.saturated(drops)}
+        order = [int(i) for i in np.lexsort((-mild, drops))]
+        return order, {"proxy_drop": [float(drops.min()), float(drops.max())], "proxy_saturated": self.saturated(drops)}
+
+    def proxy_best(self, pool: Sequence[Layers], n: int) -> tuple[list[Layers], dict]:
+        """The ``n`` policies of ``pool`` the proxy ranks best (:meth:`proxy_rank`), and the screening's figures
+        with the pool's size."""
+        if not pool:
+            return [], {"pool": 0, "proxy_drop": None, "proxy_saturated": None}
+        order, figures = self.proxy_rank(pool)
+        return [pool[i] for i in order[:n]], {"pool": len(pool), **figures}
 
     def saturated(self, drops: np.ndarray) -> bool:
         """Whether the proxy cannot rank these drops: every one at its cap, or all alike."""
@@ -641,14 +646,9 @@ class _Search:
             rest = [i for i in np.argsort(-std, kind="stable") if i not in prom]
             stats["predicted_acc"] = [float(mean.min()), float(mean.max())]
         else:
-            drops = np.array(self.proxy_drops(cands))  # the screening: one batch, maybe spread over workers
-            # A saturated proxy (every candidate at its cap, or all alike) cannot rank: it is reported, and the
-            # milder candidates (more storage: more left to fine-tune) go first instead of an arbitrary order.
-            stats["proxy_drop"] = [float(drops.min()), float(drops.max())]
-            stats["proxy_saturated"] = self.saturated(drops)
-            mild = np.array([storage_fraction(self.specs, c) for c in cands])
-            order = np.lexsort((-mild, drops))  # by predicted drop, ties by milder compression
-            prom = [int(i) for i in order[:n_prom]]
+            order, figures = self.proxy_rank(cands)
+            stats.update(figures)
+            prom = order[:n_prom]
             rest = [i for i in np.random.default_rng([cfg.seed, phase, 2]).permutation(len(cands)) if i not in prom]
         n_unc = cfg.real_evals_per_cycle - n_prom
         chosen = [(i, "promising") for i in prom] + [(i, "uncertain") for i in rest[:n_unc]]

@@ -29,9 +29,9 @@ For each (variant, seed) the winner is lowered (``qat_epochs`` of fine-tuning), 
 full test split with ONNX Runtime. Reported per run: final ORT top-1, the best real validation accuracy of
 the search, effective storage ratio, real evaluations spent and the evaluation at which the winner was
 found, search wall time, surrogate rank correlation. Per variant: mean and sample standard deviation over
-seeds, and, against ``full`` (or the ``reference`` variant named) on the seeds both ran, the mean paired difference of final top-1 with a
-Wilcoxon signed-rank test (exact for small samples): the one-sided p that ``full`` is better, and the
-two-sided p. With 5 seeds the smallest one-sided p is 1/32 and the smallest two-sided p 1/16. Also a scatter
+seeds, and, against ``full`` (or the ``reference`` variant named) on the seeds both ran, the mean paired
+difference of final top-1 with a Wilcoxon signed-rank test (exact for small samples): the one-sided p that the
+reference is better, and the two-sided p. With 5 seeds the smallest one-sided p is 1/32 and the smallest two-sided p 1/16. Also a scatter
 of surrogate-predicted against real accuracy pooled over every run whose screening the surrogate does, with
 its Spearman correlation, beside the Spearman of the logit-MSE proxy (its negated drop) on the same points. Outputs in ``<out>``: ``ablation.json``, ``ablation.md``, ``ablation.png``,
 ``surrogate_scatter.png``; one folder per run (finished runs are reused, so an interrupted call resumes).
