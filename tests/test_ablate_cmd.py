@@ -12,7 +12,7 @@ from hirelc import runs
 from hirelc.cli import app
 from hirelc.errors import HirelcError
 from hirelc.pipeline import run_bundle
-from hirelc.search.config import SearchConfig
+from hirelc.search.config import PRESETS, SearchConfig
 from hirelc.search.surrogate import spearman
 from hirelc.studies.ablate import (
     ABLATION_JSON,
@@ -21,6 +21,8 @@ from hirelc.studies.ablate import (
     VARIANTS,
     AblateConfig,
     _by_surrogate,
+    _run_overrides,
+    _search_config,
     ablate,
     evals_to_best,
     format_ablation,
@@ -75,10 +77,19 @@ def test_config_rejects_unknown_variants_and_repeated_seeds():
         AblateConfig(seeds=(1, 1))
     assert set(VARIANTS) == {"full", "no-surrogate", "uniform-sensitivity", "single-agent", "random", "random-time",
                              "flat", "proxy-screen", "proxy-screen-pool", "proxy-prior", "screened-warmup",
-                             "random-screened", "uniform"}
+                             "plain-warmup", "random-screened", "uniform"}
     with pytest.raises(HirelcError, match="run them together"):
         AblateConfig(variants=("random-time",))
     assert len(AblateConfig().seeds) >= 5  # a one-sided paired test over fewer seeds cannot reach p < 0.05
+
+
+def test_random_search_draws_its_warm_up_unscreened_whatever_the_preset_screens():
+    cfg = AblateConfig()
+    pools = {v: _search_config("quick", _run_overrides(cfg, v))["warmup_pool"] for v in VARIANTS}
+    assert pools["full"] == pools["screened-warmup"] == PRESETS["quick"].warmup_pool > 0  # quick screens its warm-up
+    assert pools["plain-warmup"] == pools["random"] == pools["random-time"] == 0
+    assert pools["flat"] == pools["single-agent"] == pools["full"]  # a switched-off part leaves the rest as shipped
+    assert _search_config("standard", _run_overrides(cfg, "full"))["warmup_pool"] == 0
 
 
 def test_paired_test_is_wilcoxon_signed_rank_on_the_seeds_both_ran():

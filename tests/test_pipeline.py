@@ -110,6 +110,10 @@ def test_search_stage_tiny_end_to_end(searched, tiny_search):
     # per cycle: what was screened, by what, and how many went to a real evaluation
     assert [c["cycle"] for c in s["cycles"]] == list(range(len(s["cycles"])))
     assert sum(c["real_evals"] for c in s["cycles"]) == s["n_real_evals"]
+    # the quick preset's warm-up really evaluates the proxy's pick of a pool of random feasible policies
+    warm = s["cycles"][0]
+    assert s["config"]["warmup_pool"] == 64 and "proxy" in warm["screened_by"]
+    assert warm["candidates"] > tiny_search["warmup_real_evals"] and warm["proxy_drop"] is not None
 
 
 def test_search_writes_its_pareto_front(searched):

@@ -371,7 +371,7 @@ SurrogatePriorOpt = typer.Option("none", help="What the search's surrogate learn
 WarmupPoolOpt = typer.Option(None, min=0, help="Warm-up screening: the search's warm-up really evaluates the "
                              "random policies the cold-start proxy ranks best among this many (each costs ~0.15 s to "
                              "score on resnet18, ~2 s on deit_tiny at 224 px; a real evaluation costs more); 0: "
-                             "random policies as drawn. Default: the preset's (0).")
+                             "random policies as drawn. Default: the preset's (quick: 64, standard and thorough: 0).")
 
 
 def search_overrides(fill_budget: bool, screening: str, surrogate_prior: str = "none",
@@ -559,8 +559,8 @@ def ablate(
     uniform (not Fisher-guided) sensitivity, a single agent per level, random search (at equal real evaluations,
     and random-time at the full search's wall time), a flat single-agent search, the proxy ranking each cycle's
     candidates instead of the surrogate (proxy-screen; proxy-screen-pool: among random policies too), a warm-up of
-    the proxy's best of 64 random policies (screened-warmup), random search screened the same way (random-screened)
-    and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes)
+    the proxy's best of 64 random policies (screened-warmup, what quick does) or of random policies as drawn
+    (plain-warmup), random search screened the same way (random-screened) and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes)
     -> ablation.json/.md with mean ± std and paired Wilcoxon signed-rank tests against the full search (or
     --reference), ablation.png, and
     surrogate_scatter.png (predicted vs real accuracy, Spearman, beside the proxy's on the same points).

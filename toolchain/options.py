@@ -36,16 +36,19 @@ VARIANTS: dict[str, dict] = {
     "no-surrogate": {"use_surrogate": False},
     "uniform-sensitivity": {"fisher_guided": False},
     "single-agent": {"ensemble": False},
-    "random": {"mode": "random"},
-    "random-time": {"mode": "random"},  # and as many cycles as the full search's wall time holds (ablate)
+    # random search draws its warm-up as it draws every other policy: unscreened, whatever the preset screens
+    "random": {"mode": "random", "warmup_pool": 0},
+    "random-time": {"mode": "random", "warmup_pool": 0},  # and as many cycles as the full search's time holds
     "flat": {"mode": "flat"},
     "proxy-screen": {"screening": "proxy"},  # the proxy, calibrated on real results, ranks each cycle's candidates
     # and ranks them among as many random policies repaired into the budget (the quick preset's 8 per cycle)
     "proxy-screen-pool": {"screening": "proxy", "random_candidates": 8},
     # the surrogate corrects the proxy mapped to accuracy instead of learning accuracy from scratch
     "proxy-prior": {"surrogate_prior": "proxy"},
-    # the warm-up's random policies are the proxy's best of 64 random feasible ones
+    # the warm-up's random policies are the proxy's best of 64 random feasible ones (the quick preset's own), or
+    # evaluated as drawn (the other presets', and quick's before its warm-up was screened)
     "screened-warmup": {"warmup_pool": 64},
+    "plain-warmup": {"warmup_pool": 0},
     # random search where every real evaluation is the proxy's best of a pool of 64 random feasible policies:
     # what the cheap proxy alone buys, with no agents and no surrogate
     "random-screened": {"mode": "random", "warmup_pool": 64, "random_candidates": 64},

@@ -144,10 +144,12 @@ class SearchConfig:
 
 
 PRESETS: dict[str, SearchConfig] = {
-    # ~9 real evaluations and a few hundred RL steps per agent: minutes with a 10-20 s evaluation.
+    # ~9 real evaluations and a few hundred RL steps per agent: minutes with a 10-20 s evaluation. Its warm-up
+    # evaluates the proxy's best 4 of 64 random feasible policies: with so few real evaluations the warm-up
+    # winner is often the search's (docs/results.md, "A warm-up screened by the proxy").
     "quick": SearchConfig(
         cycles=2, hla_timesteps=96, lla_timesteps=192, candidates_per_cycle=8, real_evals_per_cycle=2,
-        warmup_real_evals=5, min_surrogate_points=4, surrogate_members=3,
+        warmup_real_evals=5, min_surrogate_points=4, surrogate_members=3, warmup_pool=64,
     ),
     "standard": SearchConfig(),
     # Closer to the reference's effort (it warms up with 50-100 policies and runs 4 cycles).

@@ -4,11 +4,12 @@ Every variant runs on the same baseline, budget, effort and, except ``uniform`` 
 number of real evaluations:
 
 =======================  =============================================================================
-full                     the search as shipped
+full                     the search as shipped (with the ``quick`` preset, its warm-up screened by the proxy)
 no-surrogate             the logit-MSE proxy shapes rewards throughout; no surrogate is trained
 uniform-sensitivity      no Fisher guidance: every layer and block gets the same neutral sensitivity
 single-agent             one PPO agent per level instead of an ensemble of three with voting
-random                   random valid policies repaired into the budget (no agents, no surrogate)
+random                   random valid policies repaired into the budget (no agents, no surrogate, no
+                         screening: its warm-up's random policies are evaluated as drawn)
 random-time              random search given the wall time the full search took on the same seed (more
                          real evaluations: as many as that time holds at the full search's cost per one)
 flat                     one PPO agent over every layer with the global target (no high level): HAQ-like
@@ -19,7 +20,8 @@ proxy-screen-pool        proxy-screen, with 8 random policies repaired into the 
 proxy-prior              the full search, but the surrogate learns a correction to the logit-MSE proxy mapped
                          to accuracy by a line through the real results, instead of accuracy from scratch
 screened-warmup          the full search, but the warm-up's random policies are the ones the logit-MSE proxy
-                         ranks best among 64 random policies repaired into the budget
+                         ranks best among 64 random policies repaired into the budget (``quick`` does so itself)
+plain-warmup             the full search, but the warm-up's random policies are evaluated as drawn (no proxy)
 random-screened          random search where each real evaluation is the proxy's best of 64 random policies
                          repaired into the budget (warm-up and cycles): the proxy without agents or surrogate
 uniform                  the mildest uniform policy (one bit-width, one keep ratio) meeting the budget
