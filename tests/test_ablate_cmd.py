@@ -403,7 +403,7 @@ def test_a_finished_run_searched_with_another_configuration_is_refused(ablated, 
                                           r"False now\)"):
         ablate(rd, tiny, progress=False, echo=lambda *_: None)
     # a record from before the screening and prior switches existed was screened by a surrogate without a prior
-    legacy = {k: v for k, v in search["config"].items() if k not in ("screening", "surrogate_prior", "warmup_pool")}
+    legacy = {k: v for k, v in search["config"].items() if k not in ("screening", "surrogate_prior")}
     path.write_text(json.dumps({**search, "config": legacy}))
     if SearchConfig().screening == "surrogate":
         lines: list[str] = []
@@ -412,6 +412,13 @@ def test_a_finished_run_searched_with_another_configuration_is_refused(ablated, 
     else:
         with pytest.raises(HirelcError, match="screening 'surrogate' there"):
             ablate(rd, tiny, progress=False, echo=lambda *_: None)
+    # and one from before the warm-up pool existed drew its warm-up unscreened, which quick's full search no
+    # longer does: it is searched again, not passed off as a screened run
+    (out / ABLATION_JSON).unlink(missing_ok=True)
+    path.write_text(json.dumps({**search, "config": {k: v for k, v in legacy.items() if k != "warmup_pool"}}))
+    assert PRESETS["quick"].warmup_pool > 0
+    with pytest.raises(HirelcError, match=r"full-seed0: .*\(warmup_pool 0 there, 64 now\)"):
+        ablate(rd, tiny, progress=False, echo=lambda *_: None)
 
 
 def test_cli_bad_input_is_a_one_line_error(tmp_path):

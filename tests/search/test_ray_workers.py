@@ -133,7 +133,7 @@ class Crashing(RealEvaluator):
 def test_two_workers_find_the_same_policy(one_worker, copy_run_module, tiny_baseline, tiny_search, monkeypatch,
                                           tmp_path):
     """`--workers 2` on a local Ray it starts: the first evaluation kills its worker (Ray runs it again), the
-    cycle's proxy screening runs on the workers, and policy.json and every logged score are the in-process ones."""
+    warm-up's and the cycle's proxy screening run on the workers, and policy.json and every logged score are the in-process ones."""
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(Crashing, "marker", str(tmp_path / "crashed-once"))
@@ -151,7 +151,7 @@ def test_two_workers_find_the_same_policy(one_worker, copy_run_module, tiny_base
     rd2 = copy_run_module(tiny_baseline, "two-workers")
     two = _search(rd2, {**tiny_search, **TINY}, workers=2)
     assert Path(Crashing.marker).exists() and not ray.is_initialized()  # a worker died; Ray shut down after
-    assert screened == [2]
+    assert screened == [2, 2]  # the warm-up's pool (quick screens it) and the cycle's candidates, on both workers
     assert two["workers"] == 2 and two["n_real_evals"] == one["n_real_evals"]
     assert (rd2 / runs.POLICY).read_bytes() == (rd1 / runs.POLICY).read_bytes()
     assert _log(rd2) == _log(rd1)  # every real accuracy and proxy bit-identical, in the same order
