@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from hirelc import runs
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.pipeline import CompressConfig, DataOptions, compress, search_stage
+from hirelc.pipeline import FP32_BYTES, CompressConfig, DataOptions, compress, fp32_file_bytes, search_stage
+from hirelc.train import load_baseline
 
 TINY_DATA = DataOptions(spec="fashion-mnist-mini", max_train=300)
 
@@ -94,6 +95,8 @@ def test_search_stage_tiny_end_to_end(searched, tiny_search):
     assert s["effective_ratio"] >= 6.0
     # the ratio also binds the artifact's bytes: the predicted file is at least 6x smaller than fp32's
     assert s["budget"]["max_size_bytes"] <= s["predicted_fp32_bytes"] / 6.0
+    # and it is counted against the real fp32.onnx (BatchNorm folded), which can be smaller than predicted
+    assert s["budget"]["max_size_bytes"] <= (rd / runs.FP32_ONNX).stat().st_size / 6.0
     assert s["predicted_bytes"] <= s["budget"]["max_size_bytes"] and s["predicted_file_ratio"] >= 6.0
     policy = json.loads((rd / runs.POLICY).read_text())
     assert policy["version"] == 1 and policy["rules"]
@@ -114,6 +117,17 @@ def test_search_stage_tiny_end_to_end(searched, tiny_search):
     warm = s["cycles"][0]
     assert s["config"]["warmup_pool"] == 64 and "proxy" in warm["screened_by"]
     assert warm["candidates"] > tiny_search["warmup_real_evals"] and warm["proxy_drop"] is not None
+
+
+def test_fp32_file_bytes_are_the_exported_files_and_kept(compressed, copy_run):
+    rd = copy_run(compressed[0])
+    (rd / FP32_BYTES).unlink(missing_ok=True)
+    model, mcfg, _ = load_baseline(rd)
+    n = fp32_file_bytes(rd, model, mcfg)
+    assert n == (rd / runs.FP32_ONNX).stat().st_size
+    assert json.loads((rd / FP32_BYTES).read_text())["bytes"] == n
+    runs.atomic_write_json(rd / FP32_BYTES, {"bytes": 1, "baseline": "another checkpoint"})
+    assert fp32_file_bytes(rd, model, mcfg) == n  # a record of another baseline is measured again
 
 
 def test_search_writes_its_pareto_front(searched):
