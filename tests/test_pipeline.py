@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from hirelc import runs
 from hirelc.cli import app
 from hirelc.errors import HirelcError
-from hirelc.pipeline import FP32_BYTES, CompressConfig, DataOptions, compress, fp32_file_bytes, search_stage
+from hirelc.pipeline import CompressConfig, DataOptions, compress, fp32_file_bytes, search_stage
 from hirelc.train import load_baseline
 
 TINY_DATA = DataOptions(spec="fashion-mnist-mini", max_train=300)
@@ -121,12 +121,12 @@ def test_search_stage_tiny_end_to_end(searched, tiny_search):
 
 def test_fp32_file_bytes_are_the_exported_files_and_kept(compressed, copy_run):
     rd = copy_run(compressed[0])
-    (rd / FP32_BYTES).unlink(missing_ok=True)
+    (rd / runs.FP32_BYTES).unlink(missing_ok=True)
     model, mcfg, _ = load_baseline(rd)
     n = fp32_file_bytes(rd, model, mcfg)
     assert n == (rd / runs.FP32_ONNX).stat().st_size
-    assert json.loads((rd / FP32_BYTES).read_text())["bytes"] == n
-    runs.atomic_write_json(rd / FP32_BYTES, {"bytes": 1, "baseline": "another checkpoint"})
+    assert json.loads((rd / runs.FP32_BYTES).read_text())["bytes"] == n
+    runs.atomic_write_json(rd / runs.FP32_BYTES, {"bytes": 1, "baseline": "another checkpoint"})
     assert fp32_file_bytes(rd, model, mcfg) == n  # a record of another baseline is measured again
 
 

@@ -560,7 +560,8 @@ def ablate(
     and random-time at the full search's wall time), a flat single-agent search, the proxy ranking each cycle's
     candidates instead of the surrogate (proxy-screen; proxy-screen-pool: among random policies too), a warm-up of
     the proxy's best of 64 random policies (screened-warmup, what quick does) or of random policies as drawn
-    (plain-warmup), random search screened the same way (random-screened) and the uniform policy meeting the budget, over several seeds (run seed by seed; an interrupted study resumes)
+    (plain-warmup), random search screened the same way (random-screened) and the uniform policy meeting the
+    budget, over several seeds (run seed by seed; an interrupted study resumes)
     -> ablation.json/.md with mean ± std and paired Wilcoxon signed-rank tests against the full search (or
     --reference), ablation.png, and
     surrogate_scatter.png (predicted vs real accuracy, Spearman, beside the proxy's on the same points).

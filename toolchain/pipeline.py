@@ -454,14 +454,11 @@ def stored_prediction(run_dir: str | Path, topo: Topology, layers: dict[str, Lay
     return {"batch": int(table["batch"]), "ms": latency.predict_latency(table, topo, layers)}
 
 
-FP32_BYTES = "fp32_bytes.json"
-
-
 def fp32_file_bytes(run_dir, model: nn.Module, mcfg) -> int:
     """Bytes of the baseline's fp32.onnx, which a ratio budget promises the artifact is that many times smaller
     than: exported once to a scratch folder and kept in the run directory with the checkpoint's digest."""
     rd = Path(run_dir)
-    path, digest = rd / FP32_BYTES, runs.file_digest(rd / runs.BASELINE_CKPT)
+    path, digest = rd / runs.FP32_BYTES, runs.file_digest(rd / runs.BASELINE_CKPT)
     if path.is_file():
         d = runs.read_json(path, "fp32 file bytes")
         if d.get("baseline") == digest and isinstance(d.get("bytes"), int):

@@ -38,6 +38,7 @@ SEARCH_STATE = "search_state.pt"
 FRONT = "front.json"  # the search's Pareto front (hirelc.search.front)
 CONFIG = "run_config.json"
 GRAPH_BYTES = "graph_bytes.json"  # the exported graph's own bytes (hirelc.evaluate.measure_graph_bytes)
+FP32_BYTES = "fp32_bytes.json"  # bytes of the baseline's fp32.onnx, with its checkpoint's digest
 PROVENANCE = "provenance.json"  # per artifact: its sha256, the sha256 of the files it was built from, options
 LOCK = ".hirelc.lock"  # held (flock) by the one command writing into the run directory
 
@@ -161,11 +162,11 @@ def require_run_dir(run_dir: str | Path, *needs: str) -> Path:
 
 def link_baseline(run_dir: Path, sub: Path) -> None:
     """Give ``sub`` the baseline of ``run_dir`` (hard links where the filesystem allows, else copies), and its
-    measured graph bytes when there are some (they depend on the baseline alone)."""
+    measured graph and fp32 file bytes when there are some (they depend on the baseline alone)."""
     sub.mkdir(parents=True, exist_ok=True)
-    for name in (BASELINE_META, BASELINE_CKPT, CONFIG, GRAPH_BYTES):
+    for name in (BASELINE_META, BASELINE_CKPT, CONFIG, GRAPH_BYTES, FP32_BYTES):
         dst = sub / name
-        if dst.exists() or (name == GRAPH_BYTES and not (run_dir / name).exists()):
+        if dst.exists() or (name in (GRAPH_BYTES, FP32_BYTES) and not (run_dir / name).exists()):
             continue
         try:
             os.link(run_dir / name, dst)

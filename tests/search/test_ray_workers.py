@@ -133,7 +133,8 @@ class Crashing(RealEvaluator):
 def test_two_workers_find_the_same_policy(one_worker, copy_run_module, tiny_baseline, tiny_search, monkeypatch,
                                           tmp_path):
     """`--workers 2` on a local Ray it starts: the first evaluation kills its worker (Ray runs it again), the
-    warm-up's and the cycle's proxy screening run on the workers, and policy.json and every logged score are the in-process ones."""
+    warm-up's and the cycle's proxy screening run on the workers, and policy.json and every logged score are the
+    in-process ones."""
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(Crashing, "marker", str(tmp_path / "crashed-once"))

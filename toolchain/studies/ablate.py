@@ -115,11 +115,12 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _share_graph_bytes(rd: Path, reference: bool = True) -> None:
-    """Measure the baseline's graph bytes and latency table (and the ORT int8 budget when ``reference``) once
-    in ``rd``; every run's folder links or copies them."""
+    """Measure the baseline's graph bytes, fp32 file bytes and latency table (and the ORT int8 budget when
+    ``reference``) once in ``rd``; every run's folder links or copies them."""
     model, mcfg, _ = load_baseline(rd)
     topo = build_topology(model, (1, mcfg.in_chans, mcfg.img_size, mcfg.img_size))
     pipeline.load_or_measure_graph_bytes(rd, model, topo)
+    pipeline.fp32_file_bytes(rd, model, mcfg)
     pipeline.prepare_latency(rd, model, mcfg, topo, reference=reference)
 
 

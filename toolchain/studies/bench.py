@@ -35,6 +35,7 @@ from hirelc.lower import LowerConfig
 from hirelc.options import METHODS, BenchConfig  # noqa: F401 (part of this API)
 from hirelc.pipeline import (
     export_stage,
+    fp32_file_bytes,
     load_or_measure_graph_bytes,
     lower_stage,
     lowering_record,
@@ -113,6 +114,7 @@ def _build(rd: Path, out: Path, cfg: BenchConfig, progress: bool, echo) -> dict[
         # the same predictions and the same default latency budget.
         prepare_latency(rd, model, mcfg, topo, reference=cfg.max_latency_ms is None, progress=progress)
         load_or_measure_graph_bytes(rd, model, topo)
+        fp32_file_bytes(rd, model, mcfg)
     for method in order:
         sub = out / method
         runs.link_baseline(rd, sub)  # the search reads the baseline before lowering does
